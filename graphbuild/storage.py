@@ -1,0 +1,130 @@
+"""The run directory: its paths, atomic writes, the lock, run.json and completion markers.
+
+Every file that a later step trusts is written to a temp file in the same directory and
+moved into place with os.replace, so a reader sees the old file or the whole new one, never
+half of one. Completion markers are written last.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+from graphbuild.errors import GraphbuildError
+
+
+@contextlib.contextmanager
+def atomic_path(path: Path) -> Iterator[Path]:
+    """Yield a temp path beside `path`; on success move it over `path`, on failure remove it."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
+        raise
+
+
+def write_json(path: Path, obj: Any) -> None:
+    with atomic_path(path) as tmp:
+        with open(tmp, "w") as f:
+            json.dump(obj, f, indent=2, sort_keys=True)
+            f.write("\n")
+            f.flush()
+            os.fsync(f.fileno())
+
+
+def read_json(path: Path) -> dict:
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except FileNotFoundError:
+        return {}
+    except json.JSONDecodeError as e:
+        raise GraphbuildError(f"{path}: not valid JSON ({e.msg} at line {e.lineno})") from None
+
+
+class RunDir:
+    """Names of everything in a run directory, in one place."""
+
+    def __init__(self, root: str | Path):
+        self.root = Path(root)
+
+    @property
+    def run_json(self) -> Path:
+        return self.root / "run.json"
+
+    @property
+    def nodes(self) -> Path:
+        return self.root / "nodes.parquet"
+
+    @property
+    def samples(self) -> Path:
+        return self.root / "samples.parquet"
+
+    @property
+    def embeddings(self) -> Path:
+        return self.root / "embeddings.zarr"
+
+    @property
+    def graph(self) -> Path:
+        return self.root / "graph"
+
+    def state(self, stage: str) -> Path:
+        """Markers and per-shard stats of a stage live here, apart from the data."""
+        return self.root / "_state" / stage
+
+    def logs(self) -> Path:
+        return self.root / "logs"
+
+    @contextlib.contextmanager
+    def lock(self) -> Iterator[None]:
+        """An exclusive lock over the run's shared files (run.json, tables, store metadata).
+
+        Held only for short metadata steps; shards never hold it while computing.
+        """
+        self.root.mkdir(parents=True, exist_ok=True)
+        with open(self.root / ".lock", "a") as f:
+            try:
+                fcntl.flock(f, fcntl.LOCK_EX)
+            except OSError as e:  # some network filesystems have no flock
+                if e.errno not in (errno.ENOLCK, errno.EOPNOTSUPP):
+                    raise
+            try:
+                yield
+            finally:
+                with contextlib.suppress(OSError):
+                    fcntl.flock(f, fcntl.LOCK_UN)
+
+    def read_run(self) -> dict:
+        return read_json(self.run_json)
+
+    def update_run(self, change: Callable[[dict], None]) -> dict:
+        """Read, change and rewrite run.json under the lock."""
+        with self.lock():
+            run = self.read_run()
+            change(run)
+            run["updated"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+            write_json(self.run_json, run)
+            return run
+
+
+def marker(directory: Path, name: str) -> Path:
+    return directory / f"{name}.done"
+
+
+def is_done(directory: Path, name: str) -> bool:
+    return marker(directory, name).exists()
+
+
+def mark_done(directory: Path, name: str, stats: dict | None = None) -> None:
+    """Write a completion marker (optionally holding stats). Call it after the data is in place."""
+    write_json(marker(directory, name), stats or {})
