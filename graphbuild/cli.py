@@ -34,6 +34,8 @@ TokenBudget = Annotated[Optional[int], typer.Option(
     help="Padded tokens per forward pass. Default: 2048 on CPU, 65536 on CUDA.")]
 SkipBad = Annotated[bool, typer.Option(
     help="Drop rows with empty text, unknown labels or duplicate ids instead of failing.")]
+ChunkRows = Annotated[int, typer.Option(
+    help="Rows per Zarr chunk, the unit of work and of resume. Fixed when the store is created.")]
 TrustCode = Annotated[bool, typer.Option(help="Let the model run code shipped with it.")]
 
 
@@ -43,12 +45,10 @@ def _logging(quiet: bool) -> None:
                         datefmt="%H:%M:%S")
 
 
-def _embed_config(model, device, precision, token_budget, skip_bad_rows, trust_remote_code):
+def _embed_config(**options):
     from graphbuild.embed import EmbedConfig
 
-    return EmbedConfig(model=model, device=device, precision=precision,
-                       token_budget=token_budget, skip_bad_rows=skip_bad_rows,
-                       trust_remote_code=trust_remote_code)
+    return EmbedConfig(**options)
 
 
 @app.command()
@@ -62,6 +62,7 @@ def embed(
     device: Device = "auto",
     precision: Precision = "auto",
     token_budget: TokenBudget = None,
+    chunk_rows: ChunkRows = 8192,
     skip_bad_rows: SkipBad = False,
     trust_remote_code: TrustCode = False,
     quiet: Quiet = False,
@@ -75,7 +76,9 @@ def embed(
     _logging(quiet)
     ds = load_manifest(manifest, source)
     s, n = resolve_shard(shard, num_shards)
-    config = _embed_config(model, device, precision, token_budget, skip_bad_rows, trust_remote_code)
+    config = _embed_config(model=model, device=device, precision=precision,
+                           token_budget=token_budget, chunk_rows=chunk_rows,
+                           skip_bad_rows=skip_bad_rows, trust_remote_code=trust_remote_code)
     r = embed_shard(ds, out, s, n, config, reporter_for(f"embed {s}/{n}", quiet))
     state = "complete" if r.complete else f"{len(r.missing_chunks)} chunks still to do by other shards"
     typer.echo(f"embed shard {s}/{n}: {r.texts_encoded} texts in {r.seconds:.1f}s "
@@ -105,7 +108,9 @@ def run(
     _logging(quiet)
     ds = load_manifest(manifest, source)
     out = out or Path("runs") / ds.name
-    config = _embed_config(model, device, precision, token_budget, skip_bad_rows, trust_remote_code)
+    config = _embed_config(model=model, device=device, precision=precision,
+                           token_budget=token_budget, skip_bad_rows=skip_bad_rows,
+                           trust_remote_code=trust_remote_code)
     r = embed_shard(ds, out, 0, 1, config, reporter_for("embed", quiet))
     typer.echo(f"embedded {r.texts_encoded} texts in {r.seconds:.1f}s into {out}/embeddings.zarr",
                err=True)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import glob
 import hashlib
 import json
+import os
 from pathlib import Path
 from typing import Literal
 
@@ -95,7 +96,7 @@ class Dataset:
             patterns = [str(Path(self._source_override).expanduser())]
         else:
             raw = src.path if isinstance(src.path, list) else [src.path]
-            patterns = [str(self.path.parent / Path(p).expanduser()) for p in raw]
+            patterns = [os.path.normpath(self.path.parent / Path(p).expanduser()) for p in raw]
         files: list[Path] = []
         for pattern in patterns:
             matched = sorted(glob.glob(pattern))

@@ -1,0 +1,60 @@
+#!/usr/bin/env bash
+# Set up graphbuild in ./.venv, then run something in it.
+#
+#   ./dev.sh demo     set up, then build the default run (ImageNet-1k classes) and show it
+#   ./dev.sh test     set up with test extras, then run the test suite
+#   ./dev.sh setup    set up only
+#
+# Torch: by default a CPU build (torch==2.13.0), so a CPU machine does not download a
+# multi-GB CUDA build. GRAPHBUILD_TORCH=cuda installs a CUDA torch instead (and faiss-gpu
+# with GRAPHBUILD_FAISS=gpu). GRAPHBUILD_TORCH_INDEX=URL makes pip take torch from that
+# index, e.g. PyTorch's own CPU-only wheel index (see pytorch.org, "Get started").
+set -euo pipefail
+cd "$(dirname "$0")"
+
+VENV=${GRAPHBUILD_VENV:-.venv}
+PY=${PYTHON:-python3}
+
+setup() {
+  local extras=$1
+  if [ ! -x "$VENV/bin/python" ]; then
+    "$PY" -m venv "$VENV"
+  fi
+  local pip=("$VENV/bin/python" -m pip --disable-pip-version-check -q)
+  if ! "$VENV/bin/python" -c "import torch" 2>/dev/null; then
+    local index=()
+    [ -n "${GRAPHBUILD_TORCH_INDEX:-}" ] && index=(--index-url "$GRAPHBUILD_TORCH_INDEX")
+    case "${GRAPHBUILD_TORCH:-cpu}" in
+      cpu) echo "dev.sh: installing torch 2.13.0 (CPU build where available)" >&2
+           "${pip[@]}" install "${index[@]}" "torch==2.13.0" ;;
+      cuda) echo "dev.sh: installing a CUDA build of torch" >&2
+            "${pip[@]}" install "${index[@]}" "torch>=2.4" ;;
+      *) echo "dev.sh: GRAPHBUILD_TORCH must be cpu or cuda" >&2; exit 2 ;;
+    esac
+  fi
+  # Reinstall the project only when its dependency list changed.
+  local stamp="$VENV/.graphbuild-$extras-$(cksum < pyproject.toml | cut -d' ' -f1)"
+  if [ ! -f "$stamp" ]; then
+    echo "dev.sh: installing graphbuild[$extras] into $VENV" >&2
+    "${pip[@]}" install -e ".[$extras]"
+    if [ "${GRAPHBUILD_FAISS:-cpu}" = gpu ]; then
+      "${pip[@]}" uninstall -y faiss-cpu && "${pip[@]}" install faiss-gpu-cu12
+    fi
+    touch "$stamp"
+  fi
+}
+
+case "${1:-}" in
+  setup) setup test ;;
+  demo)
+    setup test
+    shift
+    "$VENV/bin/graphbuild" run "$@"
+    ;;
+  test)
+    setup test
+    shift
+    "$VENV/bin/python" -m pytest "$@"
+    ;;
+  *) sed -n '2,12p' "$0"; exit 2 ;;
+esac

@@ -1,0 +1,50 @@
+"""Shared fixtures. Real data comes from ../shared/data; tests that need it skip without it."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = REPO.parent / "shared" / "data"
+COCO = SHARED / "captions" / "coco_val2017_captions.tsv"
+STS_TEST = SHARED / "sts" / "stsb_sts-test.csv"
+
+needs_shared = pytest.mark.skipif(not COCO.exists(), reason="../shared/data is not present")
+
+
+def write(path: Path, text: str) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+    return path
+
+
+def coco_subset(tmp: Path, rows: int) -> Path:
+    """The first `rows` COCO captions as a TSV of our own (the header kept)."""
+    lines = COCO.read_text(encoding="utf-8").splitlines()[: rows + 1]
+    return write(tmp / "coco.tsv", "\n".join(lines) + "\n")
+
+
+def caption_manifest(tmp: Path, source: Path, name: str = "coco") -> Path:
+    return write(tmp / f"{name}.yaml",
+                 f"name: {name}\nsource: {{path: {source}, format: tsv}}\n"
+                 "id_column: caption_id\ntext_column: caption\n")
+
+
+def graphbuild(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:
+    """Run the real CLI in a subprocess, as a user would."""
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    return subprocess.run([sys.executable, "-m", "graphbuild", *map(str, args)], capture_output=True,
+                          text=True, timeout=timeout, env=env, cwd=REPO)
+
+
+@pytest.fixture(scope="session")
+def st_model():
+    """The default model as plain sentence-transformers, for independent comparisons."""
+    from graphbuild.models import load_sentence_transformer, resolve_model
+
+    return load_sentence_transformer(resolve_model("all-MiniLM-L6-v2"), "cpu")
