@@ -136,13 +136,16 @@ def _print_examples(out: Path, texts: list[str], k: int) -> None:
 
 def main() -> None:
     try:
-        app(standalone_mode=False)
+        # Typer turns Ctrl-C into a return value of 130 when not in standalone mode.
+        code = app(standalone_mode=False)
     except GraphbuildError as e:
         typer.echo(f"error: {e}", err=True)
         sys.exit(2)
     except (KeyboardInterrupt, click.exceptions.Abort):
-        typer.echo("interrupted: finished work is kept; rerun the same command to resume", err=True)
-        sys.exit(130)
+        code = 130
     except click.ClickException as e:
         e.show()
         sys.exit(e.exit_code)
+    if code == 130:
+        typer.echo("interrupted: finished work is kept; rerun the same command to resume", err=True)
+    sys.exit(code if isinstance(code, int) else 0)

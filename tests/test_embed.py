@@ -158,3 +158,25 @@ def test_slurm_array_variables_pick_the_shard(tmp_path, coco600):
     assert r.returncode == 0, r.stderr
     assert (tmp_path / "_state" / "embed" / "shard-00001-of-00002.done").exists()
     assert "embed shard 1/2" in r.stderr
+
+
+def test_ctrl_c_exits_130_keeps_finished_chunks_and_resumes(tmp_path):
+    m = caption_manifest(tmp_path, coco_subset(tmp_path, 1500))
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "graphbuild", "embed", str(m), "--out", str(out), "-q",
+           "--chunk-rows", "16", "--precision", "bf16"]
+    # A terminal delivers SIGINT to a process whose handler is the default; a test runner
+    # started in the background may have it ignored, so restore it as a terminal would.
+    proc = subprocess.Popen(cmd, cwd=REPO, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    chunks = out / "_state" / "embed" / "chunks"
+    deadline = time.time() + 300
+    while time.time() < deadline and len(list(chunks.glob("*.done"))) < 2:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    assert err.strip().splitlines()[-1].startswith("interrupted: finished work is kept")
+    assert "Traceback" not in err
+    r = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
+    assert r.returncode == 0 and "embeddings complete" in r.stderr
