@@ -142,11 +142,14 @@ class Dataset:
         return entries
 
     def fingerprint(self) -> str:
-        """Changes when the manifest or any source file changes (size or mtime)."""
+        """Changes when the manifest, the set of source file names, or a file's size changes.
+
+        Names and sizes, not paths and mtimes, so staging a copy of the data on another node
+        (as array tasks often do) still counts as the same input.
+        """
         h = hashlib.sha256(self.manifest.model_dump_json().encode())
         for f in self.source_files():
-            st = f.stat()
-            h.update(json.dumps([str(f.resolve()), st.st_size, st.st_mtime_ns]).encode())
+            h.update(json.dumps([f.name, f.stat().st_size]).encode())
         return h.hexdigest()[:16]
 
 
