@@ -86,6 +86,46 @@ def embed(
                f"embeddings {state}", err=True)
 
 
+K = Annotated[int, typer.Option("--k", "-k", help="Neighbours per node (clamped to n_nodes - 1).")]
+Method = Annotated[str, typer.Option(
+    help="auto (exact where affordable), exact, or approximate (faiss IVF).")]
+RecallTarget = Annotated[float, typer.Option(
+    help="Approximate mode: tune nprobe until sampled recall@k reaches this.")]
+BlockRows = Annotated[int, typer.Option(help="Rows per block of the exact search (memory).")]
+
+
+@app.command()
+def knn(
+    run_dir: Annotated[Path, typer.Argument(metavar="RUN", help="Run directory with embeddings.")],
+    k: K = 32,
+    method: Method = "auto",
+    recall_target: RecallTarget = 0.95,
+    shard: Shard = None,
+    num_shards: NumShards = None,
+    block_rows: BlockRows = 4096,
+    overwrite: Annotated[bool, typer.Option(help="Replace a graph built with other settings.")] = False,
+    quiet: Quiet = False,
+) -> None:
+    """Build the top-k cosine graph of a run: RUN/graph/part-*.parquet. Resumable."""
+    from graphbuild.knn import knn_shard
+    from graphbuild.progress import reporter_for
+    from graphbuild.shards import resolve_shard
+
+    _logging(quiet)
+    s, n = resolve_shard(shard, num_shards)
+    r = knn_shard(run_dir, k, method, s, n, block_rows, recall_target,
+                  reporter_for(f"knn {s}/{n}", quiet), overwrite)
+    _knn_summary(r, s, n)
+
+
+def _knn_summary(r, s: int, n: int) -> None:
+    recall = "" if r.recall is None else f", recall@{r.k} {r.recall:.3f}"
+    did = "already done" if r.skipped else (
+        f"{r.rows} queries in {r.seconds:.1f}s ({r.queries_per_s:,.0f} queries/s)")
+    state = "complete" if r.complete else f"waiting for shards {r.missing_shards}"
+    typer.echo(f"knn shard {s}/{n} ({r.method}, k={r.k}{recall}): {did}; graph {state}", err=True)
+
+
 @app.command()
 def run(
     manifest: Annotated[Path, typer.Argument(help="Dataset manifest (YAML).")] = DEFAULT_MANIFEST,
@@ -97,11 +137,15 @@ def run(
     token_budget: TokenBudget = None,
     skip_bad_rows: SkipBad = False,
     trust_remote_code: TrustCode = False,
+    k: K = 32,
+    method: Method = "auto",
+    recall_target: RecallTarget = 0.95,
     examples: Annotated[int, typer.Option(help="Neighbours to print per example text.")] = 5,
     quiet: Quiet = False,
 ) -> None:
-    """Run every stage in this process (default: ImageNet-1k), then print example neighbours."""
+    """Embed and build the graph in this process (default: ImageNet-1k); print examples."""
     from graphbuild.embed import embed_shard
+    from graphbuild.knn import knn_shard
     from graphbuild.manifest import load_manifest
     from graphbuild.progress import reporter_for
 
@@ -114,23 +158,30 @@ def run(
     r = embed_shard(ds, out, 0, 1, config, reporter_for("embed", quiet))
     typer.echo(f"embedded {r.texts_encoded} texts in {r.seconds:.1f}s into {out}/embeddings.zarr",
                err=True)
+    kr = knn_shard(out, k, method, recall_target=recall_target,
+                   reporter=reporter_for("knn", quiet))
+    _knn_summary(kr, 0, 1)
     if examples > 0:
         _print_examples(out, ds.manifest.examples, examples)
 
 
 def _print_examples(out: Path, texts: list[str], k: int) -> None:
-    from graphbuild.neighbors import exact_neighbors, find_nodes, node_texts
+    """For a few nodes, their first neighbours in the built graph."""
+    import numpy as np
+
+    from graphbuild.graph import read_graph_csr
+    from graphbuild.neighbors import find_nodes, node_texts
     from graphbuild.storage import RunDir
 
     found = find_nodes(out, texts) if texts else {}
     if not found:  # no examples named: three nodes spread over the run
         n = RunDir(out).read_run()["dataset"]["figures"]["nodes"]
         found = {t: i for i, t in node_texts(out, [0, n // 2, n - 1]).items()}
-    queries = list(found.values())
-    ids, sims = exact_neighbors(out, queries, k)
-    names = node_texts(out, ids)
-    for q, row_i, row_s in zip(found, ids, sims):
-        near = ", ".join(f"{names[int(i)]} ({s:.2f})" for i, s in zip(row_i, row_s))
+    indptr, indices, sims = read_graph_csr(out)
+    rows = {q: slice(indptr[i], min(indptr[i] + k, indptr[i + 1])) for q, i in found.items()}
+    names = node_texts(out, np.concatenate([indices[r] for r in rows.values()]))
+    for q, r in rows.items():
+        near = ", ".join(f"{names[int(i)]} ({s:.2f})" for i, s in zip(indices[r], sims[r]))
         typer.echo(f"{q}  ->  {near}")
 
 

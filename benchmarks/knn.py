@@ -1,0 +1,269 @@
+"""knn benchmark: exact blocked search vs faiss IndexFlatIP, and approximate (IVF) search.
+
+Real embeddings: the ~90k unique captions of COCO val2017 + Flickr8k + CC3M-val + a
+LAION-style sample, embedded once with the default model into --workdir (reruns reuse it).
+Then ~1M vectors derived from them (see `derived_vectors`). Prints seconds, GFLOP/s, ratios,
+recall and peak RSS; asserts nothing about timings.
+
+    python benchmarks/knn.py [--workdir /tmp/graphbuild-bench] [--big 1000000]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+DATA = REPO.parent / "shared" / "data" / "captions"
+
+
+def _caption_lines(path: Path, kind: str):
+    with open(path, encoding="utf-8") as f:
+        if kind == "laion":
+            next(f)
+        for line in f:
+            parts = line.rstrip("\n").split("\t")
+            if kind == "coco":
+                text = parts[2] if len(parts) > 2 else ""
+            elif kind == "flickr":
+                text = parts[1] if len(parts) > 1 else ""
+            elif kind == "cc3m":
+                text = parts[0]
+            else:
+                text = "\t".join(parts[2:])
+            text = " ".join(text.split())
+            if text:
+                yield text
+
+
+def embedded_run(workdir: Path) -> Path:
+    """Embed the four caption sets once into workdir/run; reruns reuse it."""
+    from graphbuild.embed import embed_shard
+    from graphbuild.manifest import load_manifest
+
+    workdir.mkdir(parents=True, exist_ok=True)
+    tsv = workdir / "captions.tsv"
+    if not tsv.exists():  # written once: its mtime is part of the run's fingerprint
+        sources = [("coco_val2017_captions.tsv", "coco"), ("Flickr8k.token.txt", "flickr"),
+                   ("cc3m_Validation_GCC-1.1.0-Validation.tsv", "cc3m"),
+                   ("img2dataset_laion_style_10000.tsv", "laion")]
+        tmp = tsv.with_suffix(".tmp")
+        with open(tmp, "w", encoding="utf-8") as out:
+            out.write("caption\n")
+            for name, kind in sources:
+                for text in _caption_lines(DATA / name, kind):
+                    out.write(text + "\n")
+        tmp.replace(tsv)
+    manifest = workdir / "captions.yaml"
+    if not manifest.exists():
+        manifest.write_text("name: bench-captions\nsource: {path: captions.tsv, format: tsv, "
+                            "has_header: true}\ntext_column: caption\n")
+    run = workdir / "run"
+    if (run / "embeddings.zarr").exists():
+        from graphbuild.embed import embeddings_status
+
+        if not embeddings_status(run)[1]:
+            return run  # finished earlier; the manifest code may have changed since
+    t0 = time.perf_counter()
+    r = embed_shard(load_manifest(manifest), run)
+    if r.texts_encoded:
+        print(f"embedded {r.texts_encoded} texts in {time.perf_counter() - t0:.0f}s")
+    return run
+
+
+K = 32
+
+
+def load_x16(run: Path) -> np.ndarray:
+    import zarr
+
+    return np.asarray(zarr.open_array(str(run / "embeddings.zarr"), mode="r")[:])
+
+
+def faiss_flat(x32: np.ndarray, k: int) -> tuple[float, np.ndarray, np.ndarray]:
+    """The plain baseline: every row against every row, fp32, self dropped afterwards."""
+    import faiss
+
+    index = faiss.IndexFlatIP(x32.shape[1])
+    index.add(x32)
+    t0 = time.perf_counter()
+    sims, ids = index.search(x32, k + 1)
+    seconds = time.perf_counter() - t0
+    rows = np.arange(len(x32))[:, None]
+    sims = np.where(ids == rows, -np.inf, sims)
+    order = np.argsort(-sims, axis=1, kind="stable")[:, :k]
+    return seconds, np.take_along_axis(ids, order, 1), np.take_along_axis(sims, order, 1)
+
+
+def compare_ids(x16: np.ndarray, ours: np.ndarray, ours_s: np.ndarray,
+                theirs: np.ndarray) -> tuple[int, int, int]:
+    """(identical rows, rows differing only at exact ties, rows really different). A tie-only
+    difference: the exact sims of faiss's ids, sorted, equal ours."""
+    from graphbuild.exact import exact_dots
+
+    same = (ours == theirs).all(axis=1)
+    bad = np.flatnonzero(~same)
+    ties = 0
+    for r in bad:
+        s = np.sort(exact_dots(x16, np.full(K, r), theirs[r]))[::-1]
+        ties += bool(np.array_equal(s, ours_s[r]))
+    return int(same.sum()), ties, len(bad) - ties
+
+
+def read_graph(run: Path) -> tuple[np.ndarray, np.ndarray]:
+    from graphbuild.graph import read_graph_csr
+
+    indptr, ind, sims = read_graph_csr(run)
+    n = len(indptr) - 1
+    return ind.reshape(n, -1).astype(np.int64), sims.reshape(n, -1)
+
+
+def time_knn(run: Path, method: str, **kw) -> tuple[float, object]:
+    from graphbuild.knn import knn_shard
+
+    t0 = time.perf_counter()
+    r = knn_shard(run, K, method=method, overwrite=True, **kw)
+    return time.perf_counter() - t0, r
+
+
+def derived_vectors(x16: np.ndarray, nn_sim: np.ndarray, n_out: int, frac: float,
+                    seed: int = 0) -> np.ndarray:
+    """n_out unit vectors that keep the real data's cluster structure: copy j of real row i
+    is row i plus Gaussian noise whose norm is about `frac` of i's nearest-neighbour distance,
+    renormalised. Each copy stays nearer its source than the source's nearest real neighbour,
+    so clusters stay clusters (uniform random vectors would make every index look bad)."""
+    rng = np.random.default_rng(seed)
+    n, d = x16.shape
+    dist = np.sqrt(np.maximum(2 - 2 * nn_sim.astype(np.float64), 1e-6)).astype(np.float32)
+    out = np.empty((n_out, d), np.float16)
+    step = 65536
+    for lo in range(0, n_out, step):
+        src = np.arange(lo, min(lo + step, n_out)) % n
+        v = x16[src].astype(np.float32)
+        scale = frac * dist[src] / np.sqrt(d)  # per-dim sigma: noise norm ~ frac * NN dist
+        v += rng.standard_normal(v.shape, dtype=np.float32) * scale[:, None]
+        out[lo:lo + len(src)] = v / np.linalg.norm(v, axis=1, keepdims=True)
+    return out
+
+
+def write_store(run: Path, x16: np.ndarray, attrs: dict) -> None:
+    """An embeddings.zarr as the embed stage leaves it (chunks marked done)."""
+    import zarr
+
+    from graphbuild.storage import RunDir, mark_done
+
+    if run.exists():
+        shutil.rmtree(run)
+    chunk = 8192
+    arr = zarr.create_array(store=str(run / "embeddings.zarr"), shape=x16.shape,
+                            chunks=(chunk, x16.shape[1]), dtype="float16", fill_value=0,
+                            attributes={**attrs, "n_nodes": len(x16), "chunk_rows": chunk})
+    for lo in range(0, len(x16), chunk * 8):
+        arr[lo:lo + chunk * 8] = x16[lo:lo + chunk * 8]
+    for c in range(-(-len(x16) // chunk)):
+        mark_done(RunDir(run).state("embed") / "chunks", f"{c:06d}")
+
+
+CHILD = """
+import json, logging, resource, sys, time
+logging.basicConfig(level=logging.INFO, format="  [child] %(message)s", stream=sys.stdout)
+from graphbuild.knn import knn_shard
+t0 = time.perf_counter()
+r = knn_shard(sys.argv[1], int(sys.argv[2]), method=sys.argv[3], shard=int(sys.argv[4]),
+              num_shards=int(sys.argv[5]), overwrite=True)
+print(json.dumps({"seconds": time.perf_counter() - t0, "recall": r.recall, "nprobe": r.nprobe,
+                  "rows": r.rows,
+                  "maxrss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}))
+"""
+
+
+def child_knn(run: Path, method: str, shard: int = 0, num_shards: int = 1) -> dict:
+    """Run the knn stage in a fresh process; its own ru_maxrss is its peak RSS."""
+    p = subprocess.run([sys.executable, "-c", CHILD, str(run), str(K), method, str(shard),
+                        str(num_shards)], capture_output=True, text=True, cwd=REPO)
+    lines = p.stdout.strip().splitlines()
+    for line in lines[:-1]:
+        if "nprobe" in line or "built" in line or "auto" in line:
+            print(line)
+    if p.returncode:
+        print(p.stderr[-3000:])
+        raise SystemExit(f"child failed ({p.returncode})")
+    return json.loads(lines[-1])
+
+
+def print_curve(run: Path) -> None:
+    info = json.loads((run / "graph" / "_index" / "index.json").read_text())
+    for key, t in info["tuning"].items():
+        print(f"  tuning ({key}, {t['sample']} sampled queries):")
+        for row in t["curve"]:
+            print(f"    nprobe {row['nprobe']:5d}: recall@{K} {row['recall']:.4f}  "
+                  f"{row['seconds']:.2f}s")
+
+
+def main() -> None:
+    import faiss
+    import torch
+
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--workdir", type=Path, default=Path("/tmp/graphbuild-bench"))
+    ap.add_argument("--big", type=int, default=1_000_000)
+    ap.add_argument("--noise", type=float, default=0.5)
+    args = ap.parse_args()
+    logging.basicConfig(level=logging.WARNING)
+    threads = torch.get_num_threads()
+    faiss.omp_set_num_threads(threads)
+    print(f"threads: torch {threads}, faiss {threads}; k={K}")
+
+    run = embedded_run(args.workdir)
+    x16 = load_x16(run)
+    n, d = x16.shape
+    flops = 2 * n * n * d
+    print(f"\n== real captions: N={n:,} d={d} (nominal work 2*N*N*d = {flops / 1e12:.2f} TFLOP)")
+    t_faiss, f_ids, _ = faiss_flat(x16.astype(np.float32), K)
+    print(f"faiss IndexFlatIP (fp32):  {t_faiss:8.1f}s  {flops / t_faiss / 1e9:7.1f} GFLOP/s")
+    t_exact, _ = time_knn(run, "exact")
+    ids, sims = read_graph(run)
+    print(f"graphbuild exact:          {t_exact:8.1f}s  {flops / t_exact / 1e9:7.1f} GFLOP/s "
+          f"(effective)  ratio {t_faiss / t_exact:.2f}x (target >= 3x)")
+    same, ties, diff = compare_ids(x16, ids, sims, f_ids)
+    print(f"neighbour ids vs faiss: {same:,} rows identical, {ties:,} differ only at exact "
+          f"ties, {diff:,} differ otherwise (faiss's fp32 sums vs exact)")
+
+    t_ann, r = time_knn(run, "approximate")
+    print(f"graphbuild approximate:    {t_ann:8.1f}s (index build + tuning + search)  "
+          f"recall@{K} {r.recall:.4f} at nprobe {r.nprobe}; {t_exact / t_ann:.1f}x faster "
+          "than exact")
+    print_curve(run)
+
+    big = args.workdir / "big"
+    print(f"\n== derived set: N={args.big:,} (real rows + noise at {args.noise} x NN distance)")
+    x_big = derived_vectors(x16, sims[:, 0], args.big, args.noise)
+    attrs = json.loads((run / "embeddings.zarr" / "zarr.json").read_text())["attributes"]
+    write_store(big, x_big, attrs)
+    del x_big
+    gflops = flops / t_exact / 1e9
+    est = 2 * args.big * args.big * d / (gflops * 1e9)
+    print(f"exact, estimated from {gflops:.0f} GFLOP/s effective: {est:,.0f}s")
+    out = child_knn(big, "approximate")
+    print(f"approximate: {out['seconds']:.1f}s, recall@{K} {out['recall']:.4f} at nprobe "
+          f"{out['nprobe']}; {est / out['seconds']:.1f}x faster than exact (estimated); "
+          f"peak RSS {out['maxrss_gib']:.2f} GiB (fp32 vectors "
+          f"{args.big * d * 4 / 2**30:.2f} GiB + 1 GiB = "
+          f"{args.big * d * 4 / 2**30 + 1:.2f} GiB allowed)")
+    print_curve(big)
+    shards = 128
+    out = child_knn(big, "exact", 0, shards)
+    print(f"exact, shard 0 of {shards} ({out['rows']:,} queries against all {args.big:,}): "
+          f"{out['seconds']:.1f}s, peak RSS {out['maxrss_gib']:.2f} GiB")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,162 @@
+"""Approximate top-k by a faiss inverted-file index, with nprobe tuned to a recall target.
+
+Index choice (`index_kind`): IVF-Flat keeps every vector as fp32 in RAM, N*d*4 bytes. When
+that exceeds the memory budget, IVF-PQ stores d/4 one-byte codes per vector (16x smaller)
+and its sims are the codes' estimates, not exact dot products.
+
+The index is trained on a seeded sample of rows and every row is added in order, so it is a
+function of the store alone; knn builds it once under the run lock and saves it for the
+other shards. nprobe is tuned on a seeded sample of queries against exact search: the
+smallest of 1, 2, 4, ..., nlist whose recall@k reaches the target.
+
+Vectors come from `arr[lo:hi]` slices (a zarr array or a numpy array), one block at a time.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+TRAIN_PER_LIST = 32   # training points per inverted list (faiss warns below 39 for k-means++)
+TUNE_QUERIES = 1000
+SEED = 1234
+
+
+@dataclass
+class Tuning:
+    nprobe: int
+    recall: float
+    sample: int
+    curve: list[dict] = field(default_factory=list)  # per nprobe: recall, seconds
+
+
+def nlist_for(n: int) -> int:
+    """About 4*sqrt(N) lists, but at least 39 training points per list for k-means."""
+    return max(1, min(round(4 * math.sqrt(n)), n // 39))
+
+
+def index_kind(n: int, d: int, budget_bytes: int) -> str:
+    """ivf-flat when its fp32 vectors (N*d*4 bytes) fit the memory budget, else ivf-pq."""
+    return "ivf-flat" if n * d * 4 <= budget_bytes else "ivf-pq"
+
+
+def pq_subquantizers(d: int) -> int:
+    """d/4 one-byte codes (4 dims each), or the largest divisor of d below that."""
+    return max(m for m in range(1, d // 4 + 1) if d % m == 0) if d >= 4 else d
+
+
+def gather_rows(arr, ids: np.ndarray, block_rows: int) -> np.ndarray:
+    """Rows `ids` (sorted) as fp32, read block by block so no random chunk reads happen."""
+    n = arr.shape[0]
+    out = np.empty((len(ids), arr.shape[1]), np.float32)
+    for lo in range(0, n, block_rows):
+        a, b = np.searchsorted(ids, [lo, lo + block_rows])
+        if a < b:
+            out[a:b] = np.asarray(arr[lo:lo + block_rows], np.float32)[ids[a:b] - lo]
+    return out
+
+
+def sample_ids(n: int, size: int, seed: int) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    return np.sort(rng.choice(n, size=min(size, n), replace=False))
+
+
+def build_index(arr, kind: str, nlist: int, block_rows: int, seed: int = SEED):
+    """Train on a seeded sample and add every row in order."""
+    import faiss
+
+    n, d = arr.shape
+    quantizer = faiss.IndexFlatIP(d)
+    if kind == "ivf-flat":
+        index = faiss.IndexIVFFlat(quantizer, d, nlist, faiss.METRIC_INNER_PRODUCT)
+    else:
+        index = faiss.IndexIVFPQ(quantizer, d, nlist, pq_subquantizers(d), 8,
+                                 faiss.METRIC_INNER_PRODUCT)
+    index.own_fields = True
+    quantizer.this.disown()
+    index.cp.seed = seed
+    index.cp.niter = 20
+    t0 = time.perf_counter()
+    index.train(gather_rows(arr, sample_ids(n, TRAIN_PER_LIST * nlist, seed), block_rows))
+    t1 = time.perf_counter()
+    for lo in range(0, n, block_rows):
+        index.add(np.ascontiguousarray(arr[lo:lo + block_rows], np.float32))
+    log.info("built %s index: %d lists over %d vectors (train %.1fs, add %.1fs)", kind, nlist,
+             n, t1 - t0, time.perf_counter() - t1)
+    return index
+
+
+def ground_truth(arr, queries: np.ndarray, k: int, block_rows: int) -> np.ndarray:
+    """Exact top-k ids (fp32 scores, self excluded) of query rows, streaming the rows."""
+    n = arr.shape[0]
+    xq = gather_rows(arr, queries, block_rows)
+    best_s = np.full((len(queries), k), -np.inf, np.float32)
+    best_i = np.full((len(queries), k), -1, np.int64)
+    for lo in range(0, n, block_rows):
+        block = np.asarray(arr[lo:lo + block_rows], np.float32)
+        sims = xq @ block.T
+        ids = np.arange(lo, lo + len(block))
+        sims[queries[:, None] == ids[None, :]] = -np.inf
+        all_s = np.concatenate([best_s, sims], axis=1)
+        all_i = np.concatenate([best_i, np.broadcast_to(ids, sims.shape)], axis=1)
+        top = np.argpartition(-all_s, k - 1, axis=1)[:, :k]
+        best_s = np.take_along_axis(all_s, top, 1)
+        best_i = np.take_along_axis(all_i, top, 1)
+    return best_i
+
+
+def recall_at_k(found: np.ndarray, truth: np.ndarray) -> float:
+    hits = sum(len(np.intersect1d(f[f >= 0], t)) for f, t in zip(found, truth))
+    return hits / truth.size
+
+
+def search(index, xq: np.ndarray, rows: np.ndarray, k: int, nprobe: int,
+           ) -> tuple[np.ndarray, np.ndarray]:
+    """(ids (r, k) int64, sims (r, k) float32) of query vectors xq whose node ids are `rows`:
+    self excluded by id, best first, equal sims by smaller id. Rows whose probed lists hold
+    fewer than k other vectors are searched again with more lists."""
+    n = index.ntotal
+    ids = np.empty((len(rows), k), np.int64)
+    sims = np.empty((len(rows), k), np.float32)
+    todo = np.arange(len(rows))
+    while len(todo):
+        index.nprobe = nprobe
+        s, i = index.search(np.ascontiguousarray(xq[todo]), min(k + 1, n))
+        s = np.where(i == rows[todo, None], -np.inf, s)
+        s = np.where(i < 0, -np.inf, s)
+        order = np.lexsort((i, -s), axis=1)[:, :k]
+        got_s = np.take_along_axis(s, order, 1)
+        got_i = np.take_along_axis(i, order, 1)
+        full = np.isfinite(got_s).all(axis=1) | (nprobe >= index.nlist)
+        ids[todo[full]], sims[todo[full]] = got_i[full], got_s[full]
+        todo, nprobe = todo[~full], nprobe * 2
+    return ids, sims
+
+
+def tune_nprobe(index, arr, k: int, target: float, block_rows: int,
+                sample: int = TUNE_QUERIES, seed: int = SEED) -> Tuning:
+    """The smallest nprobe in 1, 2, 4, ..., nlist reaching recall@k >= target on a seeded
+    sample of queries, measured against exact search."""
+    queries = sample_ids(index.ntotal, sample, seed + 1)
+    truth = ground_truth(arr, queries, k, block_rows)
+    xq = gather_rows(arr, queries, block_rows)
+    curve = []
+    nprobe = 1
+    while True:
+        nprobe = min(nprobe, index.nlist)
+        t0 = time.perf_counter()
+        found, _ = search(index, xq, queries, k, nprobe)
+        recall = recall_at_k(found, truth)
+        curve.append({"nprobe": nprobe, "recall": round(recall, 4),
+                      "seconds": round(time.perf_counter() - t0, 3)})
+        log.info("nprobe %d: recall@%d %.4f on %d sampled queries (%.2fs)", nprobe, k, recall,
+                 len(queries), curve[-1]["seconds"])
+        if recall >= target or nprobe >= index.nlist:
+            return Tuning(nprobe, recall, len(queries), curve)
+        nprobe *= 2

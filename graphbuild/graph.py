@@ -1,0 +1,138 @@
+"""The graph on disk: one parquet part per query shard, _meta.json, and a CSR reader.
+
+  graph/part-NNNNN.parquet  node int64, neighbors list<int32> (int64 from 2**31 nodes),
+                            sims list<float32>; sorted by node; row groups <= 65,536 rows
+  graph/_meta.json          k, metric, method, recall, provenance, counts, shard layout
+
+A part is written to a temp file and moved into place; the shard's done marker comes after
+it, and _meta.json only once every shard of the layout is done. Readers trust only a graph
+that has _meta.json.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from graphbuild.errors import GraphbuildError
+from graphbuild.storage import RunDir, atomic_path, read_json
+
+log = logging.getLogger(__name__)
+
+ROW_GROUP = 65_536
+FORMAT_VERSION = 1
+
+
+def part_path(out: str | Path, shard: int) -> Path:
+    return RunDir(out).graph / f"part-{shard:05d}.parquet"
+
+
+def meta_path(out: str | Path) -> Path:
+    return RunDir(out).graph / "_meta.json"
+
+
+def id_type(n_nodes: int) -> pa.DataType:
+    return pa.int32() if n_nodes < 2 ** 31 else pa.int64()
+
+
+def schema(n_nodes: int) -> pa.Schema:
+    return pa.schema([("node", pa.int64()), ("neighbors", pa.list_(id_type(n_nodes))),
+                      ("sims", pa.list_(pa.float32()))])
+
+
+def _table(first: int, ids: np.ndarray, sims: np.ndarray, n_nodes: int) -> pa.Table:
+    rows, k = ids.shape
+    offsets = pa.array(np.arange(0, rows * k + 1, k, dtype=np.int32))
+    id_np = np.int32 if n_nodes < 2 ** 31 else np.int64
+    return pa.Table.from_arrays(
+        [pa.array(np.arange(first, first + rows, dtype=np.int64)),
+         pa.ListArray.from_arrays(offsets, pa.array(ids.reshape(-1).astype(id_np, copy=False))),
+         pa.ListArray.from_arrays(offsets, pa.array(sims.reshape(-1).astype(np.float32)))],
+        schema=schema(n_nodes))
+
+
+def remove_stale_temps(out: str | Path, shard: int) -> None:
+    """A killed writer leaves its temp file behind; only this shard's are ours to remove."""
+    part = part_path(out, shard)
+    for tmp in part.parent.glob(f".{part.name}.tmp-*"):
+        log.info("removing %s, left by an interrupted run", tmp)
+        tmp.unlink(missing_ok=True)
+
+
+def write_part(out: str | Path, shard: int, rows: range, n_nodes: int,
+               blocks: Iterable[tuple[int, np.ndarray, np.ndarray]]) -> int:
+    """Write the part of `rows` from (first row, ids, sims) blocks in row order; return the
+    edge count. Blocks are gathered into row groups of ROW_GROUP rows."""
+    part = part_path(out, shard)
+    remove_stale_temps(out, shard)
+    edges, expect = 0, rows.start
+    with atomic_path(part) as tmp:
+        with pq.ParquetWriter(tmp, schema(n_nodes), compression="zstd") as writer:
+            pending: list[pa.Table] = []
+            pending_rows = 0
+            for first, ids, sims in blocks:
+                if first != expect:
+                    raise RuntimeError(f"blocks out of order: got row {first}, wanted {expect}")
+                expect += len(ids)
+                edges += ids.size
+                pending.append(_table(first, ids, sims, n_nodes))
+                pending_rows += len(ids)
+                while pending_rows >= ROW_GROUP:
+                    table = pa.concat_tables(pending)
+                    writer.write_table(table.slice(0, ROW_GROUP), row_group_size=ROW_GROUP)
+                    rest = table.slice(ROW_GROUP)
+                    pending, pending_rows = [rest], rest.num_rows
+            if pending_rows:
+                writer.write_table(pa.concat_tables(pending), row_group_size=ROW_GROUP)
+            if expect != rows.stop:
+                raise RuntimeError(f"part {part.name}: rows end at {expect}, not {rows.stop}")
+    return edges
+
+
+def read_meta(out: str | Path) -> dict:
+    path = meta_path(out)
+    meta = read_json(path)
+    if not meta:
+        raise GraphbuildError(f"{path}: missing; the graph is not complete (run `graphbuild "
+                              "knn` for every shard)")
+    return meta
+
+
+def read_graph_csr(out: str | Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(indptr int64 (n+1,), indices, sims float32) of a complete graph: row i's neighbours
+    are indices[indptr[i]:indptr[i+1]], best first."""
+    meta = read_meta(out)
+    n = meta["n_nodes"]
+    indptr = np.zeros(n + 1, np.int64)
+    indices = np.empty(meta["edges"], np.int32 if n < 2 ** 31 else np.int64)
+    sims = np.empty(meta["edges"], np.float32)
+    row = edge = 0
+    for part in meta["parts"]:
+        path = RunDir(out).graph / part["file"]
+        try:
+            pf = pq.ParquetFile(path)
+        except (OSError, pa.ArrowException) as e:
+            raise GraphbuildError(f"{path}: cannot read graph part: {e}") from None
+        for g in range(pf.num_row_groups):
+            t = pf.read_row_group(g)
+            nodes = t.column("node").to_numpy()
+            if len(nodes) and (nodes[0] != row or nodes[-1] != row + len(nodes) - 1):
+                raise GraphbuildError(f"{path}: rows are not the contiguous nodes from {row}")
+            nb = t.column("neighbors").combine_chunks()
+            sm = t.column("sims").combine_chunks()
+            offsets = nb.offsets.to_numpy().astype(np.int64)
+            count = int(offsets[-1] - offsets[0])
+            indptr[row + 1:row + len(nodes) + 1] = edge + offsets[1:] - offsets[0]
+            indices[edge:edge + count] = nb.flatten().to_numpy()
+            sims[edge:edge + count] = sm.flatten().to_numpy()
+            row += len(nodes)
+            edge += count
+    if row != n or edge != meta["edges"]:
+        raise GraphbuildError(f"{meta_path(out)}: says {n} nodes and {meta['edges']} edges, the "
+                              f"parts hold {row} and {edge}")
+    return indptr, indices, sims

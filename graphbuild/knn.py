@@ -1,0 +1,369 @@
+"""The knn stage: OUT/embeddings.zarr to a top-k cosine graph in OUT/graph/.
+
+Shard s of n owns a contiguous range of query rows (every row is a candidate neighbour), and
+writes graph/part-{s:05d}.parquet, then its done marker. A rerun skips a done shard. The
+shard that completes the layout writes graph/_meta.json and the stage's entry in run.json.
+
+Methods: exact (exact.py; the same bytes for any shard count) or approximate (ann.py; faiss
+IVF with nprobe tuned to a recall target). auto picks one from N, d, k and free memory.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from graphbuild.errors import GraphbuildError
+from graphbuild.exact import DEFAULT_BLOCK_ROWS, default_capacity
+from graphbuild.graph import FORMAT_VERSION, meta_path, part_path, write_part
+from graphbuild.progress import Reporter
+from graphbuild.shards import shard_name, shard_range
+from graphbuild.storage import RunDir, is_done, mark_done, read_json, write_json
+
+log = logging.getLogger(__name__)
+
+METHODS = ("auto", "exact", "approximate")
+EXACT_MAX_NODES = 2_000_000
+EXACT_MAX_SECONDS = 3600.0
+# bf16 matrix products on a 2-core AVX-512 BF16 CPU (DESIGN.md); a GPU is far faster, so
+# on CPU this is the conservative case for estimating exact time.
+CPU_HALF_FLOPS = 300e9
+NORM_TOLERANCE = 1e-2
+
+
+@dataclass
+class KnnResult:
+    shard: int
+    num_shards: int
+    k: int
+    method: str
+    reason: str
+    rows: int = 0
+    skipped: bool = False
+    seconds: float = 0.0
+    edges: int = 0
+    recall: float | None = None
+    nprobe: int | None = None
+    complete: bool = False   # every shard of the layout is done and _meta.json written
+    missing_shards: list[int] = field(default_factory=list)
+
+    @property
+    def queries_per_s(self) -> float:
+        return self.rows / self.seconds if self.seconds else 0.0
+
+
+def available_memory() -> int:
+    """Bytes of memory available now: psutil when installed, else sysconf."""
+    try:
+        import psutil
+    except ImportError:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    return int(psutil.virtual_memory().available)
+
+
+def exact_memory(n: int, d: int, rows: int, k: int, block_rows: int) -> int:
+    """Peak bytes of exact search beyond the interpreter: fp16 rows, candidate buffers
+    (score + id per slot), and a few block-pair score matrices."""
+    return n * d * 2 + rows * default_capacity(k) * 8 + 4 * block_rows ** 2 * 4
+
+
+def choose_method(n: int, d: int, k: int, budget: int,
+                  block_rows: int = DEFAULT_BLOCK_ROWS) -> tuple[str, str]:
+    """(method, one-line reason) for method="auto"."""
+    need = exact_memory(n, d, n, k, block_rows)
+    est = n * n * d / CPU_HALF_FLOPS  # symmetric products: N*N*d multiply-adds in all
+    figures = f"N={n:,}, d={d}, k={k}, ~{need / 2**30:.1f} GiB, ~{est:,.0f}s estimated"
+    if need > budget:
+        return "approximate", f"approximate: exact needs {figures} > {budget / 2**30:.1f} GiB"
+    if n <= EXACT_MAX_NODES or est <= EXACT_MAX_SECONDS:
+        return "exact", f"exact: {figures} (N <= {EXACT_MAX_NODES:,} or under 1 hour)"
+    return "approximate", f"approximate: {figures} (N > {EXACT_MAX_NODES:,} and over 1 hour)"
+
+
+def _ranges(ids: list[int]) -> str:
+    """[1, 2, 3, 7] -> '1-3, 7'."""
+    parts, start = [], None
+    for i, c in enumerate(ids):
+        if start is None:
+            start = c
+        if i + 1 == len(ids) or ids[i + 1] != c + 1:
+            parts.append(f"{start}" if start == c else f"{start}-{c}")
+            start = None
+    return ", ".join(parts)
+
+
+def check_embeddings(out: str | Path) -> dict:
+    """Provenance attributes of finished embeddings; refuses unfinished or unlabelled ones."""
+    from graphbuild.embed import PROVENANCE_KEYS, embeddings_status
+
+    run = RunDir(out)
+    attrs, missing = embeddings_status(out)
+    if missing:
+        n_chunks = -(-attrs["n_nodes"] // attrs.get("chunk_rows", 1)) if attrs.get(
+            "chunk_rows") else None
+        shards = _missing_embed_shards(run, missing, n_chunks)
+        raise GraphbuildError(
+            f"{run.embeddings}: embeddings are not finished: {len(missing)} chunks missing "
+            f"(chunks {_ranges(missing)}{shards}); finish `graphbuild embed` first")
+    absent = [key for key in PROVENANCE_KEYS if key not in attrs]
+    if absent:
+        raise GraphbuildError(f"{run.embeddings}: provenance incomplete, attrs lack "
+                              f"{', '.join(absent)}; embed again into a new --out")
+    return attrs
+
+
+def _missing_embed_shards(run: RunDir, missing: list[int], n_chunks: int | None) -> str:
+    """'; embed shards 1, 3 of 4' for the layouts seen in the embed markers, if any."""
+    layouts = {int(p.stem.split("-of-")[1]) for p in run.state("embed").glob("shard-*-of-*.done")}
+    if not layouts or n_chunks is None:
+        return ""
+    text = []
+    for m in sorted(layouts):
+        todo = sorted({s for s in range(m) for c in missing
+                       if c in shard_range(n_chunks, s, m)})
+        text.append(f"embed shards {_ranges(todo)} of {m}")
+    return "; " + ", ".join(text)
+
+
+def _open(out: str | Path):
+    import zarr
+
+    return zarr.open_array(str(RunDir(out).embeddings), mode="r")
+
+
+def _read_blocks(arr, rows: range, block_rows: int):
+    """(first row, fp16 block) over `rows`, cut at multiples of the chunk-aligned block size."""
+    step = max(1, block_rows // arr.chunks[0]) * arr.chunks[0]
+    cuts = sorted({rows.start, rows.stop, *range(-(-rows.start // step) * step, rows.stop, step)})
+    for lo, hi in zip(cuts, cuts[1:]):
+        yield lo, np.asarray(arr[lo:hi], np.float16)
+
+
+def load_rows(arr, block_rows: int, where: Path) -> np.ndarray:
+    """The whole store as one fp16 array, read block by block; checks unit norms."""
+    n, d = arr.shape
+    x16 = np.empty((n, d), np.float16)
+    for lo, block in _read_blocks(arr, range(n), block_rows):
+        norms = np.linalg.norm(block.astype(np.float32), axis=1)
+        bad = np.flatnonzero(~(np.abs(norms - 1) <= NORM_TOLERANCE))
+        if len(bad):
+            raise GraphbuildError(f"{where}: row {lo + bad[0]} has "
+                                  f"norm {norms[bad[0]]:.4f}; knn needs unit-norm rows")
+        x16[lo:lo + len(block)] = block
+    return x16
+
+
+def _params(k: int, method: str, num_shards: int, recall_target: float, attrs: dict) -> dict:
+    from graphbuild.embed import PROVENANCE_KEYS
+
+    params = {"k": k, "method": method, "num_shards": num_shards,
+              "provenance": {key: attrs[key] for key in PROVENANCE_KEYS}}
+    if method == "approximate":
+        params["recall_target"] = recall_target
+    return params
+
+
+def _claim(run: RunDir, params: dict, overwrite: bool) -> None:
+    """Record this graph's parameters, or refuse a run directory that holds another graph."""
+    path = run.state("knn") / "params.json"
+    with run.lock():
+        have = read_json(path)
+        if have and have != params:
+            if not overwrite:
+                where = meta_path(run.root) if meta_path(run.root).exists() else path
+                diff = ", ".join(f"{key}={have.get(key)!r} (now {params[key]!r})"
+                                 for key in params if have.get(key) != params[key])
+                raise GraphbuildError(f"{where}: holds a graph with {diff}; pass --overwrite "
+                                      "or use another --out")
+            log.warning("replacing the graph in %s (%s)", run.graph, "overwrite")
+            shutil.rmtree(run.graph, ignore_errors=True)
+            shutil.rmtree(run.state("knn"), ignore_errors=True)
+        if have != params:
+            write_json(path, params)
+
+
+def _resolve(out: Path, k: int, method: str, n: int, d: int, block_rows: int,
+             budget: int) -> tuple[int, str, str]:
+    if k <= 0:
+        raise GraphbuildError(f"{RunDir(out).graph}: k must be >= 1, got {k}")
+    if n < 2:
+        raise GraphbuildError(f"{RunDir(out).embeddings}: {n} node(s); a graph needs two")
+    if k >= n:
+        log.warning("k=%d >= %d nodes: using k=%d, the dense graph", k, n, n - 1)
+        k = n - 1
+    if method not in METHODS:
+        raise GraphbuildError(f"{RunDir(out).graph}: method must be one of "
+                              f"{', '.join(METHODS)}, got {method!r}")
+    if method != "auto":
+        return k, method, f"{method}: as asked"
+    have = read_json(RunDir(out).state("knn") / "params.json")
+    if have.get("k") == k and have.get("method") in METHODS[1:]:
+        return k, have["method"], f"{have['method']}: the method of the graph being resumed"
+    method, reason = choose_method(n, d, k, budget, block_rows)
+    return k, method, reason
+
+
+def knn_shard(out: str | Path, k: int, method: str = "auto", shard: int = 0,
+              num_shards: int = 1, block_rows: int = DEFAULT_BLOCK_ROWS,
+              recall_target: float = 0.95, reporter: Reporter | None = None,
+              overwrite: bool = False, memory_budget: int | None = None,
+              device: str | None = None) -> KnnResult:
+    """Build shard `shard` of `num_shards` of the top-k graph. Safe to rerun."""
+    out = Path(out)
+    run = RunDir(out)
+    reporter = reporter or Reporter()
+    attrs = check_embeddings(out)
+    arr = _open(out)
+    n, d = arr.shape
+    if (n, d) != (attrs["n_nodes"], attrs["dim"]):
+        raise GraphbuildError(f"{run.embeddings}: shape {arr.shape} does not match its attrs "
+                              f"(n_nodes={attrs['n_nodes']}, dim={attrs['dim']})")
+    budget = memory_budget or available_memory()
+    k, method, reason = _resolve(out, k, method, n, d, block_rows, budget)
+    log.info("knn %s: %s", shard_name(shard, num_shards), reason)
+    _claim(run, _params(k, method, num_shards, recall_target, attrs), overwrite)
+
+    name = shard_name(shard, num_shards)
+    rows = shard_range(n, shard, num_shards)
+    result = KnnResult(shard, num_shards, k, method, reason, rows=len(rows))
+    if is_done(run.state("knn"), name):
+        log.info("knn %s: already done, skipping", name)
+        result.skipped = True
+    else:
+        t0 = time.perf_counter()
+        reporter.start(len(rows), "queries")
+        try:
+            if method == "exact":
+                result.edges = _exact_part(out, arr, k, rows, shard, block_rows, device,
+                                           reporter)
+                result.recall = 1.0
+            else:
+                result.edges, tuning = _approximate_part(out, arr, attrs, k, rows, shard,
+                                                         block_rows, recall_target, budget,
+                                                         reporter)
+                result.recall, result.nprobe = tuning["recall"], tuning["nprobe"]
+        finally:
+            reporter.stop()
+        result.seconds = time.perf_counter() - t0
+        stats = {"rows": len(rows), "first": rows.start, "stop": rows.stop, "k": k,
+                 "method": method, "edges": result.edges, "seconds": round(result.seconds, 3),
+                 "queries_per_s": round(result.queries_per_s, 1), "recall": result.recall,
+                 "nprobe": result.nprobe}
+        mark_done(run.state("knn"), name, stats)
+        log.info("knn %s: %d queries in %.1fs (%.0f queries/s)", name, len(rows),
+                 result.seconds, result.queries_per_s)
+    _finalize(run, attrs, k, method, num_shards, result)
+    return result
+
+
+def _exact_part(out: Path, arr, k: int, rows: range, shard: int, block_rows: int,
+                device: str | None, reporter: Reporter) -> int:
+    from graphbuild.exact import blocked_topk
+
+    n, d = arr.shape
+    log.info("exact search: ~%.2f GiB for fp16 rows, candidate buffers and block scores",
+             exact_memory(n, d, len(rows), k, block_rows) / 2**30)
+    x16 = load_rows(arr, block_rows, RunDir(out).embeddings)
+    blocks = blocked_topk(x16, k, rows, block_rows=block_rows, device=device,
+                          on_progress=reporter.advance)
+    return write_part(out, shard, rows, n, blocks)
+
+
+def _index(run: RunDir, arr, attrs: dict, k: int, recall_target: float, block_rows: int,
+           budget: int):
+    """The shared faiss index and nprobe: built and tuned once under the lock, then reused."""
+    import faiss
+
+    from graphbuild.ann import build_index, index_kind, nlist_for, tune_nprobe
+
+    n, d = arr.shape
+    step = max(1, block_rows // arr.chunks[0]) * arr.chunks[0]
+    folder = run.graph / "_index"
+    kind = index_kind(n, d, budget // 2)
+    want = {"kind": kind, "nlist": nlist_for(n), "n_nodes": n, "dim": d,
+            "model": attrs["model"], "model_revision": attrs["model_revision"]}
+    with run.lock():
+        info = read_json(folder / "index.json")
+        path = folder / f"{info.get('kind', kind)}.index"
+        if info.get("index") == want and path.exists():
+            index = faiss.read_index(str(path))
+        else:
+            index = build_index(arr, kind, want["nlist"], step)
+            path = folder / f"{kind}.index"
+            folder.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+            faiss.write_index(index, str(tmp))
+            os.replace(tmp, path)
+            info = {"index": want}
+        tune_key = f"k={k} target={recall_target}"
+        if tune_key not in info.get("tuning", {}):
+            t = tune_nprobe(index, arr, k, recall_target, step)
+            info.setdefault("tuning", {})[tune_key] = asdict(t)
+            log.info("nprobe %d of %d lists: recall@%d %.4f on %d sampled queries (target %.2f)",
+                     t.nprobe, index.nlist, k, t.recall, t.sample, recall_target)
+            write_json(folder / "index.json", info)
+    return index, {**info["tuning"][tune_key], "kind": kind, "nlist": index.nlist}
+
+
+def _approximate_part(out: Path, arr, attrs: dict, k: int, rows: range, shard: int,
+                      block_rows: int, recall_target: float, budget: int,
+                      reporter: Reporter) -> tuple[int, dict]:
+    from graphbuild.ann import search
+
+    index, tuning = _index(RunDir(out), arr, attrs, k, recall_target, block_rows, budget)
+
+    def blocks():
+        for lo, block in _read_blocks(arr, rows, block_rows):
+            ids, sims = search(index, block.astype(np.float32), np.arange(lo, lo + len(block)),
+                               k, tuning["nprobe"])
+            reporter.advance(len(block))
+            yield lo, ids, sims
+
+    return write_part(out, shard, rows, arr.shape[0], blocks()), tuning
+
+
+def _finalize(run: RunDir, attrs: dict, k: int, method: str, num_shards: int,
+              result: KnnResult) -> None:
+    """Once every shard is done: _meta.json, then the stage's figures in run.json."""
+    from graphbuild.embed import PROVENANCE_KEYS
+
+    state = run.state("knn")
+    with run.lock():
+        stats = {s: read_json(state / f"{shard_name(s, num_shards)}.done")
+                 for s in range(num_shards) if is_done(state, shard_name(s, num_shards))}
+        result.missing_shards = [s for s in range(num_shards) if s not in stats]
+        result.complete = not result.missing_shards
+        seconds = sum(st.get("seconds", 0.0) for st in stats.values())
+        queries = sum(st.get("rows", 0) for st in stats.values())
+        first = next(iter(stats.values()), {})
+        if result.complete and not meta_path(run.root).exists():
+            meta = {
+                "format_version": FORMAT_VERSION, "k": k, "metric": "cosine", "method": method,
+                "recall": first.get("recall"), "nprobe": first.get("nprobe"),
+                "n_nodes": attrs["n_nodes"], "edges": sum(st["edges"] for st in stats.values()),
+                "num_shards": num_shards,
+                "parts": [{"file": part_path(run.root, s).name, "first": st["first"],
+                           "stop": st["stop"], "edges": st["edges"]}
+                          for s, st in sorted(stats.items())],
+                "sims": ("exact: fp32 rounding of the dot product of the stored fp16 vectors"
+                         if method == "exact" else "faiss index scores"),
+                "provenance": {key: attrs[key] for key in PROVENANCE_KEYS},
+            }
+            write_json(meta_path(run.root), meta)
+
+    def change(info: dict) -> None:
+        info.setdefault("stages", {})["knn"] = {
+            "status": "done" if result.complete else "partial", "k": k, "method": method,
+            "recall": first.get("recall"), "nprobe": first.get("nprobe"),
+            "seconds": round(seconds, 2),
+            "queries_per_s": round(queries / seconds, 1) if seconds else None,
+            "shards_done": len(stats), "num_shards": num_shards,
+        }
+
+    run.update_run(change)

@@ -1,0 +1,103 @@
+"""The exact blocked search against a plain in-memory brute force (no I/O)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from graphbuild.exact import blocked_topk, error_bound, exact_dots  # noqa: E402
+
+
+def brute_force(x16: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """fp64 products of the fp16->fp32 vectors (exact for these inputs), rounded to fp32;
+    best first, equal sims by smaller id."""
+    x = x16.astype(np.float32).astype(np.float64)
+    s = (x @ x.T).astype(np.float32)
+    np.fill_diagonal(s, -np.inf)
+    ids = np.broadcast_to(np.arange(len(x)), s.shape)
+    order = np.lexsort((ids, -s), axis=1)[:, :k]
+    return order, np.take_along_axis(s, order, 1)
+
+
+def clustered(n: int, d: int, seed: int = 0) -> np.ndarray:
+    """Unit vectors in tight clusters, with exact duplicates: many near-ties and ties."""
+    rng = np.random.default_rng(seed)
+    centres = rng.standard_normal((max(2, n // 60), d))
+    x = centres[rng.integers(0, len(centres), n)] + 0.3 * rng.standard_normal((n, d))
+    x[10] = x[20]
+    x[30] = x[31] = x[32]
+    return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float16)
+
+
+def run(x16, k, rows=None, **kw):
+    blocks = list(blocked_topk(x16, k, rows, device="cpu", **kw))
+    return np.concatenate([b[1] for b in blocks]), np.concatenate([b[2] for b in blocks])
+
+
+@pytest.mark.parametrize("block_rows", [64, 250, 4096])
+def test_equals_brute_force(block_rows):
+    x16 = clustered(1500, 48)
+    ref_i, ref_s = brute_force(x16, 10)
+    ids, sims = run(x16, 10, block_rows=block_rows)
+    assert np.array_equal(sims, ref_s)
+    assert np.array_equal(ids, ref_i)
+
+
+def test_row_ranges_use_plain_products_for_other_rows():
+    x16 = clustered(1200, 32, seed=1)
+    ref_i, ref_s = brute_force(x16, 7)
+    for rows in (range(0, 400), range(400, 1000), range(1000, 1200), range(5, 6)):
+        ids, sims = run(x16, 7, rows, block_rows=128)
+        assert np.array_equal(sims, ref_s[rows.start:rows.stop])
+        assert np.array_equal(ids, ref_i[rows.start:rows.stop])
+
+
+def test_small_capacity_falls_back_and_stays_exact():
+    x16 = clustered(600, 16, seed=2)
+    ref_i, ref_s = brute_force(x16, 12)
+    ids, sims = run(x16, 12, block_rows=100, capacity=12)
+    assert np.array_equal(sims, ref_s)
+    assert np.array_equal(ids, ref_i)
+
+
+def test_dense_graph_k_is_n_minus_one():
+    x16 = clustered(50, 8, seed=3)
+    ref_i, ref_s = brute_force(x16, 49)
+    ids, sims = run(x16, 49, block_rows=16)
+    assert np.array_equal(sims, ref_s) and np.array_equal(ids, ref_i)
+
+
+def test_ties_broken_by_smaller_id():
+    x = np.zeros((6, 4), np.float16)
+    x[:, 0] = 1  # all identical: every sim is 1, so neighbours are the other ids in order
+    ids, sims = run(x, 3, block_rows=4)
+    assert ids.tolist() == [[1, 2, 3], [0, 2, 3], [0, 1, 3], [0, 1, 2], [0, 1, 2], [0, 1, 2]]
+    assert (sims == 1).all()
+
+
+def test_error_bound_holds_for_bf16_products():
+    x16 = clustered(800, 384, seed=4)
+    bound = error_bound(x16, "bf16")
+    assert bound.absolute < 2 * 2 ** -8 + 1e-4  # never looser than the worst case
+    xb = torch.from_numpy(x16).float().bfloat16()
+    approx = (xb @ xb.T).float().numpy().astype(np.float64)
+    exact = x16.astype(np.float64) @ x16.astype(np.float64).T
+    assert (np.abs(approx - exact) <= bound.absolute + bound.relative * np.abs(approx)).all()
+
+
+def test_exact_dots_are_exact():
+    x16 = clustered(100, 384, seed=5)
+    rows, cols = np.arange(100), np.arange(100)[::-1].copy()
+    want = np.einsum("pd,pd->p", x16[rows].astype(np.float64),
+                     x16[cols].astype(np.float64)).astype(np.float32)
+    assert np.array_equal(exact_dots(x16, rows, cols), want)
+
+
+def test_rejects_bad_k():
+    x16 = clustered(40, 8)
+    with pytest.raises(ValueError):
+        run(x16, 0)
+    with pytest.raises(ValueError):
+        run(x16, 40)

@@ -1,0 +1,220 @@
+"""The knn stage on real embeddings: exactness, shard invariance, resume, errors, readers."""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from graphbuild.errors import GraphbuildError
+
+REPO = Path(__file__).resolve().parents[1]
+CAPTIONS = REPO.parent / "shared" / "data" / "captions" / "coco_val2017_captions.tsv"
+N_CAPTIONS = 3000
+
+pytestmark = pytest.mark.skipif(not CAPTIONS.exists(), reason="../shared/data is absent")
+
+
+@pytest.fixture(scope="session")
+def embedded(tmp_path_factory) -> Path:
+    """3,000 real COCO captions embedded once (chunks of 1,024 rows: three chunks)."""
+    from graphbuild.embed import EmbedConfig, embed_shard
+    from graphbuild.manifest import load_manifest
+
+    root = tmp_path_factory.mktemp("knn")
+    src = root / "captions.tsv"
+    with open(CAPTIONS, encoding="utf-8") as f:
+        src.write_text("".join(next(f) for _ in range(N_CAPTIONS + 1)), encoding="utf-8")
+    manifest = root / "coco.yaml"
+    manifest.write_text("name: coco-test\nsource: {path: captions.tsv, format: tsv}\n"
+                        "id_column: caption_id\ntext_column: caption\n")
+    out = root / "run"
+    embed_shard(load_manifest(manifest), out, 0, 1, EmbedConfig(precision="bf16",
+                                                                  chunk_rows=1024))
+    return out
+
+
+@pytest.fixture
+def run(embedded, tmp_path) -> Path:
+    """A fresh copy of the embedded run, so each test owns its graph."""
+    out = tmp_path / "run"
+    shutil.copytree(embedded, out)
+    return out
+
+
+def brute_force(out: Path, k: int) -> tuple[np.ndarray, np.ndarray]:
+    import zarr
+
+    x = np.asarray(zarr.open_array(str(out / "embeddings.zarr"), mode="r")[:])
+    x = x.astype(np.float32).astype(np.float64)
+    s = (x @ x.T).astype(np.float32)
+    np.fill_diagonal(s, -np.inf)
+    order = np.lexsort((np.broadcast_to(np.arange(len(x)), s.shape), -s), axis=1)[:, :k]
+    return order, np.take_along_axis(s, order, 1)
+
+
+def graph_table(out: Path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    parts = sorted((out / "graph").glob("part-*.parquet"))
+    return pa.concat_tables([pq.read_table(p) for p in parts])
+
+
+def knn(out, k, **kw):
+    from graphbuild.knn import knn_shard
+
+    return knn_shard(out, k, **kw)
+
+
+def test_exact_equals_brute_force_and_csr_round_trip(run):
+    from graphbuild.graph import read_graph_csr
+
+    r = knn(run, 10, method="exact", block_rows=512)
+    assert r.complete and r.recall == 1.0 and r.edges == 10 * r.rows
+    ref_i, ref_s = brute_force(run, 10)
+    indptr, ind, sims = read_graph_csr(run)
+    assert indptr.dtype == np.int64 and sims.dtype == np.float32
+    n = len(indptr) - 1
+    assert np.array_equal(sims.reshape(n, 10), ref_s)
+    ids = ind.reshape(n, 10)
+    tied = np.zeros_like(ids, bool)  # where a sim equals a neighbour's, ids may swap
+    tied[:, 1:] |= ref_s[:, 1:] == ref_s[:, :-1]
+    tied[:, :-1] |= ref_s[:, :-1] == ref_s[:, 1:]
+    assert np.array_equal(ids[~tied], ref_i[~tied])
+    assert ind[indptr[7]:indptr[8]].tolist() == ids[7].tolist()
+    meta = json.loads((run / "graph" / "_meta.json").read_text())
+    assert meta["k"] == 10 and meta["method"] == "exact" and meta["metric"] == "cosine"
+    assert meta["provenance"]["model"] == "all-MiniLM-L6-v2" and meta["edges"] == ind.size
+    stage = json.loads((run / "run.json").read_text())["stages"]["knn"]
+    assert stage["status"] == "done" and stage["k"] == 10 and stage["queries_per_s"] > 0
+
+
+def test_exact_bytes_do_not_depend_on_shard_count(run, tmp_path):
+    tables = {}
+    for shards in (1, 3, 4, 7):
+        out = tmp_path / f"s{shards}"
+        shutil.copytree(run, out)
+        for s in range(shards):
+            r = knn(out, 8, method="exact", shard=s, num_shards=shards, block_rows=256)
+        assert r.complete
+        tables[shards] = graph_table(out)
+    for shards in (3, 4, 7):
+        assert tables[shards].equals(tables[1])
+        for col in ("neighbors", "sims"):
+            a = tables[1].column(col).combine_chunks().flatten().to_numpy()
+            b = tables[shards].column(col).combine_chunks().flatten().to_numpy()
+            assert a.tobytes() == b.tobytes()
+
+
+def test_parts_read_as_is_by_polars_and_pyarrow(run):
+    import polars as pl
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    for s in range(2):
+        knn(run, 5, method="exact", shard=s, num_shards=2)
+    part = run / "graph" / "part-00001.parquet"
+    t = pq.read_table(part)
+    assert t.schema.field("node").type == pa.int64()
+    assert t.schema.field("neighbors").type == pa.list_(pa.int32())
+    assert t.schema.field("sims").type == pa.list_(pa.float32())
+    df = pl.read_parquet(run / "graph" / "part-*.parquet")
+    assert df["node"].to_list() == list(range(len(df)))
+    assert df["neighbors"].list.len().unique().to_list() == [5]
+    assert pq.ParquetFile(part).metadata.row_group(0).num_rows <= 65_536
+
+
+def test_resume_skips_done_shard_and_redoes_crashed_one(run, caplog):
+    from graphbuild.storage import RunDir
+
+    first = knn(run, 6, method="exact", shard=0, num_shards=2)
+    assert not first.complete and first.missing_shards == [1]
+    assert not (run / "graph" / "_meta.json").exists()
+    again = knn(run, 6, method="exact", shard=0, num_shards=2)
+    assert again.skipped
+    # a crash of shard 1: a partial temp file and no marker
+    (run / "graph" / ".part-00001.parquet.tmp-999999").write_bytes(b"PAR1 partial")
+    done = knn(run, 6, method="exact", shard=1, num_shards=2)
+    assert done.complete and not list((run / "graph").glob(".*tmp*"))
+    before = graph_table(run)
+    # a crash after writing the part but before the marker: the shard is redone
+    (RunDir(run).state("knn") / "shard-00001-of-00002.done").unlink()
+    redo = knn(run, 6, method="exact", shard=1, num_shards=2)
+    assert not redo.skipped and graph_table(run).equals(before)
+
+
+def test_other_k_or_method_needs_overwrite(run):
+    knn(run, 4, method="exact")
+    with pytest.raises(GraphbuildError, match="_meta.json"):
+        knn(run, 5, method="exact")
+    with pytest.raises(GraphbuildError, match="method"):
+        knn(run, 4, method="approximate")
+    r = knn(run, 5, method="exact", overwrite=True)
+    assert r.complete and json.loads((run / "graph" / "_meta.json").read_text())["k"] == 5
+
+
+def test_k_errors_and_clamping(run, caplog):
+    with pytest.raises(GraphbuildError, match="k must be >= 1"):
+        knn(run, 0)
+    with caplog.at_level(logging.WARNING):
+        r = knn(run, 10 ** 6, method="exact", block_rows=1024)
+    n = r.rows  # unique captions: a few of the 3,000 repeat
+    assert r.k == n - 1 and "dense graph" in caplog.text
+    meta = json.loads((run / "graph" / "_meta.json").read_text())
+    assert meta["edges"] == n * (n - 1)
+
+
+def test_refuses_unfinished_embeddings(run):
+    from graphbuild.storage import RunDir
+
+    (RunDir(run).state("embed") / "chunks" / "000001.done").unlink()
+    with pytest.raises(GraphbuildError, match=r"chunks 1\b.*embed shards 0 of 1"):
+        knn(run, 5)
+    assert not (run / "graph").exists() or not list((run / "graph").glob("part-*"))
+
+
+def test_refuses_incomplete_provenance(run):
+    import zarr
+
+    arr = zarr.open_array(str(run / "embeddings.zarr"), mode="r+")
+    attrs = dict(arr.attrs)
+    del attrs["model_revision"]
+    arr.attrs.clear()
+    arr.attrs.update(attrs)
+    with pytest.raises(GraphbuildError, match="model_revision"):
+        knn(run, 5)
+
+
+def test_approximate_reaches_recall_target(run):
+    from graphbuild.graph import read_graph_csr
+
+    r = knn(run, 10, method="approximate", recall_target=0.95)
+    assert r.complete and r.recall >= 0.95 and r.nprobe >= 1
+    ref_i, _ = brute_force(run, 10)
+    indptr, ind, _ = read_graph_csr(run)
+    ids = ind.reshape(-1, 10)
+    assert not (ids == np.arange(len(ids))[:, None]).any()  # self excluded
+    measured = np.mean([len(np.intersect1d(a, b)) for a, b in zip(ids, ref_i)]) / 10
+    assert measured >= 0.93  # the tuned sample's recall carries over to every row
+    meta = json.loads((run / "graph" / "_meta.json").read_text())
+    assert meta["method"] == "approximate" and meta["recall"] == r.recall
+
+
+def test_approximate_pq_when_over_budget(run):
+    r = knn(run, 5, method="approximate", memory_budget=1)
+    info = json.loads((run / "graph" / "_index" / "index.json").read_text())
+    assert info["index"]["kind"] == "ivf-pq" and r.complete and r.recall > 0
+
+
+def test_auto_gives_a_reason():
+    from graphbuild.knn import choose_method
+
+    method, reason = choose_method(3000, 384, 10, 2 ** 34)
+    assert method == "exact" and "N=3,000" in reason
+    method, _ = choose_method(10 ** 8, 384, 32, 2 ** 34)
+    assert method == "approximate"
