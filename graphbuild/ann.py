@@ -1,8 +1,10 @@
 """Approximate top-k by a faiss inverted-file index, with nprobe tuned to a recall target.
 
-Index choice (`index_kind`): IVF-Flat keeps every vector as fp32 in RAM, N*d*4 bytes. When
-that exceeds the memory budget, IVF-PQ stores d/4 one-byte codes per vector (16x smaller)
-and its sims are the codes' estimates, not exact dot products.
+Index choice (`index_kind`): the stored vectors are fp16, so an IVF index with fp16 scalar
+codes ("ivf-sq16") holds them losslessly in N*d*2 bytes, half of IVF-Flat's fp32 copy, and
+scores them as IVF-Flat would (decoded to fp32). When even that exceeds the memory budget,
+IVF-PQ stores d/4 one-byte codes per vector (8x smaller again) and its sims are the codes'
+estimates, not exact dot products.
 
 The index is trained on a seeded sample of rows and every row is added in order, so it is a
 function of the store alone; knn builds it once under the run lock and saves it for the
@@ -23,7 +25,7 @@ import numpy as np
 
 log = logging.getLogger(__name__)
 
-TRAIN_PER_LIST = 32   # training points per inverted list (faiss warns below 39 for k-means++)
+TRAIN_PER_LIST = 40   # training points per inverted list (faiss warns below 39)
 TUNE_QUERIES = 1000
 SEED = 1234
 
@@ -42,8 +44,8 @@ def nlist_for(n: int) -> int:
 
 
 def index_kind(n: int, d: int, budget_bytes: int) -> str:
-    """ivf-flat when its fp32 vectors (N*d*4 bytes) fit the memory budget, else ivf-pq."""
-    return "ivf-flat" if n * d * 4 <= budget_bytes else "ivf-pq"
+    """ivf-sq16 when its fp16 codes (N*d*2 bytes) fit the memory budget, else ivf-pq."""
+    return "ivf-sq16" if n * d * 2 <= budget_bytes else "ivf-pq"
 
 
 def pq_subquantizers(d: int) -> int:
@@ -73,8 +75,9 @@ def build_index(arr, kind: str, nlist: int, block_rows: int, seed: int = SEED):
 
     n, d = arr.shape
     quantizer = faiss.IndexFlatIP(d)
-    if kind == "ivf-flat":
-        index = faiss.IndexIVFFlat(quantizer, d, nlist, faiss.METRIC_INNER_PRODUCT)
+    if kind == "ivf-sq16":
+        index = faiss.IndexIVFScalarQuantizer(quantizer, d, nlist, faiss.ScalarQuantizer.QT_fp16,
+                                              faiss.METRIC_INNER_PRODUCT)
     else:
         index = faiss.IndexIVFPQ(quantizer, d, nlist, pq_subquantizers(d), 8,
                                  faiss.METRIC_INNER_PRODUCT)
