@@ -280,7 +280,7 @@ def _index(run: RunDir, arr, attrs: dict, k: int, recall_target: float, block_ro
     """The shared faiss index and nprobe: built and tuned once under the lock, then reused."""
     import faiss
 
-    from graphbuild.ann import build_index, index_kind, nlist_for, tune_nprobe
+    from graphbuild.ann import build_index, index_kind, nlist_for, on_gpu_if_available, tune_nprobe
 
     n, d = arr.shape
     step = max(1, block_rows // arr.chunks[0]) * arr.chunks[0]
@@ -301,6 +301,7 @@ def _index(run: RunDir, arr, attrs: dict, k: int, recall_target: float, block_ro
             faiss.write_index(index, str(tmp))
             os.replace(tmp, path)
             info = {"index": want}
+        index = on_gpu_if_available(index)
         tune_key = f"k={k} target={recall_target}"
         if tune_key not in info.get("tuning", {}):
             t = tune_nprobe(index, arr, k, recall_target, step)
