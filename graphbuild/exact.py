@@ -4,22 +4,29 @@ The plan, for rows R of an fp16 matrix X (unit-norm rows) against all its rows:
 
 1. Candidate pass in half precision. Blocks of rows are multiplied in bf16 on CPUs (fast on
    AVX-512 BF16 / AMX; fp16 matrix products are ~100x slower there) and in fp16 on CUDA. Each
-   row keeps the `capacity` best approximate scores seen so far (`_Candidates`).
-2. Symmetry. Inside R, the product of block I with block J (I < J) is computed once and used
-   for I's rows and, transposed, for J's rows: about half the multiply-adds. Rows outside R
-   (other query shards own them) are plain columns: R's rows against them, in one direction.
-3. Exact re-rank. A rigorous bound b(v) on |approximate - exact| (see `ErrorBound`) says
+   row keeps the `capacity` best approximate scores offered so far (`_Candidates`).
+2. Filtering. Each row has a keep threshold (step 3's, from its current k-th best; before
+   that, a lower bound on it from its diagonal block, `_Candidates.seed`), and only scores
+   reaching it are offered. A block of scores is reduced once to maxima over groups of
+   rows (`_Blocks`), compared as int16 bit patterns against integer keys of the thresholds;
+   only the few groups that can hold a hit are read again. Thresholds only rise, so
+   filtering with a stale one is safe, and hits are merged lazily in bulk.
+3. Symmetry. Inside R, the product of block I with block J (I < J) is computed once and used
+   for I's rows and, column-wise, for J's rows: about half the multiply-adds. Rows outside
+   R (other query shards own them) are plain columns: R's rows against them, one direction.
+4. Exact re-rank. A rigorous bound b(v) on |approximate - exact| (see `ErrorBound`) says
    which candidates can still be in the exact top-k: every candidate whose score could reach
    the lowest value the exact k-th best can take. Those are scored again exactly and the
    best k kept, ties broken by the smaller node id.
-4. Capacity overflow. If a row ever dropped a candidate that could still matter, the row is
+5. Capacity overflow. If a row ever dropped a candidate that could still matter, the row is
    searched again in a plain pass with a larger capacity, so the result stays exact.
 
 Exact scores are fp64 dot products of the stored fp16 values: every product of two fp16
-numbers is a multiple of 2**-48 with at most 22 significant bits, and every partial sum
-stays a multiple of 2**-48 below 2**5 when |x|*|y| < 32, so fp64 holds each step exactly,
-whatever the summation order. The stored sim is that exact value rounded once to fp32, so
-the output does not depend on block size, shard count, thread count or BLAS.
+numbers is a multiple of 2**-48 with at most 22 significant bits (so it is also exact in
+fp32, which is where it is computed), and every partial sum stays a multiple of 2**-48
+below 2**5 when |x|*|y| < 32, so fp64 holds each step exactly, whatever the summation order.
+The stored sim is that exact value rounded once to fp32, so the output does not depend on
+block size, shard count, thread count, BLAS, or which candidates the filter let through.
 """
 
 from __future__ import annotations
@@ -37,8 +44,10 @@ F32_UNIT_ROUNDOFF = 2.0 ** -24
 HALF_UNIT_ROUNDOFF = {"bf16": 2.0 ** -8, "fp16": 2.0 ** -11}
 EXACT_NORM_LIMIT = 5.0     # |x| below this keeps fp64 dot products of fp16 values exact
 THRESHOLD_SLACK = 2e-6     # covers fp32 rounding of the threshold and of the stored sims
-DEFAULT_BLOCK_ROWS = 4096  # 32 MiB of bf16 scores per block pair
-GROUP = 16  # entries per max-pooled group when filtering a block of scores
+DEFAULT_BLOCK_ROWS = 2048  # 8 MiB of bf16 scores per block pair
+GROUP = 16  # rows per max-pooled group when filtering a block of scores
+SEED_GROUP = 4  # rows per group for the seed thresholds of diagonal blocks
+SCORE_FLOOR = -1e30  # below every finite score; filtering thresholds never go lower
 
 
 def default_capacity(k: int) -> int:
@@ -124,33 +133,111 @@ def default_device() -> str:
 
 
 def exact_dots(x16: np.ndarray, rows: np.ndarray, cols: np.ndarray,
-               chunk: int = 16384) -> np.ndarray:
-    """x16[rows[p]] . x16[cols[p]] for each pair p, exactly, rounded once to fp32."""
-    out = np.empty(len(rows), np.float32)
+               chunk: int = 2048) -> np.ndarray:
+    """x16[rows[p]] . x16[cols[p]] for each pair p, exactly, rounded once to fp32.
+
+    Products of two fp16 numbers are exact in fp32 (22 significant bits, no underflow), and
+    their fp64 sum is exact (module docstring), so the fp32 products are summed in fp64.
+    Pairs go in small chunks so the gathered rows stay in cache."""
+    import torch
+
+    x = torch.from_numpy(np.ascontiguousarray(x16))
+    rows = torch.from_numpy(np.asarray(rows, dtype=np.int64))
+    cols = torch.from_numpy(np.asarray(cols, dtype=np.int64))
+    out = torch.empty(len(rows), dtype=torch.float64)
     for lo in range(0, len(rows), chunk):
-        a = x16[rows[lo:lo + chunk]].astype(np.float64)
-        b = x16[cols[lo:lo + chunk]].astype(np.float64)
-        out[lo:lo + chunk] = np.einsum("pd,pd->p", a, b)
-    return out
+        a = x.index_select(0, rows[lo:lo + chunk]).float()
+        b = x.index_select(0, cols[lo:lo + chunk]).float()
+        torch.sum(a.mul_(b), dim=1, dtype=torch.float64, out=out[lo:lo + chunk])
+    return out.numpy().astype(np.float32)
+
+
+def _exact_dots_of_rows(x16: np.ndarray, rows: np.ndarray, rr: np.ndarray, cols: np.ndarray,
+                        chunk: int = 2048) -> np.ndarray:
+    """exact_dots(x16, rows[rr], cols), converting each of `rows` to fp32 once."""
+    import torch
+
+    x = torch.from_numpy(np.ascontiguousarray(x16))
+    q = torch.from_numpy(x16[rows]).float()
+    rr = torch.from_numpy(np.asarray(rr, dtype=np.int64))
+    cols = torch.from_numpy(np.asarray(cols, dtype=np.int64))
+    out = torch.empty(len(rr), dtype=torch.float64)
+    for lo in range(0, len(rr), chunk):
+        a = q.index_select(0, rr[lo:lo + chunk])
+        b = x.index_select(0, cols[lo:lo + chunk]).float()
+        torch.sum(a.mul_(b), dim=1, dtype=torch.float64, out=out[lo:lo + chunk])
+    return out.numpy().astype(np.float32)
 
 
 class _Candidates:
-    """For each of n rows, the `capacity` best approximate scores seen so far (sorted, best
-    first), their column ids, and the best score ever pushed out (`dropped`)."""
+    """For each of n rows, the `capacity` best approximate scores offered so far (best
+    first), their column ids, the best score ever pushed out (`dropped`), and a keep
+    threshold `thr` below which no score can matter (any entry under it may be skipped).
 
-    def __init__(self, n: int, k: int, capacity: int, bound: ErrorBound, id_dtype, device):
+    Hits are offered in bulk (`add`: flat row, column, score triples) and merged lazily:
+    thresholds only rise, so filtering with a stale (lower) threshold is safe, just looser."""
+
+    def __init__(self, n: int, k: int, capacity: int, bound: ErrorBound, id_dtype, device,
+                 half_dtype=None, merge_every: int = 1 << 16):
         import torch
 
-        self.k, self.capacity, self.bound = k, capacity, bound
+        self.k, self.capacity, self.bound, self.half_dtype = k, capacity, bound, half_dtype
         self.scores = torch.full((n, capacity), -torch.inf, dtype=torch.float32, device=device)
         self.ids = torch.full((n, capacity), -1, dtype=id_dtype, device=device)
         self.dropped = torch.full((n,), -torch.inf, dtype=torch.float32, device=device)
+        # A lower bound on each row's approximate k-th best, known before the buffer holds
+        # k entries (see `seed`); the keep threshold uses the larger of it and the buffer's.
+        self.floor = torch.full((n,), -torch.inf, dtype=torch.float32, device=device)
+        # Filtering thresholds and their int16 keys (`_int16_key`), one extra sentinel entry
+        # (+inf: passes nothing) for padding rows. Never below SCORE_FLOOR, which is under
+        # any real score, so -inf sentinels (self, padding) never pass.
+        self.thr = torch.full((n + 1,), SCORE_FLOOR, dtype=torch.float32, device=device)
+        self.thr[n] = torch.inf
+        self.key = _int16_key(self.thr, half_dtype)
+        self.pending: list[tuple] = []
+        self.pending_count = 0
+        self.merge_every = merge_every
 
     def threshold(self, lo: int, hi: int):
         return self.bound.keep_threshold(self.scores[lo:hi, self.k - 1])
 
+    def _refresh(self, at) -> None:
+        import torch
+
+        t = torch.maximum(self.scores[at, self.k - 1], self.floor[at])
+        thr = self.bound.keep_threshold(t).clamp_(min=SCORE_FLOOR)
+        self.thr[at] = thr
+        self.key[at] = _int16_key(thr, self.half_dtype)
+
+    def seed(self, lo: int, hi: int, floor) -> None:
+        """Raise rows lo..hi's floor: `floor` must be at most the k-th best approximate
+        score among entries that are (or will be) offered with the floor's threshold."""
+        import torch
+
+        self.floor[lo:hi] = torch.maximum(self.floor[lo:hi], floor)
+        self._refresh(torch.arange(lo, hi, device=floor.device))
+
+    def add(self, rows, cols, vals) -> None:
+        """Queue hits (row index into this buffer, column id, approximate score)."""
+        if len(rows):
+            self.pending.append((rows, cols, vals))
+            self.pending_count += len(rows)
+            if self.pending_count >= self.merge_every:
+                self.flush()
+
+    def flush(self) -> None:
+        import torch
+
+        if not self.pending:
+            return
+        rows = torch.cat([p[0] for p in self.pending])
+        cols = torch.cat([p[1] for p in self.pending])
+        vals = torch.cat([p[2] for p in self.pending])
+        self.pending, self.pending_count = [], 0
+        self._merge_sparse(rows, cols, vals)
+
     def offer(self, lo: int, hi: int, scores, col0: int) -> None:
-        """Merge scores of rows lo..hi (dim 0) against columns col0.. (dim 1), any layout.
+        """Merge dense scores of rows lo..hi (dim 0) against columns col0.. (dim 1).
 
         Only scores that reach the current threshold can matter, and the threshold only
         rises, so a block adds at most its per-row count of those (capped at capacity + 1:
@@ -163,77 +250,35 @@ class _Candidates:
             return
         m = min(m, self.capacity + 1, scores.shape[1])
         vals, pos = torch.topk(scores.float(), m, dim=1, sorted=False)
-        self._merge(lo, hi, vals, (pos + col0).to(self.ids.dtype))
+        self._merge_rows(torch.arange(lo, hi, device=vals.device), vals,
+                         (pos + col0).to(self.ids.dtype))
 
-    def offer_columns(self, lo: int, hi: int, m, col0: int, group: int = GROUP) -> None:
-        """Merge a contiguous (b, hi - lo) block whose column j holds row lo + j's scores
-        against columns col0..col0 + b.
-
-        Most scores fall below the row thresholds. The max over each group of `group`
-        consecutive entries is cheap to take along dim 0 (a vectorised reduction over
-        contiguous rows); only groups whose max reaches the threshold are looked at. Rows
-        seen for the first time (no threshold yet) take the dense path instead."""
-        import torch
-
-        b, r = m.shape
-        thr = self.threshold(lo, hi)
-        fresh = torch.isneginf(thr)
-        if bool(fresh.any()):
-            cols = fresh.nonzero()[:, 0]
-            top = min(self.capacity + 1, b)
-            vals, pos = torch.topk(m[:, cols].float(), top, dim=0, sorted=False)
-            self._merge_rows(lo, cols, vals.T, (pos.T + col0).to(self.ids.dtype))
-            thr = torch.where(fresh, torch.inf, thr)
-        rows, cols, vals = [], [], []
-        for start, size in ((0, b - b % group), (b - b % group, b % group)):
-            if size == 0:
-                continue
-            view = m[start:start + size].view(size // group if size >= group else 1,
-                                              min(group, size), r)
-            hit = view.amax(dim=1).float() >= thr[None, :]
-            gi, j = hit.nonzero(as_tuple=True)
-            if len(gi) == 0:
-                continue
-            v = view[gi, :, j].float()
-            c = ((gi * view.shape[1] + start + col0)[:, None]
-                 + torch.arange(view.shape[1], device=m.device))
-            keep = v >= thr[j][:, None]
-            rows.append(j[:, None].expand_as(v)[keep])
-            cols.append(c[keep])
-            vals.append(v[keep])
-        if rows:
-            self._merge_sparse(lo, hi, torch.cat(rows), torch.cat(cols), torch.cat(vals))
-
-    def _merge_sparse(self, lo: int, hi: int, rows, cols, vals) -> None:
+    def _merge_sparse(self, rows, cols, vals) -> None:
         """Merge (row, column, score) hits: pad them into a (rows, most hits) matrix."""
         import torch
 
-        order = torch.argsort(rows, stable=True)
+        order = torch.argsort(rows)
         rows, cols, vals = rows[order], cols[order], vals[order]
-        counts = torch.bincount(rows, minlength=hi - lo)
-        width = int(counts.max())
-        starts = torch.cumsum(counts, 0) - counts
-        dev = rows.device
-        slot = torch.arange(len(rows), device=dev) - starts[rows]
+        counts = torch.bincount(rows, minlength=len(self.thr))
         touched = counts.nonzero()[:, 0]
-        at = torch.full((hi - lo,), -1, dtype=torch.long, device=dev)
+        c = counts[touched]
+        width = int(c.max())
+        starts = torch.cumsum(c, 0) - c
+        dev = rows.device
+        at = torch.empty(len(self.thr), dtype=torch.long, device=dev)
         at[touched] = torch.arange(len(touched), device=dev)
+        r = at[rows]
+        slot = torch.arange(len(rows), device=dev) - starts[r]
         pv = torch.full((len(touched), width), -torch.inf, dtype=torch.float32, device=dev)
         pi = torch.full((len(touched), width), -1, dtype=self.ids.dtype, device=dev)
-        pv[at[rows], slot] = vals
-        pi[at[rows], slot] = cols.to(self.ids.dtype)
-        self._merge_rows(lo, touched, pv, pi)
+        pv[r, slot] = vals
+        pi[r, slot] = cols.to(self.ids.dtype)
+        self._merge_rows(touched, pv, pi)
 
-    def _merge(self, lo: int, hi: int, vals, ids) -> None:
-        import torch
-
-        self._merge_rows(lo, torch.arange(hi - lo, device=vals.device), vals, ids)
-
-    def _merge_rows(self, lo: int, rows, vals, ids) -> None:
+    def _merge_rows(self, at, vals, ids) -> None:
         """Keep the best `capacity` of each listed row's buffer plus its new (vals, ids)."""
         import torch
 
-        at = rows + lo
         all_v = torch.cat([self.scores[at], vals], dim=1)
         all_i = torch.cat([self.ids[at], ids], dim=1)
         top_v, top_p = torch.topk(all_v, min(self.capacity + 1, all_v.shape[1]), dim=1)
@@ -241,9 +286,11 @@ class _Candidates:
         self.ids[at] = torch.gather(all_i, 1, top_p[:, :self.capacity])
         if top_v.shape[1] > self.capacity:
             self.dropped[at] = torch.maximum(self.dropped[at], top_v[:, self.capacity])
+        self._refresh(at)
 
     def finish(self, lo: int, hi: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(ids, which to re-rank, which rows overflowed) for rows lo..hi."""
+        self.flush()
         thr = self.threshold(lo, hi)
         keep = (self.scores[lo:hi] >= thr[:, None]) & (self.ids[lo:hi] >= 0)
         overflow = self.dropped[lo:hi] >= thr
@@ -256,16 +303,14 @@ def _rerank(x16: np.ndarray, rows: np.ndarray, cand: np.ndarray, keep: np.ndarra
     if len(rows) == 0:
         return np.empty((0, k), np.int64), np.empty((0, k), np.float32)
     keep = keep & (cand != rows[:, None])
-    rr, cc = np.nonzero(keep)
-    ids = cand[rr, cc].astype(np.int64)
-    sims = exact_dots(x16, rows[rr], ids)
-    order = np.lexsort((ids, -sims, rr))
-    counts = np.bincount(rr, minlength=len(rows))
-    if counts.size and counts.min() < k:
+    if keep.sum(axis=1).min() < k:
         raise AssertionError("a row kept fewer candidates than k; the error bound is broken")
-    starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
-    take = order[starts[:, None] + np.arange(k)]
-    return ids[take], sims[take]
+    rr, cc = np.nonzero(keep)
+    ids = np.where(keep, cand, np.iinfo(np.int64).max).astype(np.int64)
+    sims = np.full(cand.shape, -np.inf, np.float32)
+    sims[rr, cc] = _exact_dots_of_rows(x16, rows, rr, ids[rr, cc])
+    order = np.lexsort((ids, -sims), axis=1)[:, :k]
+    return np.take_along_axis(ids, order, 1), np.take_along_axis(sims, order, 1)
 
 
 def _blocks(start: int, stop: int, size: int) -> list[tuple[int, int]]:
@@ -329,6 +374,71 @@ class _Search:
         return ids, sims
 
 
+def _int16_key(thr, dtype=None):
+    """Integer keys for comparing half-precision scores (bf16 or fp16, `dtype`) as int16 bit
+    patterns: every score v >= thr has bits(v) >= key. For thr > 0 the key is the pattern of
+    thr rounded down to `dtype` (positive values order like their bit patterns, negative
+    ones have negative patterns); for thr <= 0 everything passes (the int16 order of
+    negative patterns is reversed). +inf maps to the pattern of +inf, above every finite."""
+    import torch
+
+    if dtype is None or dtype == torch.bfloat16:
+        bits = (thr.view(torch.int32) >> 16).to(torch.int16)   # truncation rounds down
+    else:
+        h = thr.to(dtype)                                       # nearest; step down if above
+        bits = h.view(torch.int16) - (h.float() > thr).to(torch.int16)
+    return torch.where(thr > 0, bits, torch.full_like(bits, -32768))
+
+
+class _Blocks:
+    """Filters block products with per-row thresholds through group maxima.
+
+    A product block s (rows of I x rows of J, bf16) is reduced once to the max of each group
+    of GROUP consecutive I rows per J column, comparing bf16 bit patterns as int16 (a
+    vectorised reduction over contiguous rows). A group can hold a J-row hit only if its
+    max reaches that column's key, and an I-row hit only if it reaches the smallest key of
+    its rows; I's rows are sorted by threshold so a group's keys are close. Only the groups
+    that pass are read again, and each of their entries is compared exactly in fp32."""
+
+    def __init__(self, cands: _Candidates, a: int, group: int = GROUP):
+        self.cands, self.a, self.group = cands, a, group
+
+    def pairs(self, s, ip, ig, clo: int, want_i: bool, want_j: bool) -> None:
+        """Offer the hits of s = (I rows) x (J rows), bf16 of shape (groups * GROUP, bj).
+
+        ip, ig: local (into the candidate buffers) and global ids of s's rows; padding rows
+        have -inf scores and ip pointing at the sentinel. Column j is global row clo + j.
+        want_i: offer row r's scores to I's rows; want_j: offer column j to row clo + j
+        (which must then be a query row)."""
+        import torch
+
+        g, c = self.group, self.cands
+        nb, bj = s.shape[0] // g, s.shape[1]
+        s3 = s.view(nb, g, bj)
+        gmax = s3.view(torch.int16).amax(dim=1)
+        jl = clo - self.a
+        hit = None
+        if want_j:
+            thr_j = c.thr[jl:jl + bj]
+            hit = gmax >= c.key[jl:jl + bj]
+        if want_i:
+            thr_i = c.thr[ip].view(nb, g)
+            hit_i = gmax >= c.key[ip].view(nb, g).amin(dim=1, keepdim=True)
+            hit = hit_i if hit is None else hit.logical_or_(hit_i)
+        gi, j = hit.nonzero(as_tuple=True)
+        if len(gi) == 0:
+            return
+        v = s3[gi, :, j].float()                                   # (hits, g)
+        if want_i:
+            f = (v >= thr_i[gi]).view(-1).nonzero()[:, 0]
+            h = f // g
+            c.add(ip[gi[h] * g + f % g], j[h] + clo, v.view(-1)[f])
+        if want_j:
+            f = (v >= thr_j[j][:, None]).view(-1).nonzero()[:, 0]
+            h = f // g
+            c.add(j[h] + jl, ig[gi[h] * g + f % g], v.view(-1)[f])
+
+
 def blocked_topk(x16: np.ndarray, k: int, rows: range | None = None,
                  block_rows: int = DEFAULT_BLOCK_ROWS, capacity: int | None = None,
                  device: str | None = None, bound: ErrorBound | None = None,
@@ -359,31 +469,60 @@ def blocked_topk(x16: np.ndarray, k: int, rows: range | None = None,
     if other and row_blocks:
         log.info("rows %d..%d of %d: symmetric products among these rows, plain products "
                  "against the other %d rows", rows.start, rows.stop, n, n - len(rows))
-    cands = _Candidates(len(rows), k, capacity, bound, search.id_dtype, search.device)
+    cands = _Candidates(len(rows), k, capacity, bound, search.id_dtype, search.device,
+                        search.dtype)
+    filt = _Blocks(cands, rows.start)
     progress = _Progress(on_progress, n)
-    a = rows.start
+    a, g, dev = rows.start, filt.group, search.device
+
+    def padded(x, size):
+        return x if x.shape[0] == size else torch.cat(
+            [x, x.new_zeros((size - x.shape[0], x.shape[1]))])
+
     with _exact_cuda_matmul():
+        # Diagonal blocks first: they seed every row's threshold (the k-th largest group
+        # max of a column bounds that column's k-th best from below), so later blocks pass
+        # few entries. Symmetric: column j of the block is offered to row j.
+        sentinel = len(rows)
+        xq = search.half(rows.start, rows.stop)  # the query rows, converted once
+        for lo, hi in row_blocks:
+            b = hi - lo
+            pb = -(-b // g) * g
+            xi = xq[lo - a:hi - a]
+            s = search.scores(padded(xi, pb), xi)
+            s[:b].fill_diagonal_(-torch.inf)
+            s[b:] = -torch.inf
+            if pb // SEED_GROUP >= k:
+                gmax = s.view(pb // SEED_GROUP, SEED_GROUP, b).amax(dim=1).float()
+                cands.seed(lo - a, hi - a, torch.topk(gmax, k, dim=0).values[k - 1])
+            ig = torch.arange(lo, lo + pb, device=dev)
+            filt.pairs(s, None, ig, lo, False, True)
+            progress.add(b * b)
         for bi, (lo, hi) in enumerate(row_blocks):
-            xi = search.half(lo, hi)
+            b = hi - lo
+            pb = -(-b // g) * g
+            # I's rows sorted by threshold, so each group's smallest key is close to all
+            perm = torch.argsort(cands.thr[lo - a:hi - a]) + lo
+            xi = padded(xq[perm - a], pb)
+            pad = torch.full((pb - b,), sentinel, device=dev, dtype=perm.dtype)
+            ip = torch.cat([perm - a, pad])
+            ig = torch.cat([perm, pad])
             for clo, chi in other:
-                # (their rows x our rows): the layout offer_columns filters fastest
-                cands.offer_columns(lo - a, hi - a, search.scores(search.half(clo, chi), xi), clo)
-                progress.add((hi - lo) * (chi - clo))
-            for clo, chi in row_blocks[bi:]:
-                if clo == lo:
-                    s = search.scores(xi, xi)
-                    s.fill_diagonal_(-torch.inf)
-                    cands.offer_columns(lo - a, hi - a, s, lo)
-                    progress.add((hi - lo) * (hi - lo))
-                else:
-                    s = search.scores(xi, search.half(clo, chi))
-                    cands.offer_columns(clo - a, chi - a, s, lo)
-                    cands.offer_columns(lo - a, hi - a, s.T.contiguous(), clo)
-                    progress.add(2 * (hi - lo) * (chi - clo))
+                s = search.scores(xi, search.half(clo, chi))
+                if pb > b:
+                    s[b:] = -torch.inf
+                filt.pairs(s, ip, ig, clo, True, False)
+                progress.add(b * (chi - clo))
+            for clo, chi in row_blocks[bi + 1:]:
+                s = search.scores(xi, xq[clo - a:chi - a])
+                if pb > b:
+                    s[b:] = -torch.inf
+                filt.pairs(s, ip, ig, clo, True, True)
+                progress.add(2 * b * (chi - clo))
             cand, keep, overflow = cands.finish(lo - a, hi - a)
             block_rows_ids = np.arange(lo, hi)
-            ids = np.empty((hi - lo, k), np.int64)
-            sims = np.empty((hi - lo, k), np.float32)
+            ids = np.empty((b, k), np.int64)
+            sims = np.empty((b, k), np.float32)
             ok = ~overflow
             ids[ok], sims[ok] = _rerank(x16, block_rows_ids[ok], cand[ok], keep[ok], k)
             if overflow.any():

@@ -101,3 +101,19 @@ def test_rejects_bad_k():
         run(x16, 0)
     with pytest.raises(ValueError):
         run(x16, 40)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_int16_keys_never_drop_a_score(dtype):
+    """Filtering compares half-precision bit patterns as int16: v >= thr must imply
+    bits(v) >= key, for thresholds of any sign (and the +inf padding sentinel)."""
+    from graphbuild.exact import _int16_key
+
+    g = torch.Generator().manual_seed(0)
+    thr = torch.cat([torch.rand(4000, generator=g) * 2.2 - 1.1,
+                     torch.tensor([0.0, -0.0, 1e-9, -1e30, torch.inf])])
+    v = (torch.rand(4000, generator=g) * 2.2 - 1.1).to(dtype)
+    v = torch.cat([v, thr.to(dtype), torch.tensor([0.0, -0.0, torch.inf]).to(dtype)])
+    key = _int16_key(thr, dtype)
+    passes = v.float()[None, :] >= thr[:, None]
+    assert not (passes & ~(v.view(torch.int16)[None, :] >= key[:, None])).any()
