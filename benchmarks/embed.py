@@ -56,10 +56,10 @@ def timed(fn, repeats: int) -> tuple[float, np.ndarray]:
 def peak_rss_of_embed(rows: int, tmp: Path) -> float:
     """Peak RSS (MiB) of a `graphbuild embed` subprocess over the first `rows` captions."""
     src = tmp / f"c{rows}.tsv"
-    lines = []
-    for f, col in (("coco_val2017_captions.tsv", 2), ("Flickr8k.token.txt", 1)):
-        body = (DATA / f).read_text(encoding="utf-8").splitlines()
-        lines += [ln.split("\t")[col] for ln in body[1 if col == 2 else 0:]]
+    lines = coco_captions(None)
+    # Flickr8k: "image.jpg#n<TAB>caption" (one line has spaces instead of the tab)
+    flickr = (DATA / "Flickr8k.token.txt").read_text(encoding="utf-8").splitlines()
+    lines += [ln.split(None, 1)[1] for ln in flickr if len(ln.split(None, 1)) == 2]
     src.write_text("caption\n" + "\n".join(lines[:rows]) + "\n")
     m = tmp / f"c{rows}.yaml"
     m.write_text(f"name: c{rows}\nsource: {{path: {src.name}, format: tsv}}\ntext_column: caption\n")

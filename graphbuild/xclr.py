@@ -1,0 +1,213 @@
+"""X-CLR on the trainer side: soft targets for a batch, the loss, and its special cases.
+
+Imports numpy, pyarrow and torch only (no zarr, polars, faiss or sentence-transformers), keeps
+no global state, and every object is picklable and opens its files lazily, so it works in
+DataLoader workers and under DDP.
+
+Targets. Sample i's target over samples j of a batch is softmax_j(cos(t_i, t_j) / tau_s),
+where t is the text embedding of the sample's node; samples sharing a node have cos = 1.
+
+- mode="exact": gather the batch's node rows from embeddings.zarr (fp16, in RAM or
+  memory-mapped), renormalise them in fp32, one (B, B) product, row softmax.
+- mode="graph": cosines from the top-k graph alone, for when the embeddings cannot sit beside
+  the trainer. Rule for the pairs: a pair held by either row's top-k gets its stored sim (the
+  two directions are symmetrised by taking the larger); a pair of the same node gets 1; a pair
+  held by neither row gets a floor: rule="floor" a constant (`floor`, default 0.0, i.e. treated
+  as unrelated); rule="kth" min(s_k(i), s_k(j)), the rows' k-th stored sims, which bound from
+  above every sim the rows do not hold; rule="tail" row i's soft mean of the sims it does not
+  hold, tau_s * log(mean exp(s/tau_s)), extrapolated from its stored sims by rank
+  (Graph.tail_floors). benchmarks/graph_targets_kl.py measures all three: "kth" is worse than
+  a 0.0 floor, "tail" a little better.
+
+Diagonal. diagonal="mask" (default) leaves j = i out of the target softmax and of the loss's
+softmax, as NT-Xent and SupCon do, so SimCLR and SupCon are exact special cases.
+diagonal="keep" softmaxes over every j including i (the X-CLR formula read literally); then
+the loss keeps the self logit too. Targets and loss must use the same choice.
+
+Two views. targets(idx, views=2) is (2B, 2B) for embeddings stacked [view 1; view 2]: each
+sample's other view is a same-node pair (cos = 1).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from graphbuild.errors import GraphbuildError
+from graphbuild.storage import RunDir
+from graphbuild.xclr_data import GraphRows, NeighborBatchSampler, WithNodes
+from graphbuild.xclr_store import Graph, ZarrRows, read_sample_nodes
+
+__all__ = ["SoftTargets", "xclr_loss", "simclr_targets", "supcon_targets", "soft_targets",
+           "NeighborBatchSampler", "WithNodes", "GraphRows", "ZarrRows", "Graph",
+           "read_sample_nodes"]
+
+MODES = ("exact", "graph")
+RULES = ("floor", "kth", "tail")
+DIAGONALS = ("mask", "keep")
+
+
+def _check(name: str, value: str, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise GraphbuildError(f"{name} must be one of {', '.join(allowed)}, got {value!r}")
+
+
+def soft_targets(sims: torch.Tensor, tau_s: float, diagonal: str = "mask") -> torch.Tensor:
+    """Row softmax of a (n, n) cosine matrix at temperature tau_s, float32."""
+    logits = sims.float() / tau_s  # a new tensor, so the in-place fill below is safe
+    if diagonal == "mask":
+        logits.fill_diagonal_(float("-inf"))
+    return torch.softmax(logits, dim=1)
+
+
+class SoftTargets:
+    """X-CLR targets for batches of dataset indices (the `sample` column of the run).
+
+    `SoftTargets.from_run(run)(idx)` -> (B, B) float32; `(idx, views=2)` -> (2B, 2B).
+    `dtype` is the matmul dtype of mode="exact": float32 (default, exact to ~1e-7) or
+    bfloat16 (faster on CPUs with native bf16; targets then differ by ~1e-3). In float32 the
+    logits reach 1/tau_s, so their rounding bounds the agreement with a float64 reference at
+    about 1e-6 (measured: <= 7e-7 at B=256, 1.1e-6 at B=1024 with two views).
+    """
+
+    def __init__(self, run: str | Path, mode: str = "exact", tau_s: float = 0.1,
+                 diagonal: str = "mask", device: str | torch.device = "cpu",
+                 dtype: torch.dtype = torch.float32, mmap: bool = False, k: int | None = None,
+                 rule: str = "floor", floor: float = 0.0, graph: Graph | None = None):
+        _check("mode", mode, MODES)
+        _check("rule", rule, RULES)
+        _check("diagonal", diagonal, DIAGONALS)
+        if tau_s <= 0:
+            raise GraphbuildError(f"tau_s must be > 0, got {tau_s}")
+        self.run = Path(run)
+        self.mode, self.tau_s, self.diagonal = mode, tau_s, diagonal
+        self.device, self.dtype = torch.device(device), dtype
+        self.rule, self.floor = rule, floor
+        self.rows = ZarrRows(RunDir(run).embeddings, mmap=mmap) if mode == "exact" else None
+        # graph: an in-memory Graph to use instead of the run's (e.g. one cut to another k)
+        self.graph = (graph or Graph(run, k)) if mode == "graph" else None
+        self._nodes: np.ndarray | None = None
+        self._table: torch.Tensor | None = None
+        self._tail: np.ndarray | None = None
+
+    @classmethod
+    def from_run(cls, run: str | Path, **options) -> SoftTargets:
+        """Targets over a finished run directory; options as in the constructor."""
+        return cls(run, **options)
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_nodes": None, "_table": None, "_tail": None}
+
+    @property
+    def sample_nodes(self) -> np.ndarray:
+        if self._nodes is None:
+            self._nodes = read_sample_nodes(self.run)
+        return self._nodes
+
+    def __call__(self, idx, views: int = 1) -> torch.Tensor:
+        sims = self.sample_sims(idx)
+        if views > 1:
+            sims = sims.repeat(views, views)
+        return soft_targets(sims, self.tau_s, self.diagonal)
+
+    def sample_sims(self, idx) -> torch.Tensor:
+        """(B, B) cosines between the texts of the given samples, float32 on `device`."""
+        if isinstance(idx, torch.Tensor):
+            idx = idx.detach().cpu().numpy()
+        idx = np.asarray(idx, np.int64).reshape(-1)
+        nodes_all = self.sample_nodes
+        if len(idx) and (idx.min() < 0 or idx.max() >= len(nodes_all)):
+            raise GraphbuildError(f"{RunDir(self.run).samples}: sample index out of range "
+                                  f"0..{len(nodes_all) - 1}")
+        nodes = nodes_all[idx]
+        uniq, inv = np.unique(nodes, return_inverse=True)
+        if len(uniq) == len(nodes):  # no shared node: work in batch order, no expansion
+            uniq, inv = nodes, None
+        sims = self._exact(uniq) if self.mode == "exact" else self._graph(uniq)
+        if inv is not None:
+            inv_t = torch.from_numpy(inv.reshape(-1)).to(sims.device)
+            sims = sims[inv_t][:, inv_t]
+        return sims
+
+    def _exact(self, nodes: np.ndarray) -> torch.Tensor:
+        if self.rows.mmap:
+            x = torch.from_numpy(self.rows.rows(nodes)).to(self.device)
+        else:
+            if self._table is None:  # fp16 rows in RAM (or on the device), loaded once
+                self._table = torch.from_numpy(self.rows.load()).to(self.device)
+            x = self._table[torch.from_numpy(nodes).to(self.device)]
+        x = x.float()
+        x = (x * x.double().norm(dim=1).reciprocal().float()[:, None]).to(self.dtype)
+        sims = (x @ x.T).float()
+        return sims.fill_diagonal_(1.0)  # a node with itself: cos is 1, not 1 +- rounding
+
+    def _graph(self, nodes: np.ndarray) -> torch.Tensor:
+        a, b, s = self.graph.pairs(nodes)
+        n = len(nodes)
+        if self.rule == "kth":
+            kth = self.graph.kth_sims()[nodes]
+            out = np.minimum.outer(kth, kth).astype(np.float32)
+        elif self.rule == "tail":  # row i's own estimate: targets are row distributions
+            if self._tail is None:
+                self._tail = self.graph.tail_floors(self.tau_s)
+            out = np.repeat(self._tail[nodes][:, None], n, axis=1)
+        else:
+            out = np.full((n, n), self.floor, np.float32)
+        held = np.full((n, n), -np.inf, np.float32)
+        held[a, b] = s
+        held = np.maximum(held, held.T)
+        known = np.isfinite(held)
+        out[known] = held[known]
+        np.fill_diagonal(out, 1.0)
+        return torch.from_numpy(out).to(self.device)
+
+
+def xclr_loss(z: torch.Tensor, targets: torch.Tensor, tau: float = 0.1,
+              diagonal: str = "mask") -> torch.Tensor:
+    """Mean over rows of the cross-entropy between `targets` (rows sum to 1) and
+    softmax_j(z_i . z_j / tau), z L2-normalised here. Rows whose targets are all zero (e.g. a
+    SupCon anchor with no positive) are left out of the mean. Works under bf16 autocast:
+    the logits are taken to float32 before the softmax."""
+    _check("diagonal", diagonal, DIAGONALS)
+    if z.ndim != 2 or targets.shape != (len(z), len(z)):
+        raise GraphbuildError(f"targets must be ({len(z)}, {len(z)}) for z of shape "
+                              f"{tuple(z.shape)}, got {tuple(targets.shape)}")
+    z = F.normalize(z, dim=1)
+    logits = (z @ z.T).float() / tau
+    targets = targets.to(logits.device, torch.float32)
+    if diagonal == "mask":
+        eye = torch.eye(len(z), dtype=torch.bool, device=logits.device)
+        if targets.diagonal().abs().max() > 0:
+            raise GraphbuildError("diagonal='mask' needs targets with a zero diagonal; build "
+                                  "them with diagonal='mask' too")
+        logp = torch.log_softmax(logits.masked_fill(eye, float("-inf")), dim=1)
+        logp = logp.masked_fill(eye, 0.0)
+    else:
+        logp = torch.log_softmax(logits, dim=1)
+    rows = -(targets * logp).sum(dim=1)
+    valid = targets.sum(dim=1) > 0
+    return rows[valid].mean()
+
+
+def simclr_targets(batch_size: int, device: str | torch.device = "cpu") -> torch.Tensor:
+    """The augmentation graph of a [view 1; view 2] batch: each row's target is its other view.
+    With xclr_loss(diagonal="mask") this is NT-Xent."""
+    n = 2 * batch_size
+    t = torch.zeros(n, n, device=device)
+    i = torch.arange(batch_size, device=device)
+    t[i, i + batch_size] = 1.0
+    t[i + batch_size, i] = 1.0
+    return t
+
+
+def supcon_targets(labels, views: int = 2, device: str | torch.device = "cpu") -> torch.Tensor:
+    """The class graph: uniform over the other members of the same class among all views of
+    the batch (stacked view by view). With xclr_loss(diagonal="mask") this is SupCon's L_out."""
+    labels = torch.as_tensor(labels, device=device).reshape(-1).repeat(views)
+    same = labels[:, None] == labels[None, :]
+    same.fill_diagonal_(False)
+    t = same.float()
+    return t / t.sum(dim=1, keepdim=True).clamp_min(1.0)

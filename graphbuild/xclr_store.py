@@ -1,0 +1,228 @@
+"""Trainer-side readers of a run directory: embeddings, sample nodes and the graph.
+
+Imports only numpy and pyarrow (and graphbuild's light modules), never zarr: the embeddings
+are read chunk by chunk straight from embeddings.zarr/c/<i>/0, which holds rows*dim*2 raw
+little-endian fp16 bytes and then a 4-byte crc32c. Any other layout is refused, not guessed.
+The crc is not checked here: the knn stage read every chunk through zarr, which checks it.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+
+from graphbuild.errors import GraphbuildError
+from graphbuild.graph import read_graph_csr
+from graphbuild.storage import RunDir
+
+CRC_BYTES = 4
+_CODECS = [{"name": "bytes", "configuration": {"endian": "little"}}, {"name": "crc32c"}]
+
+
+def _fail(path: Path, what: str) -> GraphbuildError:
+    return GraphbuildError(f"{path}: {what}; the trainer reads only graphbuild's own layout")
+
+
+class ZarrRows:
+    """Rows of embeddings.zarr as fp16 numpy, from RAM (default) or memory-mapped chunks.
+
+    Picklable and lazy: nothing is read until the first call, and a pickled copy (e.g. in a
+    DataLoader worker) reopens the files itself.
+    """
+
+    def __init__(self, path: str | Path, mmap: bool = False):
+        self.path = Path(path)
+        self.mmap = mmap
+        self.shape, self.chunk_rows = self._read_meta()
+        self._data: np.ndarray | None = None
+        self._chunks: list[np.ndarray] | None = None
+
+    def _read_meta(self) -> tuple[tuple[int, int], int]:
+        meta_file = self.path / "zarr.json"
+        try:
+            meta = json.loads(meta_file.read_text())
+        except (OSError, json.JSONDecodeError) as e:
+            raise GraphbuildError(f"{meta_file}: cannot read array metadata: {e}") from None
+        if meta.get("zarr_format") != 3 or meta.get("node_type") != "array":
+            raise _fail(meta_file, "not a zarr v3 array")
+        if meta.get("data_type") != "float16":
+            raise _fail(meta_file, f"data_type {meta.get('data_type')!r}, not float16")
+        if meta.get("codecs") != _CODECS:
+            raise _fail(meta_file, "codecs are not [bytes little-endian, crc32c]")
+        if meta.get("storage_transformers"):
+            raise _fail(meta_file, "storage transformers are set")
+        key = meta.get("chunk_key_encoding", {})
+        if key.get("name") != "default" or key.get("configuration", {}).get("separator",
+                                                                             "/") != "/":
+            raise _fail(meta_file, "chunk key encoding is not default with '/'")
+        shape = meta.get("shape", [])
+        grid = meta.get("chunk_grid", {})
+        chunk = grid.get("configuration", {}).get("chunk_shape", [])
+        if (len(shape) != 2 or grid.get("name") != "regular" or len(chunk) != 2
+                or chunk[1] != shape[1]):
+            raise _fail(meta_file, f"shape {shape} / chunks {chunk} are not 2-d row chunks")
+        return (int(shape[0]), int(shape[1])), int(chunk[0])
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_data": None, "_chunks": None}
+
+    @property
+    def n_chunks(self) -> int:
+        return -(-self.shape[0] // self.chunk_rows)
+
+    def _chunk(self, i: int) -> np.ndarray:
+        """Chunk i as (chunk_rows, dim) fp16; the file's last 4 bytes are its crc32c."""
+        file = self.path / "c" / str(i) / "0"
+        want = self.chunk_rows * self.shape[1] * 2 + CRC_BYTES
+        try:
+            size = file.stat().st_size
+        except FileNotFoundError:
+            raise GraphbuildError(f"{file}: chunk missing; finish `graphbuild embed`") from None
+        if size != want:
+            raise _fail(file, f"{size} bytes, expected {want} (uncompressed fp16 + crc32c)")
+        shape = (self.chunk_rows, self.shape[1])
+        if self.mmap:
+            return np.memmap(file, dtype="<f2", mode="r", shape=shape)
+        return np.fromfile(file, dtype="<f2", count=shape[0] * shape[1]).reshape(shape)
+
+    def load(self) -> np.ndarray:
+        """All rows, (n, dim) fp16, in RAM."""
+        if self._data is None:
+            n, d = self.shape
+            out = np.empty((n, d), np.float16)
+            for i in range(self.n_chunks):
+                lo = i * self.chunk_rows
+                hi = min(n, lo + self.chunk_rows)
+                out[lo:hi] = self._chunk(i)[: hi - lo]
+            self._data = out
+        return self._data
+
+    def rows(self, nodes: np.ndarray) -> np.ndarray:
+        """(len(nodes), dim) fp16 rows, in the order given."""
+        nodes = np.asarray(nodes, np.int64)
+        if not self.mmap:
+            return self.load()[nodes]
+        if self._chunks is None:
+            self._chunks = [self._chunk(i) for i in range(self.n_chunks)]
+        out = np.empty((len(nodes), self.shape[1]), np.float16)
+        which, offset = np.divmod(nodes, self.chunk_rows)
+        for c in np.unique(which):
+            sel = np.flatnonzero(which == c)
+            out[sel] = self._chunks[c][offset[sel]]
+        return out
+
+
+def read_sample_nodes(run: str | Path) -> np.ndarray:
+    """node of each dataset index (the `sample` column, 0..S-1), as int64."""
+    path = RunDir(run).samples
+    try:
+        table = pq.read_table(path, columns=["sample", "node"])
+    except (OSError, ValueError) as e:
+        raise GraphbuildError(f"{path}: cannot read samples table: {e}") from None
+    sample = table.column("sample").to_numpy()
+    node = table.column("node").to_numpy().astype(np.int64)
+    if not np.array_equal(sample, np.arange(len(sample))):
+        order = np.argsort(sample, kind="stable")
+        if not np.array_equal(sample[order], np.arange(len(sample))):
+            raise GraphbuildError(f"{path}: sample column is not 0..{len(sample) - 1}")
+        node = node[order]
+    return node
+
+
+class Graph:
+    """The CSR graph with helpers to find the pairs of a batch it holds. Lazy and picklable."""
+
+    def __init__(self, run: str | Path | None, k: int | None = None):
+        self.run = Path(run) if run is not None else None
+        self.k = k  # keep only each row's best k (rows are stored best first)
+        self._csr: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None
+
+    @classmethod
+    def from_arrays(cls, indptr: np.ndarray, indices: np.ndarray, sims: np.ndarray,
+                    k: int | None = None) -> Graph:
+        """A graph held in memory, e.g. built by another tool; rows best first."""
+        graph = cls(None, k)
+        indptr = np.asarray(indptr, np.int64)
+        if k is not None:
+            indptr, indices, sims = truncate(indptr, indices, sims, k)
+        graph._csr = indptr, np.asarray(indices, np.int64), np.asarray(sims, np.float32)
+        return graph
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_csr": None} if self.run is not None else self.__dict__
+
+    @property
+    def csr(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        if self._csr is None:
+            indptr, indices, sims = read_graph_csr(self.run)
+            if self.k is not None:
+                indptr, indices, sims = truncate(indptr, indices, sims, self.k)
+            self._csr = indptr, indices.astype(np.int64), sims
+        return self._csr
+
+    def kth_sims(self) -> np.ndarray:
+        """Each row's last (k-th) stored sim: an upper bound on its sims to absent nodes."""
+        indptr, _, sims = self.csr
+        out = np.full(len(indptr) - 1, -1.0, np.float32)
+        full = indptr[1:] > indptr[:-1]
+        out[full] = sims[indptr[1:][full] - 1]
+        return out
+
+    def tail_floors(self, tau_s: float, points: int = 128) -> np.ndarray:
+        """Per row, the soft mean tau_s * log(mean exp(s/tau_s)) of its sims to the nodes it
+        does not hold, estimated from the row alone: fit s(r) = a + b log r to its stored sims
+        by rank r, extrapolate over ranks k+1..n (clipped to [-1, s_k]) and average."""
+        indptr, _, sims = self.csr
+        n = len(indptr) - 1
+        counts = np.diff(indptr)
+        k = int(counts.max()) if n else 0
+        dense = np.full((n, k), np.nan, np.float64)  # rows padded to k
+        pos = np.arange(indptr[-1]) - np.repeat(indptr[:-1], counts)
+        dense[np.repeat(np.arange(n), counts), pos] = sims
+        logr = np.log(np.arange(1, k + 1))
+        ok = ~np.isnan(dense)
+        m = ok.sum(1).clip(1)
+        mx, my = (ok * logr).sum(1) / m, np.nansum(dense, 1) / m
+        dx = np.where(ok, logr - mx[:, None], 0.0)
+        b = (dx * np.nan_to_num(dense - my[:, None])).sum(1) / np.maximum((dx ** 2).sum(1), 1e-12)
+        a = my - b * mx
+        ranks = np.geomspace(k + 1, max(n, k + 2), points)
+        weights = np.gradient(ranks)  # trapezoid-like: each point stands for its rank span
+        last = self.kth_sims().astype(np.float64)
+        s = np.clip(a[:, None] + b[:, None] * np.log(ranks), -1.0, last[:, None])
+        z = s / tau_s
+        top = z.max(1, keepdims=True)
+        mean = (np.exp(z - top) * weights).sum(1) / weights.sum()
+        return (tau_s * (np.log(mean) + top[:, 0])).astype(np.float32)
+
+    def pairs(self, nodes: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Pairs (a, b, sim) of positions in `nodes` (distinct node ids) where node b is in
+        node a's stored row: one direction each, as stored."""
+        indptr, indices, sims = self.csr
+        nodes = np.asarray(nodes, np.int64)
+        starts, stops = indptr[nodes], indptr[nodes + 1]
+        counts = stops - starts
+        row = np.repeat(np.arange(len(nodes)), counts)
+        # flat positions of all edges of the batch's rows, without a Python loop
+        flat = np.arange(counts.sum()) - np.repeat(np.cumsum(counts) - counts, counts)
+        flat += np.repeat(starts, counts)
+        order = np.argsort(nodes, kind="stable")
+        sorted_nodes = nodes[order]
+        pos = np.searchsorted(sorted_nodes, indices[flat])
+        pos = np.minimum(pos, len(nodes) - 1)
+        hit = sorted_nodes[pos] == indices[flat]
+        return row[hit], order[pos[hit]], sims[flat[hit]]
+
+
+def truncate(indptr: np.ndarray, indices: np.ndarray, sims: np.ndarray,
+             k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The top-k graph inside a top-K graph (K >= k): each row's first k entries."""
+    counts = np.minimum(np.diff(indptr), k)
+    new_ptr = np.zeros_like(indptr)
+    np.cumsum(counts, out=new_ptr[1:])
+    keep = np.arange(indptr[-1]) - np.repeat(indptr[:-1], np.diff(indptr)) < np.repeat(
+        counts, np.diff(indptr))
+    return new_ptr, indices[keep], sims[keep]
