@@ -218,3 +218,23 @@ def test_auto_gives_a_reason():
     assert method == "exact" and "N=3,000" in reason
     method, _ = choose_method(10 ** 8, 384, 32, 2 ** 34)
     assert method == "approximate"
+
+
+def test_cli_errors_exit_2_with_one_line(run, tmp_path):
+    from tests.conftest import graphbuild
+
+    r = graphbuild("knn", run, "--k", "0")
+    assert r.returncode == 2 and "k must be >= 1, got 0" in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1 and "Traceback" not in r.stderr
+    assert not (run / "graph" / "_meta.json").exists()
+    r = graphbuild("knn", tmp_path / "nothing-here", "--k", "8")
+    assert r.returncode == 2 and "no embeddings.zarr" in r.stderr
+
+
+def test_cli_builds_the_graph(run):
+    from tests.conftest import graphbuild
+
+    r = graphbuild("knn", run, "--k", "8", "--method", "exact", "-q")
+    assert r.returncode == 0, r.stderr
+    assert "graph complete" in r.stderr
+    assert json.loads((run / "graph" / "_meta.json").read_text())["k"] == 8
