@@ -45,12 +45,6 @@ def _logging(quiet: bool) -> None:
                         datefmt="%H:%M:%S")
 
 
-def _embed_config(**options):
-    from graphbuild.embed import EmbedConfig
-
-    return EmbedConfig(**options)
-
-
 @app.command()
 def embed(
     manifest: Annotated[Path, typer.Argument(help="Dataset manifest (YAML).")],
@@ -68,7 +62,7 @@ def embed(
     quiet: Quiet = False,
 ) -> None:
     """Embed a dataset's unique texts into OUT/embeddings.zarr (fp16, unit norm). Resumable."""
-    from graphbuild.embed import embed_shard
+    from graphbuild.embed import EmbedConfig, embed_shard
     from graphbuild.manifest import load_manifest
     from graphbuild.progress import reporter_for
     from graphbuild.shards import resolve_shard
@@ -76,9 +70,9 @@ def embed(
     _logging(quiet)
     ds = load_manifest(manifest, source)
     s, n = resolve_shard(shard, num_shards)
-    config = _embed_config(model=model, device=device, precision=precision,
-                           token_budget=token_budget, chunk_rows=chunk_rows,
-                           skip_bad_rows=skip_bad_rows, trust_remote_code=trust_remote_code)
+    config = EmbedConfig(model=model, device=device, precision=precision,
+                         token_budget=token_budget, chunk_rows=chunk_rows,
+                         skip_bad_rows=skip_bad_rows, trust_remote_code=trust_remote_code)
     r = embed_shard(ds, out, s, n, config, reporter_for(f"embed {s}/{n}", quiet))
     state = "complete" if r.complete else f"{len(r.missing_chunks)} chunks still to do by other shards"
     typer.echo(f"embed shard {s}/{n}: {r.texts_encoded} texts in {r.seconds:.1f}s "
@@ -144,7 +138,7 @@ def run(
     quiet: Quiet = False,
 ) -> None:
     """Embed and build the graph in this process (default: ImageNet-1k); print examples."""
-    from graphbuild.embed import embed_shard
+    from graphbuild.embed import EmbedConfig, embed_shard
     from graphbuild.knn import knn_shard
     from graphbuild.manifest import load_manifest
     from graphbuild.progress import reporter_for
@@ -152,9 +146,9 @@ def run(
     _logging(quiet)
     ds = load_manifest(manifest, source)
     out = out or Path("runs") / ds.name
-    config = _embed_config(model=model, device=device, precision=precision,
-                           token_budget=token_budget, skip_bad_rows=skip_bad_rows,
-                           trust_remote_code=trust_remote_code)
+    config = EmbedConfig(model=model, device=device, precision=precision,
+                         token_budget=token_budget, skip_bad_rows=skip_bad_rows,
+                         trust_remote_code=trust_remote_code)
     r = embed_shard(ds, out, 0, 1, config, reporter_for("embed", quiet))
     typer.echo(f"embedded {r.texts_encoded} texts in {r.seconds:.1f}s into {out}/embeddings.zarr",
                err=True)

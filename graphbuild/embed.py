@@ -93,20 +93,32 @@ def prepare(ds: Dataset, run: RunDir, skip_bad_rows: bool = False) -> dict:
         return figures.as_dict()
 
 
+def _check_provenance(run: RunDir, have: dict, want: dict) -> None:
+    """Refuse a store whose provenance differs from ours on any key we know."""
+    for key in PROVENANCE_KEYS:
+        if key in want and have.get(key) != want[key]:
+            raise GraphbuildError(
+                f"{run.embeddings}: was embedded with {key}={have.get(key)!r}, this run "
+                f"has {key}={want[key]!r}; use another --out or delete the store")
+
+
+def _existing_store(run: RunDir):
+    import zarr
+
+    if not (run.embeddings / "zarr.json").exists():
+        return None
+    return zarr.open_array(str(run.embeddings), mode="r+")
+
+
 def _open_store(run: RunDir, provenance: dict, chunk_rows: int):
     """Open the store, or create it; refuse one whose provenance differs from ours."""
     import zarr
     from zarr.codecs import Crc32cCodec
 
     with run.lock():
-        if (run.embeddings / "zarr.json").exists():
-            arr = zarr.open_array(str(run.embeddings), mode="r+")
-            have = dict(arr.attrs)
-            for key in PROVENANCE_KEYS:
-                if have.get(key) != provenance[key]:
-                    raise GraphbuildError(
-                        f"{run.embeddings}: was embedded with {key}={have.get(key)!r}, this run "
-                        f"has {key}={provenance[key]!r}; use another --out or delete the store")
+        arr = _existing_store(run)
+        if arr is not None:
+            _check_provenance(run, dict(arr.attrs), provenance)
             return arr
         n, dim = provenance["n_nodes"], provenance["dim"]
         # Crc32c costs 4 bytes a chunk and turns a corrupt chunk into an error, not silent junk.
@@ -118,6 +130,12 @@ def _open_store(run: RunDir, provenance: dict, chunk_rows: int):
 
 def chunk_count(arr) -> int:
     return -(-arr.shape[0] // arr.chunks[0])
+
+
+def _todo(arr, chunks_dir: Path, shard: int, num_shards: int) -> list[int]:
+    """This shard's chunks not yet marked done."""
+    mine = shard_range(chunk_count(arr), shard, num_shards)
+    return [c for c in mine if not is_done(chunks_dir, f"{c:06d}")]
 
 
 def missing_chunks(run: RunDir, n_chunks: int) -> list[int]:
@@ -151,18 +169,24 @@ def embed_shard(ds: Dataset, out: str | Path, shard: int = 0, num_shards: int = 
     device = pick_device(config.device)
     precision = pick_precision(config.precision, device)
     ref = resolve_model(config.model)
-    model = load_sentence_transformer(ref, device, config.trust_remote_code)
-    encoder = TextEncoder(model, device, precision, config.token_budget)
-    provenance = {
-        "model": ref.name, "model_revision": ref.revision, "dim": encoder.dim,
-        "max_seq_length": encoder.max_seq_length, "normalized": True, "precision": precision,
-        "templates": ds.manifest.templates, "dtype": "float16", "n_nodes": n_nodes,
-    }
-    arr = _open_store(run, provenance, config.chunk_rows)
-    rows_per_chunk, n_chunks = arr.chunks[0], chunk_count(arr)
+    # What we know without loading the model (dim and max_seq_length need it).
+    known = {"model": ref.name, "model_revision": ref.revision, "normalized": True,
+             "precision": precision, "templates": ds.manifest.templates, "dtype": "float16",
+             "n_nodes": n_nodes}
     chunks_dir = run.state("embed") / "chunks"
+    arr = _existing_store(run)
+    todo = None if arr is None else _todo(arr, chunks_dir, shard, num_shards)
+    if todo == []:  # a rerun of a finished shard: check provenance, skip the model load
+        _check_provenance(run, dict(arr.attrs), known)
+        provenance = dict(arr.attrs)
+    else:
+        model = load_sentence_transformer(ref, device, config.trust_remote_code)
+        encoder = TextEncoder(model, device, precision, config.token_budget)
+        provenance = {**known, "dim": encoder.dim, "max_seq_length": encoder.max_seq_length}
+        arr = _open_store(run, provenance, config.chunk_rows)
+        todo = _todo(arr, chunks_dir, shard, num_shards)
+    rows_per_chunk, n_chunks = arr.chunks[0], chunk_count(arr)
     mine = shard_range(n_chunks, shard, num_shards)
-    todo = [c for c in mine if not is_done(chunks_dir, f"{c:06d}")]
     result = ShardResult(shard, num_shards, chunks=len(mine), chunks_skipped=len(mine) - len(todo))
     log.info("embed %s: %s on %s, %s; %d of %d chunks to do (%d rows each)",
              shard_name(shard, num_shards), ref.name, device, precision, len(todo), len(mine),

@@ -180,3 +180,13 @@ def test_ctrl_c_exits_130_keeps_finished_chunks_and_resumes(tmp_path):
     assert "Traceback" not in err
     r = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
     assert r.returncode == 0 and "embeddings complete" in r.stderr
+
+
+def test_rerun_of_a_finished_shard_does_not_load_the_model(tmp_path, coco600):
+    embed_shard(load_manifest(coco600), tmp_path, config=EmbedConfig(chunk_rows=256))
+    code = ("import sys; from graphbuild.manifest import load_manifest; "
+            "from graphbuild.embed import embed_shard; "
+            f"r = embed_shard(load_manifest({str(coco600)!r}), {str(tmp_path)!r}); "
+            "print(r.texts_encoded, r.complete, 'sentence_transformers' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True)
+    assert out.stdout.split() == ["0", "True", "False"], out.stderr
