@@ -44,6 +44,26 @@ setup() {
   fi
 }
 
+# Programs some tests drive for real: Chromium (the HTML report), and SLURM with munge (a
+# one-node cluster on localhost). Installed when we can (root with apt-get); without them
+# those tests skip and say why.
+system_test_deps() {
+  local missing=()
+  command -v chromium >/dev/null || missing+=(chromium)
+  command -v slurmctld >/dev/null || missing+=(slurm-wlm)
+  command -v munged >/dev/null || missing+=(munge)
+  [ ${#missing[@]} -eq 0 ] && return 0
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+    echo "dev.sh: installing ${missing[*]} for the tests" >&2
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get install -y -q "${missing[@]}" >/dev/null ||
+      { apt-get update -q >/dev/null && apt-get install -y -q "${missing[@]}" >/dev/null; } ||
+      echo "dev.sh: could not install ${missing[*]}; their tests will skip" >&2
+  else
+    echo "dev.sh: ${missing[*]} not installed (needs root and apt-get); their tests will skip" >&2
+  fi
+}
+
 case "${1:-}" in
   setup) setup test ;;
   demo)
@@ -53,6 +73,7 @@ case "${1:-}" in
     ;;
   test)
     setup test
+    system_test_deps
     shift
     "$VENV/bin/python" -m pytest "$@"
     ;;
