@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from graphbuild.errors import GraphbuildError
+from graphbuild.faults import kill_point
 from graphbuild.manifest import Dataset
 from graphbuild.models import DEFAULT_MODEL
 from graphbuild.progress import Reporter
@@ -80,6 +81,7 @@ def prepare(ds: Dataset, run: RunDir, skip_bad_rows: bool = False) -> dict:
         t0 = time.perf_counter()
         nodes, samples, figures = build_tables(ds, skip_bad_rows)
         write_tables(nodes, samples, run.root)
+        kill_point("embed.tables_written")
         info["dataset"] = {
             "name": ds.name, "manifest": str(ds.path), "fingerprint": fingerprint,
             "source_files": [str(f) for f in ds.source_files()],
@@ -173,46 +175,68 @@ def embed_shard(ds: Dataset, out: str | Path, shard: int = 0, num_shards: int = 
     known = {"model": ref.name, "model_revision": ref.revision, "normalized": True,
              "precision": precision, "templates": ds.manifest.templates, "dtype": "float16",
              "n_nodes": n_nodes}
-    chunks_dir = run.state("embed") / "chunks"
-    arr = _existing_store(run)
-    todo = None if arr is None else _todo(arr, chunks_dir, shard, num_shards)
-    if todo == []:  # a rerun of a finished shard: check provenance, skip the model load
-        _check_provenance(run, dict(arr.attrs), known)
-        provenance = dict(arr.attrs)
-    else:
-        model = load_sentence_transformer(ref, device, config.trust_remote_code)
-        encoder = TextEncoder(model, device, precision, config.token_budget)
-        provenance = {**known, "dim": encoder.dim, "max_seq_length": encoder.max_seq_length}
-        arr = _open_store(run, provenance, config.chunk_rows)
-        todo = _todo(arr, chunks_dir, shard, num_shards)
-    rows_per_chunk, n_chunks = arr.chunks[0], chunk_count(arr)
-    mine = shard_range(n_chunks, shard, num_shards)
-    result = ShardResult(shard, num_shards, chunks=len(mine), chunks_skipped=len(mine) - len(todo))
-    log.info("embed %s: %s on %s, %s; %d of %d chunks to do (%d rows each)",
-             shard_name(shard, num_shards), ref.name, device, precision, len(todo), len(mine),
-             rows_per_chunk)
+    # A duplicate of this array task waits here, then finds the work done.
+    with run.shard_lock("embed", shard_name(shard, num_shards)):
+        chunks_dir = run.state("embed") / "chunks"
+        arr = _existing_store(run)
+        todo = None if arr is None else _todo(arr, chunks_dir, shard, num_shards)
+        if todo == []:  # a rerun of a finished shard: check provenance, skip the model load
+            _check_provenance(run, dict(arr.attrs), known)
+            provenance, encoder = dict(arr.attrs), None
+        else:
+            model = load_sentence_transformer(ref, device, config.trust_remote_code)
+            encoder = TextEncoder(model, device, precision, config.token_budget)
+            provenance = {**known, "dim": encoder.dim, "max_seq_length": encoder.max_seq_length}
+            arr = _open_store(run, provenance, config.chunk_rows)
+            todo = _todo(arr, chunks_dir, shard, num_shards)
+        rows_per_chunk, n_chunks = arr.chunks[0], chunk_count(arr)
+        mine = shard_range(n_chunks, shard, num_shards)
+        result = ShardResult(shard, num_shards, chunks=len(mine),
+                             chunks_skipped=len(mine) - len(todo))
+        log.info("embed %s: %s on %s, %s; %d of %d chunks to do (%d rows each)",
+                 shard_name(shard, num_shards), ref.name, device, precision, len(todo), len(mine),
+                 rows_per_chunk)
 
-    n_templates = len(ds.manifest.templates)
-    total = sum(min(rows_per_chunk, n_nodes - c * rows_per_chunk) for c in todo) * n_templates
-    reporter.start(total, "texts")
-    t0 = time.perf_counter()
-    for c in todo:
-        lo, hi = c * rows_per_chunk, min((c + 1) * rows_per_chunk, n_nodes)
-        texts = read_node_texts(run.root, lo, hi)
-        emb = _embed_rows(encoder, texts, ds.manifest.templates, reporter.advance)
-        arr[lo:hi] = emb.astype(np.float16)
-        mark_done(chunks_dir, f"{c:06d}")
-        result.texts_encoded += len(texts) * n_templates
-    result.seconds = time.perf_counter() - t0
-    reporter.stop()
+        t0 = time.perf_counter()
+        result.texts_encoded = _encode_chunks(run, arr, todo, encoder, ds.manifest.templates,
+                                              reporter)
+        result.seconds = time.perf_counter() - t0
 
-    stats = {k: v for k, v in asdict(result).items() if k not in ("complete", "missing_chunks")}
-    stats["texts_per_s"] = round(result.texts_per_s, 1)
-    mark_done(run.state("embed"), shard_name(shard, num_shards), stats)
+        stats = {k: v for k, v in asdict(result).items()
+                 if k not in ("complete", "missing_chunks")}
+        stats["texts_per_s"] = round(result.texts_per_s, 1)
+        mark_done(run.state("embed"), shard_name(shard, num_shards), stats)
+        kill_point("embed.shard_marked")
     result.missing_chunks = missing_chunks(run, n_chunks)
     result.complete = not result.missing_chunks
     _record_stage(run, figures, provenance, result)
     return result
+
+
+def _encode_chunks(run: RunDir, arr, todo: list[int], encoder, templates: list[str],
+                   reporter: Reporter) -> int:
+    """Encode and store each chunk of `todo`, marking each done once its data is in place."""
+    rows_per_chunk, n_nodes = arr.chunks[0], arr.shape[0]
+    total = sum(min(rows_per_chunk, n_nodes - c * rows_per_chunk) for c in todo) * len(templates)
+    reporter.start(total, "texts")
+    for c in todo:
+        lo, hi = c * rows_per_chunk, min((c + 1) * rows_per_chunk, n_nodes)
+        texts = read_node_texts(run.root, lo, hi)
+        emb = _embed_rows(encoder, texts, templates, reporter.advance)
+        kill_point("embed.chunk_encoded")
+        _remove_partial_writes(run, c)
+        arr[lo:hi] = emb.astype(np.float16)
+        kill_point("embed.chunk_written")  # data in place, marker not yet
+        mark_done(run.state("embed") / "chunks", f"{c:06d}")
+    reporter.stop()
+    return total
+
+
+def _remove_partial_writes(run: RunDir, chunk: int) -> None:
+    """zarr writes a chunk to a temp file and renames it; a killed writer leaves the temp.
+    Only the shard holding the lock writes this chunk, so any temp of it is stale."""
+    for tmp in (run.embeddings / "c" / str(chunk)).glob("*.partial"):
+        tmp.unlink(missing_ok=True)
 
 
 def _record_stage(run: RunDir, figures: dict, provenance: dict, result: ShardResult) -> None:

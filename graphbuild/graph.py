@@ -20,6 +20,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from graphbuild.errors import GraphbuildError
+from graphbuild.faults import kill_point
 from graphbuild.storage import RunDir, atomic_path, read_json
 
 log = logging.getLogger(__name__)
@@ -85,10 +86,12 @@ def write_part(out: str | Path, shard: int, rows: range, n_nodes: int,
                 while pending_rows >= ROW_GROUP:
                     table = pa.concat_tables(pending)
                     writer.write_table(table.slice(0, ROW_GROUP), row_group_size=ROW_GROUP)
+                    kill_point("parquet.row_group_written")
                     rest = table.slice(ROW_GROUP)
                     pending, pending_rows = [rest], rest.num_rows
             if pending_rows:
                 writer.write_table(pa.concat_tables(pending), row_group_size=ROW_GROUP)
+                kill_point("parquet.row_group_written")  # footer not yet written
             if expect != rows.stop:
                 raise RuntimeError(f"part {part.name}: rows end at {expect}, not {rows.stop}")
     return edges

@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from graphbuild.errors import GraphbuildError
+from graphbuild.faults import kill_point
 from graphbuild.exact import DEFAULT_BLOCK_ROWS, default_capacity
 from graphbuild.graph import FORMAT_VERSION, meta_path, part_path, write_part
 from graphbuild.progress import Reporter
@@ -228,38 +229,50 @@ def knn_shard(out: str | Path, k: int, method: str = "auto", shard: int = 0,
     k, method, reason = _resolve(out, k, method, n, d, block_rows, budget)
     log.info("knn %s: %s", shard_name(shard, num_shards), reason)
     _claim(run, _params(k, method, num_shards, recall_target, attrs), overwrite)
+    kill_point("knn.claimed")
 
     name = shard_name(shard, num_shards)
     rows = shard_range(n, shard, num_shards)
     result = KnnResult(shard, num_shards, k, method, reason, rows=len(rows))
-    if is_done(run.state("knn"), name):
-        log.info("knn %s: already done, skipping", name)
-        result.skipped = True
-    else:
-        t0 = time.perf_counter()
-        reporter.start(len(rows), "queries")
-        try:
-            if method == "exact":
-                result.edges = _exact_part(out, arr, k, rows, shard, block_rows, device,
-                                           reporter)
-                result.recall = 1.0
-            else:
-                result.edges, tuning = _approximate_part(out, arr, attrs, k, rows, shard,
-                                                         block_rows, recall_target, budget,
-                                                         reporter)
-                result.recall, result.nprobe = tuning["recall"], tuning["nprobe"]
-        finally:
-            reporter.stop()
-        result.seconds = time.perf_counter() - t0
-        stats = {"rows": len(rows), "first": rows.start, "stop": rows.stop, "k": k,
-                 "method": method, "edges": result.edges, "seconds": round(result.seconds, 3),
-                 "queries_per_s": round(result.queries_per_s, 1), "recall": result.recall,
-                 "nprobe": result.nprobe}
-        mark_done(run.state("knn"), name, stats)
-        log.info("knn %s: %d queries in %.1fs (%.0f queries/s)", name, len(rows),
-                 result.seconds, result.queries_per_s)
+    with run.shard_lock("knn", name):  # a duplicate of this array task waits, then skips
+        if is_done(run.state("knn"), name):
+            log.info("knn %s: already done, skipping", name)
+            result.skipped = True
+        else:
+            _search_shard(run, arr, attrs, result, rows, block_rows, recall_target, budget,
+                          device, reporter)
     _finalize(run, attrs, k, method, num_shards, result)
     return result
+
+
+def _search_shard(run: RunDir, arr, attrs: dict, result: KnnResult, rows: range,
+                  block_rows: int, recall_target: float, budget: int, device: str | None,
+                  reporter: Reporter) -> None:
+    """Search `rows`, write the shard's part, then its done marker with its stats."""
+    out, k, method, shard, name = (run.root, result.k, result.method, result.shard,
+                                   shard_name(result.shard, result.num_shards))
+    t0 = time.perf_counter()
+    reporter.start(len(rows), "queries")
+    try:
+        if method == "exact":
+            result.edges = _exact_part(out, arr, k, rows, shard, block_rows, device, reporter)
+            result.recall = 1.0
+        else:
+            result.edges, tuning = _approximate_part(out, arr, attrs, k, rows, shard, block_rows,
+                                                     recall_target, budget, reporter)
+            result.recall, result.nprobe = tuning["recall"], tuning["nprobe"]
+    finally:
+        reporter.stop()
+    result.seconds = time.perf_counter() - t0
+    stats = {"rows": len(rows), "first": rows.start, "stop": rows.stop, "k": k,
+             "method": method, "edges": result.edges, "seconds": round(result.seconds, 3),
+             "queries_per_s": round(result.queries_per_s, 1), "recall": result.recall,
+             "nprobe": result.nprobe}
+    kill_point("knn.part_written")  # part in place, marker not yet
+    mark_done(run.state("knn"), name, stats)
+    kill_point("knn.shard_marked")
+    log.info("knn %s: %d queries in %.1fs (%.0f queries/s)", name, len(rows),
+             result.seconds, result.queries_per_s)
 
 
 def _exact_part(out: Path, arr, k: int, rows: range, shard: int, block_rows: int,
@@ -300,6 +313,7 @@ def _index(run: RunDir, arr, attrs: dict, k: int, recall_target: float, block_ro
             tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
             faiss.write_index(index, str(tmp))
             os.replace(tmp, path)
+            kill_point("ann.index_written")
             info = {"index": want}
         index = on_gpu_if_available(index)
         tune_key = f"k={k} target={recall_target}"
@@ -324,6 +338,7 @@ def _approximate_part(out: Path, arr, attrs: dict, k: int, rows: range, shard: i
             ids, sims = search(index, block.astype(np.float32), np.arange(lo, lo + len(block)),
                                k, tuning["nprobe"])
             reporter.advance(len(block))
+            kill_point("knn.block_searched")
             yield lo, ids, sims
 
     return write_part(out, shard, rows, arr.shape[0], blocks()), tuning
@@ -357,6 +372,7 @@ def _finalize(run: RunDir, attrs: dict, k: int, method: str, num_shards: int,
                 "provenance": {key: attrs[key] for key in PROVENANCE_KEYS},
             }
             write_json(meta_path(run.root), meta)
+            kill_point("knn.meta_written")
 
     def change(info: dict) -> None:
         info.setdefault("stages", {})["knn"] = {

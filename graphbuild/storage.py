@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 from graphbuild.errors import GraphbuildError
+from graphbuild.faults import kill_point
 
 
 @contextlib.contextmanager
@@ -26,6 +27,7 @@ def atomic_path(path: Path) -> Iterator[Path]:
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
         yield tmp
+        kill_point("before_replace")
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
@@ -34,10 +36,13 @@ def atomic_path(path: Path) -> Iterator[Path]:
 
 
 def write_json(path: Path, obj: Any) -> None:
+    text = json.dumps(obj, indent=2, sort_keys=True) + "\n"
     with atomic_path(path) as tmp:
         with open(tmp, "w") as f:
-            json.dump(obj, f, indent=2, sort_keys=True)
-            f.write("\n")
+            f.write(text[: len(text) // 2])
+            f.flush()
+            kill_point("json.mid_write")
+            f.write(text[len(text) // 2:])
             f.flush()
             os.fsync(f.fileno())
 
@@ -85,24 +90,17 @@ class RunDir:
     def logs(self) -> Path:
         return self.root / "logs"
 
-    @contextlib.contextmanager
-    def lock(self) -> Iterator[None]:
+    def lock(self) -> contextlib.AbstractContextManager[None]:
         """An exclusive lock over the run's shared files (run.json, tables, store metadata).
 
         Held only for short metadata steps; shards never hold it while computing.
         """
-        self.root.mkdir(parents=True, exist_ok=True)
-        with open(self.root / ".lock", "a") as f:
-            try:
-                fcntl.flock(f, fcntl.LOCK_EX)
-            except OSError as e:  # some network filesystems have no flock
-                if e.errno not in (errno.ENOLCK, errno.EOPNOTSUPP):
-                    raise
-            try:
-                yield
-            finally:
-                with contextlib.suppress(OSError):
-                    fcntl.flock(f, fcntl.LOCK_UN)
+        return file_lock(self.root / ".lock")
+
+    def shard_lock(self, stage: str, shard: str) -> contextlib.AbstractContextManager[None]:
+        """Held while a shard computes, so a duplicate of the same array task waits, then
+        finds the work done, instead of racing it over the same files."""
+        return file_lock(self.state(stage) / f"{shard}.lock")
 
     def read_run(self) -> dict:
         return read_json(self.run_json)
@@ -115,6 +113,23 @@ class RunDir:
             run["updated"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
             write_json(self.run_json, run)
             return run
+
+
+@contextlib.contextmanager
+def file_lock(path: Path) -> Iterator[None]:
+    """flock on `path`; released by the kernel if the holder dies, so never stale."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX)
+        except OSError as e:  # some network filesystems have no flock
+            if e.errno not in (errno.ENOLCK, errno.EOPNOTSUPP):
+                raise
+        try:
+            yield
+        finally:
+            with contextlib.suppress(OSError):
+                fcntl.flock(f, fcntl.LOCK_UN)
 
 
 def marker(directory: Path, name: str) -> Path:

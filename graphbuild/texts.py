@@ -17,6 +17,7 @@ from pathlib import Path
 import polars as pl
 
 from graphbuild.errors import GraphbuildError
+from graphbuild.faults import kill_point
 from graphbuild.manifest import Dataset
 from graphbuild.storage import atomic_path
 
@@ -176,6 +177,7 @@ def write_tables(nodes: pl.DataFrame, samples: pl.DataFrame, run_dir: Path) -> N
     for name, df in (("nodes.parquet", nodes), ("samples.parquet", samples)):
         with atomic_path(run_dir / name) as tmp:
             df.write_parquet(tmp, row_group_size=ROW_GROUP, statistics=True)
+        kill_point("tables.table_written")
 
 
 def read_node_texts(run_dir: Path, start: int, stop: int) -> list[str]:
