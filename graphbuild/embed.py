@@ -122,12 +122,48 @@ def _open_store(run: RunDir, provenance: dict, chunk_rows: int):
         if arr is not None:
             _check_provenance(run, dict(arr.attrs), provenance)
             return arr
+        _remove_partial_writes(run.embeddings)  # a creation cut short
         n, dim = provenance["n_nodes"], provenance["dim"]
         # Crc32c costs 4 bytes a chunk and turns a corrupt chunk into an error, not silent junk.
         return zarr.create_array(
             store=str(run.embeddings), shape=(n, dim), chunks=(min(chunk_rows, max(n, 1)), dim),
             dtype="float16", compressors=[Crc32cCodec()], fill_value=0,
             attributes={**provenance, "chunk_rows": min(chunk_rows, max(n, 1))})
+
+
+class CheckedStore:
+    """A read-only view of embeddings.zarr whose reads turn a chunk failing its crc32c into a
+    one-line error naming the chunk's file, instead of a codec traceback."""
+
+    def __init__(self, path: Path):
+        import zarr
+
+        self.path = path
+        self.arr = zarr.open_array(str(path), mode="r")
+        self.shape, self.chunks, self.dtype = self.arr.shape, self.arr.chunks, self.arr.dtype
+        self.attrs = self.arr.attrs
+
+    def __getitem__(self, key):
+        try:
+            return self.arr[key]
+        except ValueError as e:
+            if "checksum" not in str(e):
+                raise
+            raise GraphbuildError(self._culprit(key)) from None
+
+    def _culprit(self, key) -> str:
+        rows = self.chunks[0]
+        span = key[0] if isinstance(key, tuple) else key
+        if not isinstance(span, slice):
+            span = slice(None)
+        lo, hi, _ = span.indices(self.shape[0])
+        for c in range(lo // rows, -(-hi // rows)):
+            try:
+                self.arr[c * rows:(c + 1) * rows]
+            except ValueError:
+                return (f"{self.path}/c/{c}/0: chunk {c} fails its crc32c check, it is corrupt; "
+                        f"delete _state/embed/chunks/{c:06d}.done and rerun `graphbuild embed`")
+        return f"{self.path}: a chunk of rows {lo}-{hi} fails its crc32c check"
 
 
 def chunk_count(arr) -> int:
@@ -205,7 +241,8 @@ def embed_shard(ds: Dataset, out: str | Path, shard: int = 0, num_shards: int = 
         stats = {k: v for k, v in asdict(result).items()
                  if k not in ("complete", "missing_chunks")}
         stats["texts_per_s"] = round(result.texts_per_s, 1)
-        mark_done(run.state("embed"), shard_name(shard, num_shards), stats)
+        if todo or not is_done(run.state("embed"), shard_name(shard, num_shards)):
+            mark_done(run.state("embed"), shard_name(shard, num_shards), stats)  # keep timings
         kill_point("embed.shard_marked")
     result.missing_chunks = missing_chunks(run, n_chunks)
     result.complete = not result.missing_chunks
@@ -224,7 +261,7 @@ def _encode_chunks(run: RunDir, arr, todo: list[int], encoder, templates: list[s
         texts = read_node_texts(run.root, lo, hi)
         emb = _embed_rows(encoder, texts, templates, reporter.advance)
         kill_point("embed.chunk_encoded")
-        _remove_partial_writes(run, c)
+        _remove_partial_writes(run.embeddings / "c" / str(c))
         arr[lo:hi] = emb.astype(np.float16)
         kill_point("embed.chunk_written")  # data in place, marker not yet
         mark_done(run.state("embed") / "chunks", f"{c:06d}")
@@ -232,10 +269,10 @@ def _encode_chunks(run: RunDir, arr, todo: list[int], encoder, templates: list[s
     return total
 
 
-def _remove_partial_writes(run: RunDir, chunk: int) -> None:
-    """zarr writes a chunk to a temp file and renames it; a killed writer leaves the temp.
-    Only the shard holding the lock writes this chunk, so any temp of it is stale."""
-    for tmp in (run.embeddings / "c" / str(chunk)).glob("*.partial"):
+def _remove_partial_writes(folder: Path) -> None:
+    """zarr writes a file to a temp beside it and renames it; a killed writer leaves the temp.
+    Callers hold the lock of whatever writes in `folder`, so any temp there is stale."""
+    for tmp in folder.glob("*.partial"):
         tmp.unlink(missing_ok=True)
 
 

@@ -25,7 +25,7 @@ from graphbuild.exact import DEFAULT_BLOCK_ROWS, default_capacity
 from graphbuild.graph import FORMAT_VERSION, meta_path, part_path, write_part
 from graphbuild.progress import Reporter
 from graphbuild.shards import shard_name, shard_range
-from graphbuild.storage import RunDir, is_done, mark_done, read_json, write_json
+from graphbuild.storage import RunDir, atomic_path, is_done, mark_done, read_json, write_json
 
 log = logging.getLogger(__name__)
 
@@ -133,9 +133,9 @@ def _missing_embed_shards(run: RunDir, missing: list[int], n_chunks: int | None)
 
 
 def _open(out: str | Path):
-    import zarr
+    from graphbuild.embed import CheckedStore
 
-    return zarr.open_array(str(RunDir(out).embeddings), mode="r")
+    return CheckedStore(RunDir(out).embeddings)
 
 
 def _read_blocks(arr, rows: range, block_rows: int):
@@ -235,7 +235,7 @@ def knn_shard(out: str | Path, k: int, method: str = "auto", shard: int = 0,
     rows = shard_range(n, shard, num_shards)
     result = KnnResult(shard, num_shards, k, method, reason, rows=len(rows))
     with run.shard_lock("knn", name):  # a duplicate of this array task waits, then skips
-        if is_done(run.state("knn"), name):
+        if is_done(run.state("knn"), name) and part_path(out, shard).exists():
             log.info("knn %s: already done, skipping", name)
             result.skipped = True
         else:
@@ -309,10 +309,8 @@ def _index(run: RunDir, arr, attrs: dict, k: int, recall_target: float, block_ro
         else:
             index = build_index(arr, kind, want["nlist"], step)
             path = folder / f"{kind}.index"
-            folder.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-            faiss.write_index(index, str(tmp))
-            os.replace(tmp, path)
+            with atomic_path(path) as tmp:
+                faiss.write_index(index, str(tmp))
             kill_point("ann.index_written")
             info = {"index": want}
         index = on_gpu_if_available(index)

@@ -10,8 +10,10 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
+import glob
 import json
 import os
+import socket
 import time
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -19,12 +21,15 @@ from typing import Any, Callable, Iterator
 from graphbuild.errors import GraphbuildError
 from graphbuild.faults import kill_point
 
+HOST = socket.gethostname().replace("-", "_")  # temp names split on "-"
+
 
 @contextlib.contextmanager
 def atomic_path(path: Path) -> Iterator[Path]:
     """Yield a temp path beside `path`; on success move it over `path`, on failure remove it."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    _remove_dead_temps(path)
+    tmp = path.with_name(f".{path.name}.tmp-{HOST}-{os.getpid()}")
     try:
         yield tmp
         kill_point("before_replace")
@@ -33,6 +38,25 @@ def atomic_path(path: Path) -> Iterator[Path]:
         with contextlib.suppress(FileNotFoundError):
             tmp.unlink()
         raise
+
+
+def _remove_dead_temps(path: Path) -> None:
+    """Temp files of `path` left by killed writers on this host. A live writer's temp, or one
+    from another host of a shared filesystem, is left alone."""
+    for tmp in path.parent.glob(f".{glob.escape(path.name)}.tmp-{HOST}-*"):
+        pid = tmp.name.rsplit("-", 1)[-1]
+        if pid.isdigit() and not _alive(int(pid)):
+            tmp.unlink(missing_ok=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def write_json(path: Path, obj: Any) -> None:

@@ -105,6 +105,7 @@ def _check_or_skip(df: pl.DataFrame, bad: pl.Expr, skip: bool, what: str,
         return df, 0
     if not skip:
         first = flagged.row(0, named=True)
+        what = what.replace("{value}", repr(first.get("value"))[:80])
         raise GraphbuildError(f"{_position(ds, files, first['_file'], first['_row'])}: {what} "
                               f"({flagged.height} such rows; --skip-bad-rows drops them)")
     log.warning("skipping %d rows: %s", flagged.height, what)
@@ -161,7 +162,7 @@ def _label_tables(ds: Dataset, skip_bad_rows: bool):
                          .replace_strict(lookup, default=None, return_dtype=pl.Int64).alias("node"))
     col = ds.manifest.label_column
     df, n_bad = _check_or_skip(df, pl.col("node").is_null(), skip_bad_rows,
-                               f"label in column {col!r} is not in the class list", ds, files)
+                               f"label {{value}} in column {col!r} is not in the class list", ds, files)
     df, n_dup = _check_or_skip(df, ~pl.col("id").is_first_distinct(), skip_bad_rows,
                                f"duplicate sample id in column {ds.manifest.id_column!r}", ds, files)
     samples = df.select(pl.int_range(pl.len(), dtype=pl.Int64).alias("sample"),

@@ -97,7 +97,7 @@ def test_labels_map_by_index_key_or_name(tmp_path):
 
 
 def test_label_outside_the_class_list(tmp_path):
-    with pytest.raises(GraphbuildError, match=r"l\.tsv: line 3: label in column 'label' is not in the class list"):
+    with pytest.raises(GraphbuildError, match=r"l\.tsv: line 3: label '\S+' in column 'label' is not in the class list"):
         tables(tmp_path, LABELS, {"l.tsv": "path\tlabel\na.jpg\t0\nb.jpg\twhale\n"})
 
 
