@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import logging
 import sys
 from pathlib import Path
@@ -17,6 +18,8 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
 log = logging.getLogger("graphbuild")
 
 DEFAULT_MANIFEST = Path("data_manifests/imagenet1k.yaml")
+# Out of space or not writable: the user's to fix, worth one line rather than a traceback.
+STORAGE_ERRORS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EFBIG)
 
 Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar, warnings only.")]
 Shard = Annotated[Optional[int], typer.Option(
@@ -45,6 +48,56 @@ def _logging(quiet: bool) -> None:
                         datefmt="%H:%M:%S")
 
 
+# --engine dask on embed, knn and run (graphbuild/engine.py).
+Engine = Annotated[str, typer.Option(
+    help="local: this process runs one shard (--shard, or the SLURM array task's). dask: every "
+         "shard as a task on a Dask cluster (--scheduler, or a LocalCluster here).")]
+Scheduler = Annotated[Optional[str], typer.Option(
+    help="With --engine dask: a running scheduler, tcp://HOST:PORT or a scheduler file (.json). "
+         "Default: a LocalCluster on this machine.")]
+
+
+def _on_dask(engine: str, scheduler: Optional[str], shard: Optional[int]) -> bool:
+    from graphbuild.engine import check_engine
+
+    check_engine(engine, scheduler)
+    if engine == "dask" and shard is not None:
+        raise GraphbuildError("--engine dask runs every shard; drop --shard")
+    return engine == "dask"
+
+
+def _embed_echo(r) -> None:
+    typer.echo(f"embed shard {r.shard}/{r.num_shards}: {r.texts_encoded} texts in "
+               f"{r.seconds:.1f}s ({r.texts_per_s:,.0f} texts/s), {r.chunks_skipped} chunks "
+               "already done", err=True)
+
+
+def _embed_on_dask(client, manifest: Path, source, out: Path, num_shards, config) -> None:
+    from graphbuild import engine
+
+    results = engine.embed(client, manifest, source, out, config, num_shards, _embed_echo)
+    state = "complete" if any(r.complete for r in results) else "incomplete"
+    typer.echo(f"embed: {len(results)} shards on dask, "
+               f"{sum(r.texts_encoded for r in results)} texts encoded; embeddings {state}",
+               err=True)
+
+
+def _knn_on_dask(client, out: Path, k: int, method: str, num_shards, block_rows: int,
+                 recall_target: float, overwrite: bool) -> None:
+    from graphbuild import engine
+
+    results = engine.knn(client, out, k, method, num_shards, block_rows, recall_target,
+                         overwrite, lambda r: _knn_summary(r, r.shard, r.num_shards))
+    typer.echo(f"knn: {len(results)} shards on dask; graph "
+               f"{'complete' if any(r.complete for r in results) else 'incomplete'}", err=True)
+
+
+def _dask(scheduler: Optional[str]):
+    from graphbuild.engine import dask_client
+
+    return dask_client(scheduler)
+
+
 @app.command()
 def embed(
     manifest: Annotated[Path, typer.Argument(help="Dataset manifest (YAML).")],
@@ -59,6 +112,8 @@ def embed(
     chunk_rows: ChunkRows = 8192,
     skip_bad_rows: SkipBad = False,
     trust_remote_code: TrustCode = False,
+    engine: Engine = "local",
+    scheduler: Scheduler = None,
     quiet: Quiet = False,
 ) -> None:
     """Embed a dataset's unique texts into OUT/embeddings.zarr (fp16, unit norm). Resumable."""
@@ -69,10 +124,13 @@ def embed(
 
     _logging(quiet)
     ds = load_manifest(manifest, source)
-    s, n = resolve_shard(shard, num_shards)
     config = EmbedConfig(model=model, device=device, precision=precision,
                          token_budget=token_budget, chunk_rows=chunk_rows,
                          skip_bad_rows=skip_bad_rows, trust_remote_code=trust_remote_code)
+    if _on_dask(engine, scheduler, shard):
+        with _dask(scheduler) as client:
+            return _embed_on_dask(client, manifest, source, out, num_shards, config)
+    s, n = resolve_shard(shard, num_shards)
     r = embed_shard(ds, out, s, n, config, reporter_for(f"embed {s}/{n}", quiet))
     state = "complete" if r.complete else f"{len(r.missing_chunks)} chunks still to do by other shards"
     typer.echo(f"embed shard {s}/{n}: {r.texts_encoded} texts in {r.seconds:.1f}s "
@@ -98,6 +156,8 @@ def knn(
     num_shards: NumShards = None,
     block_rows: BlockRows = 4096,
     overwrite: Annotated[bool, typer.Option(help="Replace a graph built with other settings.")] = False,
+    engine: Engine = "local",
+    scheduler: Scheduler = None,
     quiet: Quiet = False,
 ) -> None:
     """Build the top-k cosine graph of a run: RUN/graph/part-*.parquet. Resumable."""
@@ -106,6 +166,10 @@ def knn(
     from graphbuild.shards import resolve_shard
 
     _logging(quiet)
+    if _on_dask(engine, scheduler, shard):
+        with _dask(scheduler) as client:
+            return _knn_on_dask(client, run_dir, k, method, num_shards, block_rows,
+                                recall_target, overwrite)
     s, n = resolve_shard(shard, num_shards)
     r = knn_shard(run_dir, k, method, s, n, block_rows, recall_target,
                   reporter_for(f"knn {s}/{n}", quiet), overwrite)
@@ -135,6 +199,8 @@ def run(
     method: Method = "auto",
     recall_target: RecallTarget = 0.95,
     examples: Annotated[int, typer.Option(help="Neighbours to print per example text.")] = 5,
+    engine: Engine = "local",
+    scheduler: Scheduler = None,
     quiet: Quiet = False,
 ) -> None:
     """Embed and build the graph in this process (default: ImageNet-1k); print examples."""
@@ -149,12 +215,17 @@ def run(
     config = EmbedConfig(model=model, device=device, precision=precision,
                          token_budget=token_budget, skip_bad_rows=skip_bad_rows,
                          trust_remote_code=trust_remote_code)
-    r = embed_shard(ds, out, 0, 1, config, reporter_for("embed", quiet))
-    typer.echo(f"embedded {r.texts_encoded} texts in {r.seconds:.1f}s into {out}/embeddings.zarr",
-               err=True)
-    kr = knn_shard(out, k, method, recall_target=recall_target,
-                   reporter=reporter_for("knn", quiet))
-    _knn_summary(kr, 0, 1)
+    if _on_dask(engine, scheduler, None):
+        with _dask(scheduler) as client:
+            _embed_on_dask(client, manifest, source, out, None, config)
+            _knn_on_dask(client, out, k, method, None, 4096, recall_target, False)
+    else:
+        r = embed_shard(ds, out, 0, 1, config, reporter_for("embed", quiet))
+        typer.echo(f"embedded {r.texts_encoded} texts in {r.seconds:.1f}s into "
+                   f"{out}/embeddings.zarr", err=True)
+        kr = knn_shard(out, k, method, recall_target=recall_target,
+                       reporter=reporter_for("knn", quiet))
+        _knn_summary(kr, 0, 1)
     if examples > 0:
         _print_examples(out, ds.manifest.examples, examples)
 
@@ -186,6 +257,15 @@ def main() -> None:
     except GraphbuildError as e:
         typer.echo(f"error: {e}", err=True)
         sys.exit(2)
+    except OSError as e:
+        if e.errno not in STORAGE_ERRORS:
+            raise
+        # Writes go to temp files renamed into place, and markers come last: nothing
+        # half-written is marked done, so the same command resumes once there is room.
+        where = f"{e.filename}: " if e.filename else ""
+        typer.echo(f"error: {where}{e.strerror}; finished work is kept, fix this and rerun "
+                   "the same command to resume", err=True)
+        sys.exit(2)
     except (KeyboardInterrupt, click.exceptions.Abort):
         code = 130
     except click.ClickException as e:
@@ -194,3 +274,7 @@ def main() -> None:
     if code == 130:
         typer.echo("interrupted: finished work is kept; rerun the same command to resume", err=True)
     sys.exit(code if isinstance(code, int) else 0)
+
+
+# The commands for looking at a graph and for clusters live in their own modules.
+from graphbuild import cli_inspect, cli_scale  # noqa: E402,F401  (they register on `app`)
