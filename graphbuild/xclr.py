@@ -55,6 +55,22 @@ def _check(name: str, value: str, allowed: tuple[str, ...]) -> None:
         raise GraphbuildError(f"{name} must be one of {', '.join(allowed)}, got {value!r}")
 
 
+def gram(x: torch.Tensor, blocks: int = 4) -> torch.Tensor:
+    """x @ x.T in float32. On a CPU each block above the diagonal is computed once and
+    mirrored: (blocks + 1) / (2 * blocks) of the multiply-adds, and exactly symmetric."""
+    n = x.shape[0]
+    if x.device.type != "cpu" or n < 128 * blocks:  # small, or a GPU: one product is faster
+        return (x @ x.T).float()
+    step = -(-n // blocks)
+    out = torch.empty(n, n, dtype=torch.float32)
+    for lo in range(0, n, step):
+        hi = min(lo + step, n)
+        panel = (x[lo:hi] @ x[lo:].T).float()  # rows lo:hi against themselves and all after
+        out[lo:hi, lo:] = panel
+        out[hi:, lo:hi] = panel[:, hi - lo:].T
+    return out
+
+
 def soft_targets(sims: torch.Tensor, tau_s: float, diagonal: str = "mask") -> torch.Tensor:
     """Row softmax of a (n, n) cosine matrix at temperature tau_s, float32."""
     logits = sims.float() / tau_s  # a new tensor, so the in-place fill below is safe
@@ -141,8 +157,7 @@ class SoftTargets:
             x = self._table[torch.from_numpy(nodes).to(self.device)]
         x = x.float()
         x = (x * x.double().norm(dim=1).reciprocal().float()[:, None]).to(self.dtype)
-        sims = (x @ x.T).float()
-        return sims.fill_diagonal_(1.0)  # a node with itself: cos is 1, not 1 +- rounding
+        return gram(x).fill_diagonal_(1.0)  # a node with itself: cos is 1, not 1 +- rounding
 
     def _graph(self, nodes: np.ndarray) -> torch.Tensor:
         a, b, s = self.graph.pairs(nodes)

@@ -242,3 +242,13 @@ def test_gradients_fp32_and_bf16_autocast():
     (l32, g32), (l16, g16) = grads["fp32"], grads["bf16"]
     assert abs(l32 - l16) < 0.02 * abs(l32)
     assert torch.linalg.norm(g16 - g32) < 0.05 * torch.linalg.norm(g32)
+
+
+@pytest.mark.parametrize("n", [100, 1000, 1027])
+def test_gram_mirrors_blocks_exactly(n):
+    from graphbuild.xclr import gram
+
+    x = F.normalize(torch.randn(n, 384, generator=torch.Generator().manual_seed(n)), dim=1)
+    g = gram(x)
+    assert torch.equal(g, g.T)
+    assert (g.double() - x.double() @ x.double().T).abs().max() < 1e-6
