@@ -48,3 +48,33 @@ def st_model():
     from graphbuild.models import load_sentence_transformer, resolve_model
 
     return load_sentence_transformer(resolve_model("all-MiniLM-L6-v2"), "cpu")
+
+
+def cli_in_process(monkeypatch, capsys, *args) -> tuple[int, str, str]:
+    """The CLI in this process (no interpreter start-up): (exit code, stdout, stderr)."""
+    from graphbuild.cli import main
+
+    monkeypatch.setattr(sys, "argv", ["graphbuild", *map(str, args)])
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        main()
+    out, err = capsys.readouterr()
+    return e.value.code, out, err
+
+
+def one_error(r: subprocess.CompletedProcess) -> str:
+    """The single `error:` line of a failed command, after checking it failed as promised."""
+    lines = [line for line in r.stderr.splitlines() if line.startswith("error:")]
+    assert r.returncode == 2 and len(lines) == 1 and "Traceback" not in r.stderr, r.stderr
+    return lines[0]
+
+
+@pytest.fixture(scope="module")
+def coco3k(tmp_path_factory):
+    """3,000 COCO captions, k=16, three chunks of 1,024 rows (the last one short), built once
+    per session by test_xclr_runs. Read-only: tests that break things break copies."""
+    if not COCO.exists():
+        pytest.skip("../shared/data is not present")
+    from tests.test_xclr_runs import coco_run
+
+    return coco_run(tmp_path_factory)

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import zarr
 
-from tests.conftest import caption_manifest, coco_subset, graphbuild, needs_shared
+from tests.conftest import caption_manifest, coco_subset, graphbuild, needs_shared, one_error
 
 pytestmark = [needs_shared, pytest.mark.skipif(os.geteuid() != 0, reason="mounts need root")]
 
@@ -37,12 +37,6 @@ def inputs(tmp_path_factory):
     ref = tmp / "ref"
     assert graphbuild("embed", m, "--out", ref, "--chunk-rows", "128", "-q").returncode == 0
     return m, ref
-
-
-def one_error(r: subprocess.CompletedProcess) -> str:
-    lines = [line for line in r.stderr.splitlines() if line.startswith("error:")]
-    assert r.returncode == 2 and len(lines) == 1 and "Traceback" not in r.stderr, r.stderr
-    return lines[0]
 
 
 def embeddings(run: Path) -> np.ndarray:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -12,32 +11,18 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from tests.conftest import COCO, graphbuild
+from tests.conftest import cli_in_process, graphbuild
 
 PART = "graph/part-00000.parquet"
 
 
-@pytest.fixture(scope="module")
-def run(tmp_path_factory):
-    """3,000 COCO captions, k=16, three chunks of 1,024 rows (the last one short): the run
-    test_xclr_runs builds, shared within a session. Never changed here: cases break copies."""
-    if not COCO.exists():
-        pytest.skip("../shared/data is not present")
-    from tests.test_xclr_runs import coco_run
-
-    return coco_run(tmp_path_factory)
+@pytest.fixture
+def run(coco3k):
+    return coco3k
 
 
 def cli(monkeypatch, capsys, *args) -> tuple[int, str, str]:
-    """The CLI in this process (no interpreter start-up): (exit code, stdout, stderr)."""
-    from graphbuild.cli import main
-
-    monkeypatch.setattr(sys, "argv", ["graphbuild", *map(str, args)])
-    capsys.readouterr()
-    with pytest.raises(SystemExit) as e:
-        main()
-    out, err = capsys.readouterr()
-    return e.value.code, out, err
+    return cli_in_process(monkeypatch, capsys, *args)
 
 
 def n_nodes(run: Path) -> int:
