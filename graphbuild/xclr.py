@@ -124,13 +124,20 @@ class SoftTargets:
         return self._nodes
 
     def __call__(self, idx, views: int = 1) -> torch.Tensor:
-        sims = self.sample_sims(idx)
+        logits = self._scaled_sims(idx, 1.0 / self.tau_s)  # a fresh tensor: ours to change
         if views > 1:
-            sims = sims.repeat(views, views)
-        return soft_targets(sims, self.tau_s, self.diagonal)
+            logits = logits.repeat(views, views)
+        if self.diagonal == "mask":
+            logits.fill_diagonal_(float("-inf"))
+        return torch.softmax(logits, dim=1)
 
     def sample_sims(self, idx) -> torch.Tensor:
         """(B, B) cosines between the texts of the given samples, float32 on `device`."""
+        return self._scaled_sims(idx, 1.0)
+
+    def _scaled_sims(self, idx, scale: float) -> torch.Tensor:
+        """scale * cosines. Exact mode folds the scale into the rows (sqrt(scale) each), which
+        saves a pass over the (B, B) matrix."""
         if isinstance(idx, torch.Tensor):
             idx = idx.detach().cpu().numpy()
         idx = np.asarray(idx, np.int64).reshape(-1)
@@ -142,22 +149,26 @@ class SoftTargets:
         uniq, inv = np.unique(nodes, return_inverse=True)
         if len(uniq) == len(nodes):  # no shared node: work in batch order, no expansion
             uniq, inv = nodes, None
-        sims = self._exact(uniq) if self.mode == "exact" else self._graph(uniq)
+        if self.mode == "exact":
+            sims = self._exact(uniq, scale)
+        else:
+            sims = self._graph(uniq).mul_(scale)
         if inv is not None:
             inv_t = torch.from_numpy(inv.reshape(-1)).to(sims.device)
-            sims = sims[inv_t][:, inv_t]
+            sims = sims[inv_t[:, None], inv_t[None, :]]  # one gather, not two
         return sims
 
-    def _exact(self, nodes: np.ndarray) -> torch.Tensor:
+    def _exact(self, nodes: np.ndarray, scale: float) -> torch.Tensor:
         if self.rows.mmap:
             x = torch.from_numpy(self.rows.rows(nodes)).to(self.device)
         else:
             if self._table is None:  # fp16 rows in RAM (or on the device), loaded once
                 self._table = torch.from_numpy(self.rows.load()).to(self.device)
-            x = self._table[torch.from_numpy(nodes).to(self.device)]
+            x = self._table.index_select(0, torch.from_numpy(nodes).to(self.device))
         x = x.float()
-        x = (x * x.double().norm(dim=1).reciprocal().float()[:, None]).to(self.dtype)
-        return gram(x).fill_diagonal_(1.0)  # a node with itself: cos is 1, not 1 +- rounding
+        x = x.mul_(x.square().sum(dim=1, keepdim=True).rsqrt_().mul_(scale ** 0.5))
+        # a node with itself: cos is exactly 1, not 1 +- rounding
+        return gram(x.to(self.dtype)).fill_diagonal_(scale)
 
     def _graph(self, nodes: np.ndarray) -> torch.Tensor:
         a, b, s = self.graph.pairs(nodes)
