@@ -22,6 +22,9 @@ import time
 from dataclasses import dataclass, field
 
 import numpy as np
+import torch
+
+from graphbuild.ivf_scan import nearest_centroids
 
 log = logging.getLogger(__name__)
 
@@ -39,8 +42,13 @@ class Tuning:
 
 
 def nlist_for(n: int) -> int:
-    """About 4*sqrt(N) lists, but at least 39 training points per list for k-means."""
-    return max(1, min(round(4 * math.sqrt(n)), n // 39))
+    """About 2*sqrt(N) lists, but at least 39 training points per list for k-means.
+
+    Fewer, longer lists than faiss's usual 4-16*sqrt(N) suit a search that scores lists by
+    matrix products (ivf_scan.py), and k-means costs nlist**2. Measured on 1M derived vectors
+    (k=32): 2,000 lists reach recall 0.9584 at nprobe 16 against 0.9566 for 4,000, search as
+    fast, and train 7x faster."""
+    return max(1, min(round(2 * math.sqrt(n)), n // 39))
 
 
 def index_kind(n: int, d: int, budget_bytes: int) -> str:
@@ -84,12 +92,16 @@ def build_index(arr, kind: str, nlist: int, block_rows: int, seed: int = SEED):
     index.own_fields = True
     quantizer.this.disown()
     index.cp.seed = seed
-    index.cp.niter = 20
+    index.cp.niter = 10  # 20 gave recall 0.9579 at 1M, 10 gave 0.9584: twice the cost, no gain
     t0 = time.perf_counter()
     index.train(gather_rows(arr, sample_ids(n, TRAIN_PER_LIST * nlist, seed), block_rows))
     t1 = time.perf_counter()
+    centroids = torch.from_numpy(index.quantizer.reconstruct_n(0, nlist))
     for lo in range(0, n, block_rows):
-        index.add(np.ascontiguousarray(arr[lo:lo + block_rows], np.float32))
+        x = np.ascontiguousarray(arr[lo:lo + block_rows], np.float32)
+        # Each row's list by torch's fp32 products, which run ~2x faiss's own here.
+        lists = np.ascontiguousarray(nearest_centroids(torch.from_numpy(x), centroids, 1)[:, 0])
+        index.add_core(len(x), faiss.swig_ptr(x), None, faiss.swig_ptr(lists))
     log.info("built %s index: %d lists over %d vectors (train %.1fs, add %.1fs)", kind, nlist,
              n, t1 - t0, time.perf_counter() - t1)
     return index

@@ -293,6 +293,7 @@ def _index(run: RunDir, arr, attrs: dict, k: int, recall_target: float, block_ro
     """The shared faiss index and nprobe: built and tuned once under the lock, then reused."""
     import faiss
 
+    from graphbuild import ivf_scan
     from graphbuild.ann import build_index, index_kind, nlist_for, on_gpu_if_available, tune_nprobe
 
     n, d = arr.shape
@@ -313,7 +314,12 @@ def _index(run: RunDir, arr, attrs: dict, k: int, recall_target: float, block_ro
                 faiss.write_index(index, str(tmp))
             kill_point("ann.index_written")
             info = {"index": want}
-        index = on_gpu_if_available(index)
+        searcher = on_gpu_if_available(index)
+        if searcher is index and ivf_scan.supports(index):  # CPU ivf-sq16: BLAS by list
+            lists = ivf_scan.lists_of(index)
+            del index, searcher  # the lists' rows come from the store: hold one copy
+            searcher = ivf_scan.ListScan.from_lists(*lists, arr, step)
+        index = searcher
         tune_key = f"k={k} target={recall_target}"
         if tune_key not in info.get("tuning", {}):
             t = tune_nprobe(index, arr, k, recall_target, step)
@@ -328,16 +334,21 @@ def _approximate_part(out: Path, arr, attrs: dict, k: int, rows: range, shard: i
                       block_rows: int, recall_target: float, budget: int,
                       reporter: Reporter) -> tuple[int, dict]:
     from graphbuild.ann import search
+    from graphbuild.ivf_scan import QUERY_STEP
 
     index, tuning = _index(RunDir(out), arr, attrs, k, recall_target, block_rows, budget)
 
     def blocks():
-        for lo, block in _read_blocks(arr, rows, block_rows):
+        # Search many queries at once (ListScan's products grow with them), then hand the
+        # results on in pieces of block_rows.
+        for lo, block in _read_blocks(arr, rows, max(block_rows, QUERY_STEP)):
             ids, sims = search(index, block.astype(np.float32), np.arange(lo, lo + len(block)),
                                k, tuning["nprobe"])
-            reporter.advance(len(block))
-            kill_point("knn.block_searched")
-            yield lo, ids, sims
+            for off in range(0, len(block), block_rows):
+                piece = slice(off, off + block_rows)
+                reporter.advance(len(ids[piece]))
+                kill_point("knn.block_searched")
+                yield lo + off, ids[piece], sims[piece]
 
     return write_part(out, shard, rows, arr.shape[0], blocks()), tuning
 

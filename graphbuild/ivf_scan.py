@@ -1,0 +1,154 @@
+"""IVF search turned inside out for knn's self-join: each inverted list is scored against all
+the queries of a block that probe it, with one matrix product.
+
+faiss's CPU IVF search takes the queries one at a time and scans each probed list's codes in a
+scalar loop. knn's queries are the stored rows themselves, tens of thousands per block, so
+every list is probed by hundreds of a block's queries. Grouping the block's (query, list)
+pairs by list turns the scan into one BLAS product per list. The lists are the faiss index's
+own; the probes are the nprobe nearest centroids by fp32 products, as faiss's flat quantizer
+picks them; the scores are fp32 products of the stored fp16 rows (faiss scores its fp16
+residual codes, which differ by rounding). On 1M derived vectors this searched 3x faster than
+faiss's IVF search of the same index (benchmarks/knn.py).
+
+Each query's top k is found in two passes: its nearest list gives k candidates and so a
+threshold (the k-th score); the other probed lists then pass on only the scores reaching it,
+so no top-k runs over their score matrices, and one sort merges the survivors.
+
+`ListScan` searches like a faiss index (`nprobe`, `nlist`, `ntotal`, `search`), so ann.search
+and the nprobe tuning use it unchanged. It holds the centroids, the row ids grouped by list and
+the fp16 rows in that order: the store's size, not the index's as well.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+QUERY_STEP = 65536  # queries searched together: ~260 a list at nlist 4,000, nprobe 16
+
+
+def nearest_centroids(x: torch.Tensor, centroids: torch.Tensor, nprobe: int,
+                      scores: int = 2**24) -> np.ndarray:
+    """Each row's nprobe largest inner products with the centroids, largest first (what
+    faiss's flat quantizer picks), in slices of rows holding about `scores` fp32 scores."""
+    step = max(1, scores // len(centroids))
+    return np.concatenate([(x[lo:lo + step] @ centroids.T).topk(nprobe, dim=1).indices.numpy()
+                           for lo in range(0, len(x), step)])
+
+
+def supports(index) -> bool:
+    """A CPU IVF index with fp16 scalar codes and inner product: what ivf-sq16 builds."""
+    import faiss
+
+    ivf = faiss.downcast_index(index)
+    return (isinstance(ivf, faiss.IndexIVFScalarQuantizer)
+            and ivf.sq.qtype == faiss.ScalarQuantizer.QT_fp16
+            and ivf.metric_type == faiss.METRIC_INNER_PRODUCT)
+
+
+def lists_of(index) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(centroids (nlist, d) float32, offsets (nlist + 1,), ids grouped by list) of an index."""
+    import faiss
+
+    ivf = faiss.extract_index_ivf(index)
+    invlists = ivf.invlists
+    sizes = np.array([invlists.list_size(i) for i in range(ivf.nlist)], np.int64)
+    offsets = np.concatenate([[0], np.cumsum(sizes)])
+    ids = np.empty(offsets[-1], np.int64)
+    for i in np.flatnonzero(sizes):
+        ptr = invlists.get_ids(int(i))
+        ids[offsets[i]:offsets[i + 1]] = faiss.rev_swig_ptr(ptr, int(sizes[i]))
+        invlists.release_ids(int(i), ptr)
+    return ivf.quantizer.reconstruct_n(0, ivf.nlist), offsets, ids
+
+
+class ListScan:
+    """Searches a store's rows by list: `from_lists(*lists_of(index), arr, block_rows)`."""
+
+    def __init__(self, centroids: np.ndarray, offsets: np.ndarray, ids: np.ndarray,
+                 rows: np.ndarray):
+        self.nlist = len(centroids)
+        self.ntotal = len(ids)
+        self.nprobe = 1
+        self.centroids = torch.from_numpy(np.ascontiguousarray(centroids, np.float32))
+        self.offsets = offsets
+        self.ids = torch.from_numpy(ids)
+        self.rows = torch.from_numpy(rows)  # fp16, in list order
+
+    @classmethod
+    def from_lists(cls, centroids: np.ndarray, offsets: np.ndarray, ids: np.ndarray, arr,
+                   block_rows: int) -> ListScan:
+        """Lists (from `lists_of`) over the rows of `arr` (zarr or numpy, fp16), read block by
+        block into list order."""
+        n, d = arr.shape
+        position = np.empty(n, np.int64)
+        position[ids] = np.arange(n)
+        rows = np.empty((n, d), np.float16)
+        for lo in range(0, n, block_rows):
+            block = np.asarray(arr[lo:lo + block_rows], np.float16)
+            rows[position[lo:lo + len(block)]] = block
+        return cls(centroids, offsets, ids, rows)
+
+    def search(self, xq: np.ndarray, kk: int) -> tuple[np.ndarray, np.ndarray]:
+        """Like faiss's Index.search: (sims, ids), each (len(xq), kk), best first; slots
+        without a row hold -inf and -1."""
+        xq = np.ascontiguousarray(xq, np.float32)
+        nprobe = min(self.nprobe, self.nlist)
+        parts = [self._search(xq[lo:lo + QUERY_STEP], kk, nprobe)
+                 for lo in range(0, len(xq), QUERY_STEP)]
+        if not parts:
+            return np.empty((0, kk), np.float32), np.empty((0, kk), np.int64)
+        return np.concatenate([s for s, _ in parts]), np.concatenate([i for _, i in parts])
+
+    def _search(self, xq: np.ndarray, kk: int, nprobe: int) -> tuple[np.ndarray, np.ndarray]:
+        """The two passes of the module docstring, for one block of queries."""
+        m = len(xq)
+        queries = torch.from_numpy(xq)
+        probes = nearest_centroids(queries, self.centroids, nprobe)
+        best_s = torch.full((m, kk), float("-inf"))
+        best_i = torch.full((m, kk), -1, dtype=torch.int64)
+        for q, rows, ids in self._by_list(probes[:, :1], queries):
+            s, j = (queries[q] @ rows.T).topk(min(kk, len(ids)), dim=1)
+            best_s[q, :s.shape[1]] = s
+            best_i[q, :s.shape[1]] = ids[j]
+        thr = best_s[:, kk - 1]  # -inf while the nearest list held fewer than kk rows
+        hit_q, hit_s, hit_i = [torch.arange(m).repeat_interleave(kk)], [best_s.view(-1)], [
+            best_i.view(-1)]
+        for q, rows, ids in self._by_list(probes[:, 1:], queries):
+            s = queries[q] @ rows.T
+            r, c = (s >= thr[q, None]).nonzero(as_tuple=True)
+            hit_q.append(q[r])
+            hit_s.append(s[r, c])
+            hit_i.append(ids[c])
+        return _best_per_row(m, kk, torch.cat(hit_q), torch.cat(hit_s), torch.cat(hit_i))
+
+    def _by_list(self, probes: np.ndarray, queries: torch.Tensor):
+        """(queries probing it, its fp32 rows, its ids) for each probed, non-empty list."""
+        pairs = probes.reshape(-1)
+        order = np.argsort(pairs, kind="stable")
+        bounds = np.searchsorted(pairs[order], np.arange(self.nlist + 1))
+        for lst in np.flatnonzero(bounds[1:] > bounds[:-1]):
+            lo, hi = self.offsets[lst], self.offsets[lst + 1]
+            if lo < hi:
+                q = torch.from_numpy(order[bounds[lst]:bounds[lst + 1]] // probes.shape[1])
+                yield q, self.rows[lo:hi].float(), self.ids[lo:hi]
+
+
+def _best_per_row(m: int, kk: int, rows: torch.Tensor, vals: torch.Tensor, ids: torch.Tensor,
+                  ) -> tuple[np.ndarray, np.ndarray]:
+    """The kk best of scattered (row, value, id) hits per row, as (m, kk) best first, padded
+    with -inf and -1. One sort by (row, -value): a query's hits vary from kk to thousands,
+    so padding them to the widest row would cost more than sorting."""
+    found = vals > float("-inf")  # the first pass's empty slots
+    rows, vals, ids = rows[found], vals[found], ids[found]
+    key = rows.double() * 4 - vals.double()  # |vals| < 1.5: rows stay apart; fp64 keeps vals
+    order = torch.sort(key, stable=True).indices
+    rows, vals, ids = rows[order], vals[order], ids[order]
+    counts = torch.bincount(rows, minlength=m)
+    rank = torch.arange(len(rows)) - (torch.cumsum(counts, 0) - counts)[rows]
+    keep = rank < kk
+    out_s = torch.full((m, kk), float("-inf"))
+    out_i = torch.full((m, kk), -1, dtype=torch.int64)
+    out_s[rows[keep], rank[keep]] = vals[keep]
+    out_i[rows[keep], rank[keep]] = ids[keep]
+    return out_s.numpy(), out_i.numpy()
