@@ -24,11 +24,13 @@ K = 32
 
 
 def main() -> None:
-    import faiss
     import torch
     import zarr
 
     from graphbuild.exact import blocked_topk, exact_dots
+    from graphbuild.faiss_loader import load_faiss
+
+    faiss = load_faiss()
 
     ap = argparse.ArgumentParser()
     ap.add_argument("n", type=int, nargs="?", default=20000)

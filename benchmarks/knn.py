@@ -90,8 +90,9 @@ def load_x16(run: Path) -> np.ndarray:
 
 def faiss_flat(x32: np.ndarray, k: int) -> tuple[float, np.ndarray, np.ndarray]:
     """The plain baseline: every row against every row, fp32, self dropped afterwards."""
-    import faiss
+    from graphbuild.faiss_loader import load_faiss
 
+    faiss = load_faiss()
     index = faiss.IndexFlatIP(x32.shape[1])
     index.add(x32)
     t0 = time.perf_counter()
@@ -209,8 +210,11 @@ def print_curve(run: Path) -> None:
 
 
 def main() -> None:
-    import faiss
     import torch
+
+    from graphbuild.faiss_loader import load_faiss
+
+    faiss = load_faiss()
 
     ap = argparse.ArgumentParser()
     ap.add_argument("--workdir", type=Path, default=Path("/tmp/graphbuild-bench"))

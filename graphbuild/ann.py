@@ -79,8 +79,9 @@ def sample_ids(n: int, size: int, seed: int) -> np.ndarray:
 
 def build_index(arr, kind: str, nlist: int, block_rows: int, seed: int = SEED):
     """Train on a seeded sample and add every row in order."""
-    import faiss
+    from graphbuild.faiss_loader import load_faiss
 
+    faiss = load_faiss()
     n, d = arr.shape
     quantizer = faiss.IndexFlatIP(d)
     if kind == "ivf-sq16":
@@ -113,8 +114,9 @@ def on_gpu_if_available(index):
     GpuIndexIVF takes `nprobe` like its CPU twin, so search() works on either. Untested on
     this project's CPU-only CI; faiss-cpu reports 0 GPUs and this is a no-op there.
     """
-    import faiss
+    from graphbuild.faiss_loader import load_faiss
 
+    faiss = load_faiss()
     if getattr(faiss, "get_num_gpus", lambda: 0)() == 0:
         return index
     resources = faiss.StandardGpuResources()

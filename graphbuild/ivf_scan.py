@@ -24,7 +24,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-QUERY_STEP = 65536  # queries searched together: ~260 a list at nlist 4,000, nprobe 16
+QUERY_STEP = 32768  # queries searched together: ~260 a list at nlist 2,000, nprobe 16
 
 
 def nearest_centroids(x: torch.Tensor, centroids: torch.Tensor, nprobe: int,
@@ -38,8 +38,9 @@ def nearest_centroids(x: torch.Tensor, centroids: torch.Tensor, nprobe: int,
 
 def supports(index) -> bool:
     """A CPU IVF index with fp16 scalar codes and inner product: what ivf-sq16 builds."""
-    import faiss
+    from graphbuild.faiss_loader import load_faiss
 
+    faiss = load_faiss()
     ivf = faiss.downcast_index(index)
     return (isinstance(ivf, faiss.IndexIVFScalarQuantizer)
             and ivf.sq.qtype == faiss.ScalarQuantizer.QT_fp16
@@ -48,8 +49,9 @@ def supports(index) -> bool:
 
 def lists_of(index) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(centroids (nlist, d) float32, offsets (nlist + 1,), ids grouped by list) of an index."""
-    import faiss
+    from graphbuild.faiss_loader import load_faiss
 
+    faiss = load_faiss()
     ivf = faiss.extract_index_ivf(index)
     invlists = ivf.invlists
     sizes = np.array([invlists.list_size(i) for i in range(ivf.nlist)], np.int64)

@@ -291,10 +291,11 @@ def _exact_part(out: Path, arr, k: int, rows: range, shard: int, block_rows: int
 def _index(run: RunDir, arr, attrs: dict, k: int, recall_target: float, block_rows: int,
            budget: int):
     """The shared faiss index and nprobe: built and tuned once under the lock, then reused."""
-    import faiss
-
     from graphbuild import ivf_scan
     from graphbuild.ann import build_index, index_kind, nlist_for, on_gpu_if_available, tune_nprobe
+    from graphbuild.faiss_loader import load_faiss
+
+    faiss = load_faiss()
 
     n, d = arr.shape
     step = max(1, block_rows // arr.chunks[0]) * arr.chunks[0]
