@@ -200,6 +200,34 @@ def child_knn(run: Path, method: str, shard: int = 0, num_shards: int = 1) -> di
     return json.loads(lines[-1])
 
 
+def list_scan_vs_faiss(run: Path, nprobe: int, queries: int = 32768) -> None:
+    """The same index searched two ways, on the same block of queries: faiss's IVF search
+    and graphbuild's ListScan (ivf_scan.py)."""
+    import zarr
+
+    from graphbuild.ann import search
+    from graphbuild.faiss_loader import load_faiss
+    from graphbuild.ivf_scan import ListScan, lists_of
+
+    faiss = load_faiss()
+    arr = zarr.open_array(str(run / "embeddings.zarr"), mode="r")
+    index = faiss.read_index(str(run / "graph" / "_index" / "ivf-sq16.index"))
+    scan = ListScan.from_lists(*lists_of(index), arr, 65536)
+    lo = arr.shape[0] // 3
+    xq = np.asarray(arr[lo:lo + queries], np.float32)
+    rows = np.arange(lo, lo + queries)
+    seconds, found = {}, {}
+    for name, searcher in (("faiss IVF search", index), ("ListScan", scan)):
+        t0 = time.perf_counter()
+        found[name], _ = search(searcher, xq, rows, K, nprobe)
+        seconds[name] = time.perf_counter() - t0
+    same = np.mean([len(np.intersect1d(a, b)) for a, b in zip(*found.values())]) / K
+    print(f"same index, {queries:,} queries at nprobe {nprobe}: faiss IVF search "
+          f"{seconds['faiss IVF search']:.2f}s, ListScan {seconds['ListScan']:.2f}s "
+          f"({seconds['faiss IVF search'] / seconds['ListScan']:.1f}x); neighbours in common "
+          f"{same:.4f}")
+
+
 def print_curve(run: Path) -> None:
     info = json.loads((run / "graph" / "_index" / "index.json").read_text())
     for key, t in info["tuning"].items():
@@ -263,6 +291,7 @@ def main() -> None:
           f"{args.big * d * 4 / 2**30:.2f} GiB + 1 GiB = "
           f"{args.big * d * 4 / 2**30 + 1:.2f} GiB allowed)")
     print_curve(big)
+    list_scan_vs_faiss(big, out["nprobe"])
     shards = 128
     out = child_knn(big, "exact", 0, shards)
     print(f"exact, shard 0 of {shards} ({out['rows']:,} queries against all {args.big:,}): "

@@ -129,20 +129,20 @@ def on_gpu_if_available(index):
 def ground_truth(arr, queries: np.ndarray, k: int, block_rows: int) -> np.ndarray:
     """Exact top-k ids (fp32 scores, self excluded) of query rows, streaming the rows."""
     n = arr.shape[0]
-    xq = gather_rows(arr, queries, block_rows)
-    best_s = np.full((len(queries), k), -np.inf, np.float32)
-    best_i = np.full((len(queries), k), -1, np.int64)
+    xq = torch.from_numpy(gather_rows(arr, queries, block_rows))
+    own = torch.from_numpy(queries)
+    best_s = torch.full((len(queries), k), float("-inf"))
+    best_i = torch.full((len(queries), k), -1, dtype=torch.int64)
     for lo in range(0, n, block_rows):
-        block = np.asarray(arr[lo:lo + block_rows], np.float32)
+        block = torch.from_numpy(np.asarray(arr[lo:lo + block_rows], np.float32))
         sims = xq @ block.T
-        ids = np.arange(lo, lo + len(block))
-        sims[queries[:, None] == ids[None, :]] = -np.inf
-        all_s = np.concatenate([best_s, sims], axis=1)
-        all_i = np.concatenate([best_i, np.broadcast_to(ids, sims.shape)], axis=1)
-        top = np.argpartition(-all_s, k - 1, axis=1)[:, :k]
-        best_s = np.take_along_axis(all_s, top, 1)
-        best_i = np.take_along_axis(all_i, top, 1)
-    return best_i
+        mine = (own >= lo) & (own < lo + len(block))  # a query's own row is not a neighbour
+        sims[mine.nonzero()[:, 0], own[mine] - lo] = float("-inf")
+        s, i = sims.topk(min(k, len(block)), dim=1)
+        all_s, all_i = torch.cat([best_s, s], 1), torch.cat([best_i, i + lo], 1)
+        best_s, top = all_s.topk(k, dim=1)
+        best_i = all_i.gather(1, top)
+    return best_i.numpy()
 
 
 def recall_at_k(found: np.ndarray, truth: np.ndarray) -> float:

@@ -245,7 +245,7 @@ def test_list_scan_equals_faiss_and_brute_force(embedded):
     list probed it is exact search, and at a small nprobe it finds what faiss's IVF finds."""
     import zarr
 
-    from graphbuild.ann import build_index, search
+    from graphbuild.ann import build_index, ground_truth, search
     from graphbuild.ivf_scan import ListScan, lists_of, supports
 
     arr = zarr.open_array(str(embedded / "embeddings.zarr"), mode="r")
@@ -258,6 +258,9 @@ def test_list_scan_equals_faiss_and_brute_force(embedded):
     ref_i, ref_s = brute_force(embedded, 10)
     assert np.abs(sims - ref_s).max() < 1e-5
     assert (ids == ref_i).all(axis=1).mean() > 0.99  # the rest differ only at exact ties
+    sample = np.array([0, 5, 1023, 1024, len(x32) - 1])
+    truth = ground_truth(arr, sample, 10, 1024)  # what nprobe tuning scores recall against
+    assert np.mean([len(np.intersect1d(a, b)) for a, b in zip(truth, ref_i[sample])]) > 0.99
     ours, _ = search(scan, x32, rows, 10, nprobe=2)
     theirs, _ = search(index, x32, rows, 10, nprobe=2)
     same = np.mean([len(np.intersect1d(a, b)) for a, b in zip(ours, theirs)]) / 10
