@@ -65,7 +65,9 @@ def peak_rss_of_embed(rows: int, tmp: Path) -> float:
     m.write_text(f"name: c{rows}\nsource: {{path: {src.name}, format: tsv}}\ntext_column: caption\n")
     code = ("import resource, sys; from graphbuild.cli import main; sys.argv=['graphbuild','embed',"
             f"'{m}','--out','{tmp / f'run{rows}'}','-q'];\ntry: main()\nexcept SystemExit: pass\n"
-            "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)")
+            "print(next(l for l in open('/proc/self/status') if l.startswith('VmHWM')).split()[1])")
+    # VmHWM, not ru_maxrss: Linux carries ru_maxrss over fork and exec, so a child of this
+    # (large) process would report the parent's peak.
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO)
     return int(out.stdout.strip().splitlines()[-1]) / 1024
 

@@ -19,6 +19,7 @@ import numpy as np
 from graphbuild.errors import GraphbuildError
 from graphbuild.faults import kill_point
 from graphbuild.manifest import Dataset
+from graphbuild.memory import return_freed_memory
 from graphbuild.models import DEFAULT_MODEL
 from graphbuild.progress import Reporter
 from graphbuild.shards import shard_name, shard_range
@@ -265,6 +266,7 @@ def _encode_chunks(run: RunDir, arr, todo: list[int], encoder, templates: list[s
         arr[lo:hi] = emb.astype(np.float16)
         kill_point("embed.chunk_written")  # data in place, marker not yet
         mark_done(run.state("embed") / "chunks", f"{c:06d}")
+        return_freed_memory()  # the encoder threads' arenas: RSS stays flat over chunks
     reporter.stop()
     return total
 

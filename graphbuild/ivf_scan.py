@@ -21,8 +21,6 @@ the fp16 rows in that order: the store's size, not the index's as well.
 
 from __future__ import annotations
 
-import ctypes
-
 import numpy as np
 import torch
 
@@ -36,16 +34,6 @@ def nearest_centroids(x: torch.Tensor, centroids: torch.Tensor, nprobe: int,
     step = max(1, scores // len(centroids))
     return np.concatenate([(x[lo:lo + step] @ centroids.T).topk(nprobe, dim=1).indices.numpy()
                            for lo in range(0, len(x), step)])
-
-
-def return_freed_memory() -> None:
-    """Hand memory freed in the heap back to the OS (glibc's malloc_trim). A faiss index's
-    lists are many mid-sized blocks that glibc keeps after the index is deleted, so without
-    this the store's rows, loaded next, would come on top of them in the peak RSS."""
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):  # not glibc
-        pass
 
 
 def supports(index) -> bool:

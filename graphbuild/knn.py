@@ -294,6 +294,7 @@ def _index(run: RunDir, arr, attrs: dict, k: int, recall_target: float, block_ro
     from graphbuild import ivf_scan
     from graphbuild.ann import build_index, index_kind, nlist_for, on_gpu_if_available, tune_nprobe
     from graphbuild.faiss_loader import load_faiss
+    from graphbuild.memory import return_freed_memory
 
     faiss = load_faiss()
 
@@ -319,7 +320,7 @@ def _index(run: RunDir, arr, attrs: dict, k: int, recall_target: float, block_ro
         if searcher is index and ivf_scan.supports(index):  # CPU ivf-sq16: BLAS by list
             lists = ivf_scan.lists_of(index)
             del index, searcher  # the lists' rows come from the store: hold one copy
-            ivf_scan.return_freed_memory()
+            return_freed_memory()
             searcher = ivf_scan.ListScan.from_lists(*lists, arr, step)
         index = searcher
         tune_key = f"k={k} target={recall_target}"
