@@ -93,6 +93,7 @@ class TextEncoder:
         self.dim = int(dim_of())
         self.max_seq_length = int(model.max_seq_length)
         self._pool: ThreadPoolExecutor | None = None
+        self._pool_size = 0
 
     def _autocast(self):
         import torch
@@ -128,8 +129,9 @@ class TextEncoder:
         # thread (fast tokenizers refuse concurrent calls), one batch ahead of the workers.
         # The same worker threads serve every call: each new thread would get a malloc arena
         # of its own, and the process would grow with the number of chunks.
-        if self._pool is None or self._pool._max_workers != workers:
+        if self._pool is None or self._pool_size != workers:
             self._pool = ThreadPoolExecutor(workers, thread_name_prefix="encode")
+            self._pool_size = workers
         torch.set_num_threads(max(1, threads // workers))
         pending = []
         try:
