@@ -290,7 +290,8 @@ def _exact_part(out: Path, arr, k: int, rows: range, shard: int, block_rows: int
 
 def _index(run: RunDir, arr, attrs: dict, k: int, recall_target: float, block_rows: int,
            budget: int):
-    """The shared faiss index and nprobe: built and tuned once under the lock, then reused."""
+    """What searches the shared faiss index (ListScan on a CPU for ivf-sq16, else faiss) and
+    its nprobe: the index is built and tuned once under the lock, then reused."""
     from graphbuild import ivf_scan
     from graphbuild.ann import build_index, index_kind, nlist_for, on_gpu_if_available, tune_nprobe
     from graphbuild.faiss_loader import load_faiss
@@ -322,15 +323,14 @@ def _index(run: RunDir, arr, attrs: dict, k: int, recall_target: float, block_ro
             del index, searcher  # the lists' rows come from the store: hold one copy
             return_freed_memory()
             searcher = ivf_scan.ListScan.from_lists(*lists, arr, step)
-        index = searcher
         tune_key = f"k={k} target={recall_target}"
         if tune_key not in info.get("tuning", {}):
-            t = tune_nprobe(index, arr, k, recall_target, step)
+            t = tune_nprobe(searcher, arr, k, recall_target, step)
             info.setdefault("tuning", {})[tune_key] = asdict(t)
             log.info("nprobe %d of %d lists: recall@%d %.4f on %d sampled queries (target %.2f)",
-                     t.nprobe, index.nlist, k, t.recall, t.sample, recall_target)
+                     t.nprobe, searcher.nlist, k, t.recall, t.sample, recall_target)
             write_json(folder / "index.json", info)
-    return index, {**info["tuning"][tune_key], "kind": kind, "nlist": index.nlist}
+    return searcher, {**info["tuning"][tune_key], "kind": kind, "nlist": searcher.nlist}
 
 
 def _approximate_part(out: Path, arr, attrs: dict, k: int, rows: range, shard: int,
