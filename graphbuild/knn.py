@@ -70,8 +70,8 @@ def available_memory() -> int:
 
 def exact_memory(n: int, d: int, rows: int, k: int, block_rows: int) -> int:
     """Peak bytes of exact search beyond the interpreter: fp16 rows, candidate buffers
-    (score + id per slot), and a few block-pair score matrices."""
-    return n * d * 2 + rows * default_capacity(k) * 8 + 4 * block_rows ** 2 * 4
+    (score + id per slot), results (id + sim), and a few block-pair score matrices."""
+    return n * d * 2 + rows * (default_capacity(k) * 8 + k * 12) + 4 * block_rows ** 2 * 4
 
 
 def choose_method(n: int, d: int, k: int, budget: int,

@@ -117,3 +117,20 @@ def test_int16_keys_never_drop_a_score(dtype):
     key = _int16_key(thr, dtype)
     passes = v.float()[None, :] >= thr[:, None]
     assert not (passes & ~(v.view(torch.int16)[None, :] >= key[:, None])).any()
+
+
+def test_locality_order_groups_similar_rows():
+    from graphbuild.exact import locality_order
+
+    x16 = clustered(2000, 32, seed=3)[np.random.default_rng(3).permutation(2000)]
+    x = torch.from_numpy(x16).float().bfloat16()
+    order = locality_order(x, block_rows=200)
+    assert sorted(order.tolist()) == list(range(2000))
+
+    def mean_block_sim(rows):
+        xb = x[rows].float().view(10, 200, -1)
+        return float((xb @ xb.transpose(1, 2)).mean())
+
+    assert mean_block_sim(order) > 2 * mean_block_sim(torch.arange(2000))
+    assert torch.equal(locality_order(x, block_rows=200), order)  # deterministic
+    assert torch.equal(locality_order(x, block_rows=1500), torch.arange(2000))  # one block
