@@ -24,7 +24,7 @@ from graphbuild.models import DEFAULT_MODEL
 from graphbuild.progress import Reporter
 from graphbuild.shards import shard_name, shard_range
 from graphbuild.storage import RunDir, is_done, mark_done, read_json, write_json
-from graphbuild.texts import build_tables, read_node_texts, write_tables
+from graphbuild.texts import build_tables, read_node_texts
 
 log = logging.getLogger(__name__)
 
@@ -80,8 +80,7 @@ def prepare(ds: Dataset, run: RunDir, skip_bad_rows: bool = False) -> dict:
         if have and run.samples.exists():
             return have["figures"]
         t0 = time.perf_counter()
-        nodes, samples, figures = build_tables(ds, skip_bad_rows)
-        write_tables(nodes, samples, run.root)
+        figures = build_tables(ds, run.root, skip_bad_rows)
         kill_point("embed.tables_written")
         info["dataset"] = {
             "name": ds.name, "manifest": str(ds.path), "fingerprint": fingerprint,

@@ -167,3 +167,43 @@ def is_done(directory: Path, name: str) -> bool:
 def mark_done(directory: Path, name: str, stats: dict | None = None) -> None:
     """Write a completion marker (optionally holding stats). Call it after the data is in place."""
     write_json(marker(directory, name), stats or {})
+
+
+class ParquetRows:
+    """A Parquet file written from frames appended in order, in row groups of exactly
+    `group` rows (the last one shorter), so its bytes depend on the rows alone, not on the
+    frames they came in."""
+
+    def __init__(self, path: Path, schema: dict, group: int = 65_536):  # polars dtypes by name
+        import polars as pl
+        import pyarrow.parquet as pq
+
+        self.schema = pl.DataFrame(schema=schema).to_arrow().schema
+        self.group = group
+        self._writer = pq.ParquetWriter(path, self.schema, compression="zstd")
+        self._waiting: list = []
+        self._rows = 0
+
+    def write(self, df) -> None:  # a polars DataFrame
+        if df.height:
+            self._waiting.append(df.to_arrow().cast(self.schema))
+            self._rows += df.height
+        while self._rows >= self.group:
+            self._emit(self.group)
+
+    def _emit(self, n: int) -> None:
+        import pyarrow as pa
+
+        table = pa.concat_tables(self._waiting)
+        self._writer.write_table(table.slice(0, n).combine_chunks(), row_group_size=n)
+        rest = table.slice(n)
+        self._waiting = [rest] if rest.num_rows else []
+        self._rows -= n
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._rows and exc[0] is None:
+            self._emit(self._rows)
+        self._writer.close()

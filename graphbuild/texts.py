@@ -2,27 +2,38 @@
 
 Writes two tables into the run directory:
   nodes.parquet    node (int64), text         one row per unique text, in first-seen order
-  samples.parquet  sample (int64), sample_id, node (int64)   one row per source row
+  samples.parquet  sample (int64), sample_id, node (int64)   one row per source row kept
 
 Node numbering depends only on the source rows and their order, so every shard of every
-stage computes the same numbering.
+stage computes the same numbering. Memory does not grow with the dataset: the source is read
+a block at a time (graphbuild/sources.py) and texts are deduplicated through hash-partitioned
+files in the run's .prepare-tmp/ (graphbuild/dedup.py). Held for the whole source are only a
+row offset per file and, under --skip-bad-rows, the row numbers of the rows dropped for a
+repeated sample id (8 bytes each).
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import shutil
+from bisect import bisect_right
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import numpy as np
 import polars as pl
 
+from graphbuild import dedup, sources
 from graphbuild.errors import GraphbuildError
 from graphbuild.faults import kill_point
 from graphbuild.manifest import Dataset
-from graphbuild.storage import atomic_path
+from graphbuild.storage import ParquetRows, atomic_path
 
 log = logging.getLogger(__name__)
 ROW_GROUP = 65_536
+TMP = ".prepare-tmp"  # in the run directory; removed at the end, and at the next start
 
 
 @dataclass
@@ -37,6 +48,24 @@ class TextFigures:
         return asdict(self)
 
 
+@dataclass(frozen=True)
+class Layout:
+    """Sizes of the bounded steps. They set the memory prepare needs, whatever the dataset's
+    size, and never change the tables. Tests force tiny ones."""
+    block_bytes: int = sources.BLOCK_BYTES  # text source bytes parsed at once
+    batch_rows: int = sources.BATCH_ROWS  # Parquet source rows read at once
+    partition_bytes: int = 4 << 20  # source bytes per hash partition...
+    max_partitions: int = 512  # ...up to this many; past 2 GiB of source, partitions grow
+    partitions: int | None = None  # a fixed count instead
+    window_rows: int = 16_384  # row numbers merged at once
+    flush_rows: int = dedup.FLUSH_ROWS  # rows held before they go to the partition files
+
+    def partitions_for(self, source_bytes: int) -> int:
+        if self.partitions:
+            return self.partitions
+        return int(min(self.max_partitions, max(1, -(-source_bytes // self.partition_bytes))))
+
+
 def _position(ds: Dataset, files: list[Path], file_idx: int, row: int) -> str:
     """Where a 0-based data row lives, as a user would look it up."""
     file = files[file_idx]
@@ -47,97 +76,152 @@ def _position(ds: Dataset, files: list[Path], file_idx: int, row: int) -> str:
     return f"{file}: line {row + 1 + header}"
 
 
-def _read_file(ds: Dataset, file: Path, wanted: list[str]) -> pl.DataFrame:
-    src = ds.manifest.source
-    fmt = ds.source_format(file)
+class _Rows:
+    """The source's rows in order, a batch at a time: g (the row number over all files), id
+    (the id column, or g without one) and value (the text or label column, as read)."""
+
+    def __init__(self, ds: Dataset, value_col: str, layout: Layout):
+        m = ds.manifest
+        self.ds, self.layout, self.value_col, self.id_col = ds, layout, value_col, m.id_column
+        self.files = ds.source_files()
+        wanted = list(dict.fromkeys([value_col] + ([m.id_column] if m.id_column else [])))
+        self.types = [sources.column_types(ds, f, wanted, layout.block_bytes) for f in self.files]
+        self.id_type = pl.Int64
+        if m.id_column:  # as a concatenation of the files would have it
+            frames = [pl.DataFrame(schema={"id": t[m.id_column]}) for t in self.types]
+            self.id_type = pl.concat(frames, how="vertical_relaxed").schema["id"]
+        self.source_bytes = sum(sources.data_bytes(ds, f) for f in self.files)
+        self.starts: list[int] = []  # each file's first row number
+        self.count = 0
+
+    def __iter__(self) -> Iterator[pl.DataFrame]:
+        for file, types in zip(self.files, self.types):
+            self.starts.append(self.count)
+            for df in sources.batches(self.ds, file, types, self.layout.block_bytes,
+                                      self.layout.batch_rows):
+                g = pl.int_range(self.count, self.count + df.height, dtype=pl.Int64)
+                ident = pl.col(self.id_col).cast(self.id_type) if self.id_col else g
+                yield df.select(g.alias("g"), ident.alias("id"), pl.col(self.value_col).alias("value"))
+                self.count += df.height
+
+    def position(self, g: int) -> str:
+        i = bisect_right(self.starts, g) - 1
+        return _position(self.ds, self.files, i, g - self.starts[i])
+
+
+class _BadRows:
+    """The rows failing one check: how many, and the first one's row number and value."""
+
+    def __init__(self, what: str):
+        self.what, self.count, self.first = what, 0, None
+
+    def note(self, bad: pl.DataFrame) -> None:
+        if bad.height and self.first is None:
+            self.first = bad.row(0, named=True)
+        self.count += bad.height
+
+    def check_or_skip(self, skip: bool, rows: _Rows) -> int:
+        """Raise for the first bad row, or (skipping) say how many go; return that count."""
+        if self.count == 0:
+            return 0
+        if not skip:
+            what = self.what.replace("{value}", repr(self.first.get("value"))[:80])
+            raise GraphbuildError(f"{rows.position(self.first['g'])}: {what} "
+                                  f"({self.count} such rows; --skip-bad-rows drops them)")
+        log.warning("skipping %d rows: %s", self.count, self.what)
+        return self.count
+
+
+def build_tables(ds: Dataset, out: str | Path, skip_bad_rows: bool = False,
+                 layout: Layout | None = None) -> TextFigures:
+    """Write a dataset's nodes.parquet and samples.parquet into `out` (samples last, each
+    through a temp file); return the figures. A bad row raises before either is written."""
+    out = Path(out)
+    tmp = out / TMP
+    shutil.rmtree(tmp, ignore_errors=True)  # left by a killed run
     try:
-        if fmt == "parquet":
-            lf = pl.scan_parquet(file)
-        elif fmt == "jsonl":
-            lf = pl.scan_ndjson(file, infer_schema_length=None)
-        else:
-            lf = pl.scan_csv(
-                file,
-                separator="\t" if fmt == "tsv" else ",",
-                has_header=src.has_header,
-                new_columns=src.columns,
-                quote_char=None if fmt == "tsv" else '"',
-                infer_schema=False,  # ids and texts stay strings, as written
-                encoding="utf8",
-            )
-        names = lf.collect_schema().names()
-        missing = [c for c in wanted if c not in names]
-        if missing:
-            raise GraphbuildError(f"{file}: no column {missing[0]!r} (columns: {', '.join(names)})")
-        return lf.select(wanted).collect(engine="streaming")
-    except GraphbuildError:
-        raise
-    except (pl.exceptions.PolarsError, OSError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else e.__class__.__name__
-        raise GraphbuildError(f"{file}: cannot read as {fmt}: {first}") from None
+        if ds.manifest.is_labels:
+            return _label_tables(ds, out, tmp, skip_bad_rows, layout or Layout())
+        return _text_tables(ds, out, tmp, skip_bad_rows, layout or Layout())
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
-def read_rows(ds: Dataset) -> tuple[pl.DataFrame, list[Path]]:
-    """All source rows as one frame: id, value (text or label), _file, _row."""
+@contextlib.contextmanager
+def _table(path: Path, schema: dict) -> Iterator[Callable[[pl.DataFrame], None]]:
+    """A table written in row groups of ROW_GROUP rows through a temp file; then a kill point."""
+    with atomic_path(path) as tmp, ParquetRows(tmp, schema, ROW_GROUP) as rows:
+        yield rows.write
+    kill_point("tables.table_written")
+
+
+def _clean(text: pl.Expr) -> pl.Expr:
+    """Whitespace runs to one space, ends stripped; null for a text left empty."""
+    text = text.cast(pl.Utf8).str.replace_all(r"\s+", " ").str.strip_chars()
+    return pl.when(text != "").then(text)
+
+
+def _read_checked(rows: _Rows, value: pl.Expr, what: str, kept: dedup.Spill, skip: bool,
+                  tmp: Path, layout: Layout) -> tuple[int, np.ndarray]:
+    """Stream the source into `kept` as (g, id, value); a row whose value is null is bad.
+    Raise for the first bad row, then for the first repeated sample id, unless skipping.
+    Return the count of bad rows and the sorted row numbers of repeated ids (dropped)."""
+    name = value.meta.output_name()
+    ids = None if rows.id_col is None else dedup.Spill(
+        tmp / "ids", layout.partitions_for(rows.source_bytes), "id",
+        {"g": pl.Int64, "id": rows.id_type}, layout.flush_rows)
+    bad = _BadRows(what)
+    for df in rows:
+        df = df.with_columns(value)
+        bad.note(df.filter(pl.col(name).is_null()))
+        df = df.filter(pl.col(name).is_not_null())
+        kept.append(df.select("g", "id", name))
+        if ids is not None:
+            ids.append(df.select("g", "id"))
+    kept.flush()
+    n_bad = bad.check_or_skip(skip, rows)
+    if ids is None:
+        return n_bad, np.empty(0, dtype=np.int64)
+    ids.flush()
+    dropped = dedup.repeated_rows(ids)
+    repeated = _BadRows(f"duplicate sample id in column {rows.id_col!r}")
+    repeated.note(pl.DataFrame({"g": dropped}))
+    repeated.check_or_skip(skip, rows)
+    return n_bad, dropped
+
+
+def _text_tables(ds: Dataset, out: Path, tmp: Path, skip: bool, layout: Layout) -> TextFigures:
     m = ds.manifest
-    value_col = m.label_column if m.is_labels else m.text_column
-    files = ds.source_files()
-    wanted = [value_col] + ([m.id_column] if m.id_column else [])
-    parts = []
-    for i, f in enumerate(files):
-        df = _read_file(ds, f, list(dict.fromkeys(wanted)))
-        parts.append(df.select(
-            (pl.col(m.id_column) if m.id_column else pl.lit(None, pl.Int64)).alias("id"),
-            pl.col(value_col).alias("value"),
-            pl.lit(i, pl.Int32).alias("_file"),
-            pl.int_range(pl.len(), dtype=pl.Int64).alias("_row"),
-        ))
-    df = pl.concat(parts, how="vertical_relaxed") if parts else pl.DataFrame()
-    if m.id_column is None:
-        df = df.with_columns(pl.int_range(pl.len(), dtype=pl.Int64).alias("id"))
-    return df, files
-
-
-def _check_or_skip(df: pl.DataFrame, bad: pl.Expr, skip: bool, what: str,
-                   ds: Dataset, files: list[Path]) -> tuple[pl.DataFrame, int]:
-    flagged = df.filter(bad)
-    if flagged.height == 0:
-        return df, 0
-    if not skip:
-        first = flagged.row(0, named=True)
-        what = what.replace("{value}", repr(first.get("value"))[:80])
-        raise GraphbuildError(f"{_position(ds, files, first['_file'], first['_row'])}: {what} "
-                              f"({flagged.height} such rows; --skip-bad-rows drops them)")
-    log.warning("skipping %d rows: %s", flagged.height, what)
-    return df.filter(~bad), flagged.height
-
-
-def build_tables(ds: Dataset, skip_bad_rows: bool = False) -> tuple[pl.DataFrame, pl.DataFrame, TextFigures]:
-    """Return (nodes, samples, figures) for a dataset. Pure: writes nothing."""
-    m = ds.manifest
-    if m.is_labels:
-        return _label_tables(ds, skip_bad_rows)
-    df, files = read_rows(ds)
-    df = df.with_columns(
-        pl.col("value").cast(pl.Utf8).str.replace_all(r"\s+", " ").str.strip_chars().alias("text"))
-    df, n_empty = _check_or_skip(df, pl.col("text").is_null() | (pl.col("text") == ""), skip_bad_rows,
-                                 f"empty text in column {m.text_column!r}", ds, files)
-    df, n_dup = _check_or_skip(df, ~pl.col("id").is_first_distinct(), skip_bad_rows,
-                               f"duplicate sample id in column {m.id_column!r}", ds, files)
-    if df.height == 0:
+    rows = _Rows(ds, m.text_column, layout)
+    texts = dedup.Spill(tmp / "texts", layout.partitions_for(rows.source_bytes), "text",
+                        {"g": pl.Int64, "id": rows.id_type, "text": pl.Utf8}, layout.flush_rows)
+    n_empty, dropped = _read_checked(rows, _clean(pl.col("value")).alias("text"),
+                                     f"empty text in column {m.text_column!r}", texts, skip, tmp,
+                                     layout)
+    n_samples = rows.count - n_empty - len(dropped)
+    if n_samples == 0:
         raise GraphbuildError(f"{ds.path}: the source holds no rows")
-    nodes = (df.select("text").unique(maintain_order=True)
-             .with_row_index("node").with_columns(pl.col("node").cast(pl.Int64)))
-    samples = (df.select("id", "text").join(nodes, on="text", how="left", maintain_order="left")
-               .select(pl.int_range(pl.len(), dtype=pl.Int64).alias("sample"),
-                       pl.col("id").alias("sample_id"), "node"))
-    figures = TextFigures(samples=samples.height, nodes=nodes.height,
-                          duplicates=samples.height - nodes.height,
-                          skipped_empty=n_empty, skipped_duplicate_ids=n_dup)
-    return nodes.select("node", "text"), samples, figures
+
+    with _table(out / "nodes.parquet", {"node": pl.Int64, "text": pl.Utf8}) as write:
+        n_nodes, numbered = dedup.number_nodes(texts, dropped, tmp / "nodes", layout.window_rows,
+                                               write)
+    _write_samples(out, dedup.in_row_order(numbered, layout.window_rows), rows.id_type)
+    return TextFigures(samples=n_samples, nodes=n_nodes, duplicates=n_samples - n_nodes,
+                       skipped_empty=n_empty, skipped_duplicate_ids=len(dropped))
 
 
-def _label_tables(ds: Dataset, skip_bad_rows: bool):
+def _write_samples(out: Path, frames: Iterator[pl.DataFrame], id_type) -> None:
+    """samples.parquet from frames of (id, node) in row order."""
+    schema = {"sample": pl.Int64, "sample_id": id_type, "node": pl.Int64}
+    with _table(out / "samples.parquet", schema) as write:
+        n = 0
+        for df in frames:
+            write(df.select(pl.int_range(n, n + df.height, dtype=pl.Int64).alias("sample"),
+                            pl.col("id").alias("sample_id"), "node"))
+            n += df.height
+
+
+def _label_tables(ds: Dataset, out: Path, tmp: Path, skip: bool, layout: Layout) -> TextFigures:
     entries = ds.class_entries()
     nodes = pl.DataFrame({
         "node": pl.Series(range(len(entries)), dtype=pl.Int64),
@@ -145,10 +229,11 @@ def _label_tables(ds: Dataset, skip_bad_rows: bool):
         "key": [e.key for e in entries],
     }, schema={"node": pl.Int64, "text": pl.Utf8, "key": pl.Utf8})
     if ds.manifest.source is None:  # the classes themselves are the samples
-        samples = nodes.select(pl.col("node").alias("sample"),
-                               pl.coalesce("key", pl.col("node").cast(pl.Utf8)).alias("sample_id"),
-                               "node")
-        return nodes, samples, TextFigures(samples=samples.height, nodes=nodes.height, duplicates=0)
+        samples = nodes.select(pl.coalesce("key", pl.col("node").cast(pl.Utf8)).alias("id"), "node")
+        with _table(out / "nodes.parquet", nodes.schema) as write:
+            write(nodes)
+        _write_samples(out, iter([samples]), pl.Utf8)
+        return TextFigures(samples=nodes.height, nodes=nodes.height, duplicates=0)
     lookup: dict[str, int] = {}
     for i, e in enumerate(entries):  # index, then key, then name; first spelling wins
         lookup.setdefault(str(i), i)
@@ -157,28 +242,31 @@ def _label_tables(ds: Dataset, skip_bad_rows: bool):
             lookup.setdefault(e.key, i)
     for i, e in enumerate(entries):
         lookup.setdefault(e.name, i)
-    df, files = read_rows(ds)
-    df = df.with_columns(pl.col("value").cast(pl.Utf8).str.strip_chars()
-                         .replace_strict(lookup, default=None, return_dtype=pl.Int64).alias("node"))
+
     col = ds.manifest.label_column
-    df, n_bad = _check_or_skip(df, pl.col("node").is_null(), skip_bad_rows,
-                               f"label {{value}} in column {col!r} is not in the class list", ds, files)
-    df, n_dup = _check_or_skip(df, ~pl.col("id").is_first_distinct(), skip_bad_rows,
-                               f"duplicate sample id in column {ds.manifest.id_column!r}", ds, files)
-    samples = df.select(pl.int_range(pl.len(), dtype=pl.Int64).alias("sample"),
-                        pl.col("id").alias("sample_id"), "node")
-    figures = TextFigures(samples=samples.height, nodes=nodes.height,
-                          duplicates=samples.height - samples["node"].n_unique(),
-                          skipped_empty=n_bad, skipped_duplicate_ids=n_dup)
-    return nodes, samples, figures
+    rows = _Rows(ds, col, layout)
+    kept = dedup.Spill(tmp / "kept", 1, None, {"g": pl.Int64, "id": rows.id_type, "node": pl.Int64},
+                       layout.flush_rows)
+    node = (pl.col("value").cast(pl.Utf8).str.strip_chars()
+            .replace_strict(lookup, default=None, return_dtype=pl.Int64).alias("node"))
+    n_bad, dropped = _read_checked(rows, node, f"label {{value}} in column {col!r} is not in the "
+                                   "class list", kept, skip, tmp, layout)
 
+    with _table(out / "nodes.parquet", nodes.schema) as write:
+        write(nodes)
+    used = np.zeros(len(entries), dtype=bool)
 
-def write_tables(nodes: pl.DataFrame, samples: pl.DataFrame, run_dir: Path) -> None:
-    """Write both tables through temp files; samples last, so its presence means both are whole."""
-    for name, df in (("nodes.parquet", nodes), ("samples.parquet", samples)):
-        with atomic_path(run_dir / name) as tmp:
-            df.write_parquet(tmp, row_group_size=ROW_GROUP, statistics=True)
-        kill_point("tables.table_written")
+    def kept_rows() -> Iterator[pl.DataFrame]:
+        for df in dedup.segments(kept.path(0)):
+            df = dedup.without(df, dropped)
+            used[df["node"].to_numpy()] = True
+            yield df
+
+    _write_samples(out, kept_rows(), rows.id_type)
+    n_samples = rows.count - n_bad - len(dropped)
+    return TextFigures(samples=n_samples, nodes=nodes.height,
+                       duplicates=n_samples - int(used.sum()),
+                       skipped_empty=n_bad, skipped_duplicate_ids=len(dropped))
 
 
 def read_node_texts(run_dir: Path, start: int, stop: int) -> list[str]:

@@ -7,11 +7,17 @@ from graphbuild.texts import build_tables
 from tests.conftest import COCO, needs_shared, write
 
 
+def built(ds, out, skip=False, layout=None):
+    """build_tables into `out`, and the two tables read back."""
+    fig = build_tables(ds, out, skip, layout)
+    return pl.read_parquet(out / "nodes.parquet"), pl.read_parquet(out / "samples.parquet"), fig
+
+
 def tables(tmp_path, manifest_text, files=None, skip=False):
     for name, content in (files or {}).items():
         p = tmp_path / name
         p.write_bytes(content) if isinstance(content, bytes) else p.write_text(content)
-    return build_tables(load_manifest(write(tmp_path / "m.yaml", manifest_text)), skip)
+    return built(load_manifest(write(tmp_path / "m.yaml", manifest_text)), tmp_path / "run", skip)
 
 
 CAPTIONS = "name: t\nsource: {path: c.tsv}\nid_column: id\ntext_column: caption\n"
@@ -111,9 +117,11 @@ def test_classes_without_source_are_their_own_samples(tmp_path):
 def test_real_coco_numbering_is_deterministic(tmp_path):
     m = write(tmp_path / "m.yaml", f"name: coco\nsource: {{path: {COCO}}}\n"
               "id_column: caption_id\ntext_column: caption\n")
-    n1, s1, fig = build_tables(load_manifest(m))
-    n2, s2, _ = build_tables(load_manifest(m))
+    n1, s1, fig = built(load_manifest(m), tmp_path / "a")
+    n2, s2, _ = built(load_manifest(m), tmp_path / "b")
     assert n1.equals(n2) and s1.equals(s2)
+    for name in ("nodes.parquet", "samples.parquet"):
+        assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes()
     assert fig.samples == 25_014 and 0 < fig.duplicates < 1_000
     # every sample's node holds its (normalised) caption
     raw = pl.read_csv(COCO, separator="\t", quote_char=None, infer_schema=False)
