@@ -5,12 +5,12 @@ The plan, for rows R of an fp16 matrix X (unit-norm rows) against all its rows:
 1. Candidate pass in half precision. Blocks of rows are multiplied in bf16 on CPUs (fast on
    AVX-512 BF16 / AMX; fp16 matrix products are ~100x slower there) and in fp16 on CUDA. Each
    row keeps the `capacity` best approximate scores offered so far (`_Candidates`).
-2. Filtering. Each row has a keep threshold (step 3's, from its current k-th best; before
-   that, a lower bound on it from its diagonal block, `_Candidates.seed`), and only scores
-   reaching it are offered. A block of scores is reduced once to maxima over groups of
-   rows (`_Blocks`), compared as int16 bit patterns against integer keys of the thresholds;
-   only the few groups that can hold a hit are read again. Thresholds only rise, so
-   filtering with a stale one is safe, and hits are merged lazily in bulk.
+2. Filtering. Each row has a keep threshold (from its current k-th best, first taken in
+   its diagonal block, `_Candidates.seed`), and only scores reaching it are offered. A
+   block of scores is reduced once to maxima over groups of rows (`_Blocks`), compared as
+   int16 bit patterns against integer keys of the thresholds; only the few groups that can
+   hold a hit are read again. Thresholds only rise, so filtering with a stale one is safe,
+   and hits are merged lazily in bulk.
 3. Symmetry. Inside R, the product of block I with block J (I < J) is computed once and used
    for I's rows and, column-wise, for J's rows: about half the multiply-adds. Rows outside
    R (other query shards own them) are plain columns: R's rows against them, one direction.
@@ -52,7 +52,6 @@ EXACT_NORM_LIMIT = 5.0     # |x| below this keeps fp64 dot products of fp16 valu
 THRESHOLD_SLACK = 2e-6     # covers fp32 rounding of the threshold and of the stored sims
 DEFAULT_BLOCK_ROWS = 2048  # 8 MiB of bf16 scores per block pair
 GROUP = 16  # rows per max-pooled group when filtering a block of scores
-SEED_GROUP = 4  # rows per group for the seed thresholds of diagonal blocks
 SCORE_FLOOR = -1e30  # below every finite score; filtering thresholds never go lower
 
 
@@ -242,22 +241,22 @@ class _Candidates:
         self.pending, self.pending_count = [], 0
         self._merge_sparse(rows, cols, vals)
 
-    def offer(self, lo: int, hi: int, scores, col0: int) -> None:
-        """Merge dense scores of rows lo..hi (dim 0) against columns col0.. (dim 1).
+    def offer(self, lo: int, hi: int, scores, cols) -> None:
+        """Merge dense scores of rows lo..hi (dim 0) against the columns with ids `cols`.
 
         Only scores that reach the current threshold can matter, and the threshold only
         rises, so a block adds at most its per-row count of those (capped at capacity + 1:
         the top capacity + 1 of the union is all the merge needs)."""
         import torch
 
-        thr = self.threshold(lo, hi)
-        m = int((scores >= thr[:, None]).sum(dim=1).max())
+        scores = scores.float()
+        m = int((scores >= self.thr[lo:hi, None]).sum(dim=1).max())
         if m == 0:
             return
         m = min(m, self.capacity + 1, scores.shape[1])
-        vals, pos = torch.topk(scores.float(), m, dim=1, sorted=False)
+        vals, pos = torch.topk(scores, m, dim=1, sorted=False)
         self._merge_rows(torch.arange(lo, hi, device=vals.device), vals,
-                         (pos + col0).to(self.ids.dtype))
+                         cols[pos].to(self.ids.dtype))
 
     def _merge_sparse(self, rows, cols, vals) -> None:
         """Merge (row, column, score) hits: pad them into a (rows, most hits) matrix."""
@@ -371,7 +370,7 @@ class _Search:
                 s = self.scores(xq, self.half(clo, chi))
                 mine = (self_col >= clo) & (self_col < chi)
                 s[mine.nonzero()[:, 0], (self_col[mine] - clo)] = -torch.inf
-                cands.offer(0, len(sub), s, clo)
+                cands.offer(0, len(sub), s, torch.arange(clo, chi, device=self.device))
             cand, keep, overflow = cands.finish(0, len(sub))
             done = ~overflow if capacity < n - 1 else np.ones(len(sub), bool)
             ids[todo[done]], sims[todo[done]] = _rerank(self.x16, sub[done], cand[done],
@@ -528,44 +527,50 @@ def blocked_topk(x16: np.ndarray, k: int, rows: range | None = None,
         gid = order + rows.start
         gid_np = gid.cpu().numpy()
         sentinel = m
-        # Diagonal blocks first: they seed every row's threshold (the k-th largest group
-        # max of a column bounds that column's k-th best from below), so later blocks pass
-        # few entries. Symmetric: column j of the block is offered to row j.
+        # Diagonal blocks first: in locality order a row's own block holds most of its
+        # neighbours, so its k-th best there is a tight first threshold and later blocks
+        # pass few entries.
         for lo, hi in row_blocks:
             b = hi - lo
-            pb = -(-b // g) * g
             xi = xq[lo:hi]
-            s = search.scores(padded(xi, pb), xi)
-            s[:b].fill_diagonal_(-torch.inf)
-            s[b:] = -torch.inf
-            if pb // SEED_GROUP >= k:
-                gmax = s.view(pb // SEED_GROUP, SEED_GROUP, b).amax(dim=1).float()
-                cands.seed(lo, hi, torch.topk(gmax, k, dim=0).values[k - 1])
-            ig = padded(gid[lo:hi, None], pb)[:, 0]
-            filt.pairs(s, None, ig, lo, None, False, True)
+            s = search.scores(xi, xi).float()
+            s.fill_diagonal_(-torch.inf)
+            if b > k:
+                cands.seed(lo, hi, torch.topk(s, k, dim=1).values[:, k - 1])
+            cands.offer(lo, hi, s, gid[lo:hi])
             progress.add(b * b)
-        cands.flush()  # every row's threshold from its own block before the sweep
-        for bi, (lo, hi) in enumerate(row_blocks):
+
+        def query_block(lo, hi):
+            """Rows lo..hi sorted by threshold, so each group's smallest key is close to
+            all its keys: (padded half rows, local ids, original ids)."""
             b = hi - lo
             pb = -(-b // g) * g
-            # I's rows sorted by threshold, so each group's smallest key is close to all
             perm = torch.argsort(cands.thr[lo:hi]) + lo
-            xi = padded(xq[perm], pb)
             pad = torch.full((pb - b,), sentinel, device=dev, dtype=perm.dtype)
-            ip = torch.cat([perm, pad])
-            ig = torch.cat([gid[perm], pad])
-            for clo, chi in other:
-                s = search.scores(xi, search.half(clo, chi))
-                if pb > b:
-                    s[b:] = -torch.inf
-                filt.pairs(s, ip, ig, 0, torch.arange(clo, chi, device=dev), True, False)
-                progress.add(b * (chi - clo))
-            for clo, chi in row_blocks[bi + 1:]:
-                s = search.scores(xi, xq[clo:chi])
-                if pb > b:
-                    s[b:] = -torch.inf
+            return padded(xq[perm], pb), torch.cat([perm, pad]), torch.cat([gid[perm], pad])
+
+        def masked_scores(xi, xj, b):
+            s = search.scores(xi, xj)
+            if xi.shape[0] > b:
+                s[b:] = -torch.inf
+            return s
+
+        # Block pairs by distance in the locality order: neighbouring blocks hold most of
+        # each other's neighbours, so thresholds are nearly final before far pairs come.
+        nb = len(row_blocks)
+        for off in range(1, nb):
+            for bi in range(nb - off):
+                (lo, hi), (clo, chi) = row_blocks[bi], row_blocks[bi + off]
+                xi, ip, ig = query_block(lo, hi)
+                s = masked_scores(xi, xq[clo:chi], hi - lo)
                 filt.pairs(s, ip, ig, clo, gid[clo:chi], True, True)
-                progress.add(2 * b * (chi - clo))
+                progress.add(2 * (hi - lo) * (chi - clo))
+        for lo, hi in row_blocks:
+            xi, ip, ig = query_block(lo, hi)
+            for clo, chi in other:
+                s = masked_scores(xi, search.half(clo, chi), hi - lo)
+                filt.pairs(s, ip, ig, 0, torch.arange(clo, chi, device=dev), True, False)
+                progress.add((hi - lo) * (chi - clo))
             cand, keep, overflow = cands.finish(lo, hi)
             where = gid_np[lo:hi] - rows.start
             ok = ~overflow
