@@ -4,6 +4,14 @@ A fixed batch size wastes work two ways: short texts make small matrix products,
 lengths pad every row to the longest. Here the texts of a call are sorted by token count and
 cut into batches whose padded size (rows x longest row) stays under a token budget. Batches
 depend only on the texts of the call, so the same texts always give the same bits.
+
+Batch shapes come from a small set, whatever the number of texts: rows are a multiple of 32
+where the budget allows (a call's last batch is padded with copies of its last row), and
+sequences longer than 32 tokens are padded to a multiple of 16. On a CPU, oneDNN compiles
+and keeps kernels for every matrix shape it meets, about 2 MiB a batch shape here; with
+exact shapes, 410k shuffled captions kept meeting new ones and the process grew by 400 MiB,
+still climbing. Bucketed, captions yield about 45 shapes, half of them in the first 8,192
+texts, for 1.3% more padded tokens.
 """
 
 from __future__ import annotations
@@ -24,6 +32,9 @@ PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 # products efficient without spilling the caches; GPUs want far larger batches.
 DEFAULT_TOKEN_BUDGET = {"cpu": 2048, "cuda": 65536}
 MAX_BATCH_ROWS = 1024
+ROW_MULTIPLE = 32  # batch rows are a multiple of this, where the budget allows
+EXACT_LENGTHS = 32  # sequences up to this many tokens keep their length...
+LENGTH_MULTIPLE = 16  # ...longer ones are padded to a multiple of this
 CPU_WORKERS = 4  # batches encoded at once on a CPU (see TextEncoder.encode)
 
 
@@ -63,8 +74,19 @@ def pick_precision(requested: str, device: str) -> str:
     return requested
 
 
-def token_batches(lengths: np.ndarray, budget: int, max_rows: int = MAX_BATCH_ROWS) -> list[np.ndarray]:
-    """Cut indices, sorted by length, into batches with rows * longest <= budget.
+def padded_lengths(lengths: np.ndarray, limit: int) -> np.ndarray:
+    """The sequence length each text is padded to: its own up to EXACT_LENGTHS tokens, else
+    the next multiple of LENGTH_MULTIPLE, but not past max(its own, limit)."""
+    lengths = np.asarray(lengths)
+    up = -(-lengths // LENGTH_MULTIPLE) * LENGTH_MULTIPLE
+    return np.where(lengths <= EXACT_LENGTHS, lengths, np.minimum(up, np.maximum(lengths, limit)))
+
+
+def token_batches(lengths: np.ndarray, budget: int, max_rows: int = MAX_BATCH_ROWS,
+                  multiple: int = ROW_MULTIPLE) -> list[np.ndarray]:
+    """Cut indices, sorted by length, into batches with rows * longest <= budget, and rows a
+    multiple of `multiple` where the budget and the texts left allow it (the last batch, and
+    a batch of fewer than `multiple` texts under the budget, may have fewer).
 
     A single text longer than the budget gets a batch of its own.
     """
@@ -75,9 +97,29 @@ def token_batches(lengths: np.ndarray, budget: int, max_rows: int = MAX_BATCH_RO
         while (stop < n and stop - start < max_rows
                and (stop - start + 1) * lengths[order[stop]] <= budget):
             stop += 1
+        if stop < n and stop - start >= multiple:
+            stop -= (stop - start) % multiple
         batches.append(order[start:stop])
         start = stop
     return batches
+
+
+def pad_batch(feats: dict, rows: int, length: int, pad_id: int) -> dict:
+    """Tokenizer output padded to `rows` rows (copies of the last) and `length` columns
+    (pad tokens, masked out), so that the batch has one of few shapes."""
+    import torch
+
+    out = {}
+    for key, v in feats.items():
+        if isinstance(v, torch.Tensor) and v.dim() == 2:
+            extra = length - v.shape[1]
+            if extra > 0:
+                fill = pad_id if key == "input_ids" else 0
+                v = torch.cat([v, v.new_full((v.shape[0], extra), fill)], dim=1)
+            if rows > v.shape[0]:
+                v = torch.cat([v, v[-1:].expand(rows - v.shape[0], -1)])
+        out[key] = v
+    return out
 
 
 class TextEncoder:
@@ -120,7 +162,9 @@ class TextEncoder:
         out = np.empty((len(texts), self.dim), dtype=np.float32)
         if not texts:
             return out
-        batches = token_batches(self.token_lengths(texts), self.token_budget)
+        lengths = padded_lengths(self.token_lengths(texts), self.max_seq_length)
+        batches = token_batches(lengths, self.token_budget)
+        pad_id = getattr(self.model.tokenizer, "pad_token_id", None) or 0
         threads = torch.get_num_threads()
         workers = min(CPU_WORKERS, threads) if self.device == "cpu" else 1
         # On a CPU, `workers` batches run at once, each on threads // workers cores: this
@@ -137,9 +181,13 @@ class TextEncoder:
         try:
             for idx in batches:
                 feats = self._features([texts[i] for i in idx])
+                length = int(lengths[idx].max())
+                rows = max(len(idx), min(-(-len(idx) // ROW_MULTIPLE) * ROW_MULTIPLE,
+                                         self.token_budget // length))
+                feats = pad_batch(feats, rows, length, pad_id)
                 pending.append((idx, self._pool.submit(self._forward, feats)))
             for idx, done in pending:
-                out[idx] = done.result()
+                out[idx] = done.result()[: len(idx)]
                 if on_batch is not None:
                     on_batch(len(idx))
         finally:
