@@ -29,6 +29,7 @@ from graphbuild import dedup, sources
 from graphbuild.errors import GraphbuildError
 from graphbuild.faults import kill_point
 from graphbuild.manifest import Dataset
+from graphbuild.memory import return_freed_memory
 from graphbuild.storage import ParquetRows, atomic_path
 
 log = logging.getLogger(__name__)
@@ -145,6 +146,16 @@ def build_tables(ds: Dataset, out: str | Path, skip_bad_rows: bool = False,
         return _text_tables(ds, out, tmp, skip_bad_rows, layout or Layout())
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+        _release_memory()
+
+
+def _release_memory() -> None:
+    """Hand what the steps freed back to the OS before the model loads: Arrow's pool keeps
+    freed blocks, glibc keeps freed heap pages (polars' jemalloc returns them within 1 s)."""
+    import pyarrow as pa
+
+    pa.default_memory_pool().release_unused()
+    return_freed_memory()
 
 
 @contextlib.contextmanager
