@@ -191,7 +191,8 @@ def number_nodes(texts: Spill, dropped: np.ndarray, folder: Path, window: int,
         order = np.argsort(both["g"].to_numpy())
         ids = np.empty(both.height, dtype=np.int64)
         ids[order] = np.arange(n_nodes, n_nodes + both.height)
-        write_nodes(pl.DataFrame({"node": np.sort(ids), "text": both["text"].gather(order)}))
+        write_nodes(pl.DataFrame({"node": np.arange(n_nodes, n_nodes + both.height),
+                                  "text": both["text"].gather(order)}))
         at = 0
         for p, size in enumerate(sizes):  # each partition's node ids, in its own order
             if size:
@@ -199,6 +200,8 @@ def number_nodes(texts: Spill, dropped: np.ndarray, folder: Path, window: int,
                     ids[at:at + size].tofile(f)
                 at += size
         n_nodes += both.height
+    for p in range(texts.parts):
+        path("first", p).unlink(missing_ok=True)
 
     numbered = []
     for p in range(texts.parts):  # each row's node, looked up by its local index
