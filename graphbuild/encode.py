@@ -104,6 +104,12 @@ def token_batches(lengths: np.ndarray, budget: int, max_rows: int = MAX_BATCH_RO
     return batches
 
 
+def padded_rows(n: int, length: int, budget: int) -> int:
+    """The rows a batch of n texts padded to `length` becomes: the next multiple of
+    ROW_MULTIPLE, as far as the budget allows."""
+    return max(n, min(-(-n // ROW_MULTIPLE) * ROW_MULTIPLE, budget // length))
+
+
 def pad_batch(feats: dict, rows: int, length: int, pad_id: int) -> dict:
     """Tokenizer output padded to `rows` rows (copies of the last) and `length` columns
     (pad tokens, masked out), so that the batch has one of few shapes."""
@@ -182,8 +188,7 @@ class TextEncoder:
             for idx in batches:
                 feats = self._features([texts[i] for i in idx])
                 length = int(lengths[idx].max())
-                rows = max(len(idx), min(-(-len(idx) // ROW_MULTIPLE) * ROW_MULTIPLE,
-                                         self.token_budget // length))
+                rows = padded_rows(len(idx), length, self.token_budget)
                 feats = pad_batch(feats, rows, length, pad_id)
                 pending.append((idx, self._pool.submit(self._forward, feats)))
             for idx, done in pending:

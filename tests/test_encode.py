@@ -4,8 +4,14 @@ from __future__ import annotations
 
 import numpy as np
 
-from graphbuild.encode import (EXACT_LENGTHS, ROW_MULTIPLE, TextEncoder, padded_lengths,
-                               token_batches)
+from graphbuild.encode import (
+    EXACT_LENGTHS,
+    ROW_MULTIPLE,
+    TextEncoder,
+    padded_lengths,
+    padded_rows,
+    token_batches,
+)
 
 
 def test_lengths_are_exact_up_to_32_then_multiples_of_16_within_the_limit():
@@ -37,15 +43,15 @@ def test_the_set_of_batch_shapes_stops_growing():
     for _ in range(200):  # 1.6M texts, 8,192 a call
         lengths = padded_lengths(caption_like_lengths(rng, 8192), 256)
         for b in token_batches(lengths, 2048):
-            rows = max(len(b), min(-(-len(b) // ROW_MULTIPLE) * ROW_MULTIPLE,
-                                   2048 // lengths[b].max()))
-            seen.add((rows, int(lengths[b].max())))
+            length = int(lengths[b].max())
+            seen.add((padded_rows(len(b), length, 2048), length))
         counts.append(len(seen))
     assert counts[-1] < 100 and counts[-1] - counts[99] <= 3, counts[::20]
 
 
 def test_padding_rows_and_lengths_leaves_the_vectors_alone(st_model):
-    words = "a man on a red bike rides past two dogs near the old stone bridge".split()
+    words = ["a", "man", "on", "a", "red", "bike", "rides", "past", "two", "dogs", "near",
+             "the", "old", "stone", "bridge"]
     texts = [" ".join(words[: 3 + i % 14] * (1 + i // 14)) for i in range(60)]  # 5-90 tokens
     enc = TextEncoder(st_model, "cpu", "fp32")
     assert enc.token_lengths(texts).max() > EXACT_LENGTHS  # some get padded columns
