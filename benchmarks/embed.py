@@ -1,16 +1,18 @@
 """graphbuild's embedding path against plain SentenceTransformer.encode, in one process run.
 
-    python benchmarks/embed.py [--limit N] [--rss]
+    python benchmarks/embed.py [--limit N] [--repeats R] [--rss | --rss-only]
 
 On the COCO val2017 captions of ../shared/data: texts/s of each, the ratio, max (1 - cos) and
 kNN@10 agreement against the plain fp32 baseline, for graphbuild's bf16 and exact fp32 modes.
 Baseline and ours run interleaved, best of --repeats, so a noisy neighbour hurts both alike.
---rss also runs `graphbuild embed` in subprocesses on two dataset sizes and prints peak RSS.
+--rss (or --rss-only) also prints the peak RSS of child processes at four dataset sizes, 80x
+apart: of `graphbuild embed`, and of its prepare stage alone (the tables; no torch yet).
 """
 
 from __future__ import annotations
 
 import argparse
+import random
 import resource
 import subprocess
 import sys
@@ -53,31 +55,88 @@ def timed(fn, repeats: int) -> tuple[float, np.ndarray]:
     return best, out
 
 
-def peak_rss_of_embed(rows: int, tmp: Path) -> float:
-    """Peak RSS (MiB) of a `graphbuild embed` subprocess over the first `rows` captions."""
+RSS_SIZES = (6_000, 60_000, 240_000, 480_000)
+
+
+def caption_pool() -> list[str]:
+    """The real captions of ../shared/data, whitespace-normalised: COCO val2017, Flickr8k,
+    CC3M validation and the LAION-style sample (91,307 of them)."""
+    texts = coco_captions(None)
+    for line in (DATA / "Flickr8k.token.txt").read_text(encoding="utf-8").splitlines():
+        texts += line.split(None, 1)[1:]  # "image.jpg#n<TAB>caption" (one line: spaces)
+    with open(DATA / "cc3m_Validation_GCC-1.1.0-Validation.tsv", encoding="utf-8") as f:
+        texts += [line.split("\t")[0] for line in f]
+    with open(DATA / "img2dataset_laion_style_10000.tsv", encoding="utf-8") as f:
+        texts += ["\t".join(line.rstrip("\n").split("\t")[2:]) for line in list(f)[1:]]
+    return [t for t in (" ".join(t.split()) for t in texts) if t]
+
+
+def caption_source(rows: int, pool: list[str], tmp: Path) -> Path:
+    """A manifest over `rows` captions: the real ones in a fixed shuffled order (so that every
+    size mixes the four sets alike), then each again with " 1", " 2", ... appended, so that
+    every text past the pool is new and still reads like a caption."""
+    pool = random.Random(0).sample(pool, len(pool))
     src = tmp / f"c{rows}.tsv"
-    lines = coco_captions(None)
-    # Flickr8k: "image.jpg#n<TAB>caption" (one line has spaces instead of the tab)
-    flickr = (DATA / "Flickr8k.token.txt").read_text(encoding="utf-8").splitlines()
-    lines += [ln.split(None, 1)[1] for ln in flickr if len(ln.split(None, 1)) == 2]
-    src.write_text("caption\n" + "\n".join(lines[:rows]) + "\n")
+    with open(src, "w", encoding="utf-8") as f:
+        f.write("caption\n")
+        f.writelines(pool[i % len(pool)] + (f" {i // len(pool)}" if i >= len(pool) else "") + "\n"
+                     for i in range(rows))
     m = tmp / f"c{rows}.yaml"
     m.write_text(f"name: c{rows}\nsource: {{path: {src.name}, format: tsv}}\ntext_column: caption\n")
-    code = ("import resource, sys; from graphbuild.cli import main; sys.argv=['graphbuild','embed',"
-            f"'{m}','--out','{tmp / f'run{rows}'}','-q'];\ntry: main()\nexcept SystemExit: pass\n"
-            "print(next(l for l in open('/proc/self/status') if l.startswith('VmHWM')).split()[1])")
-    # VmHWM, not ru_maxrss: Linux carries ru_maxrss over fork and exec, so a child of this
-    # (large) process would report the parent's peak.
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO)
+    return m
+
+
+def peak_rss(code: str, root: Path = REPO) -> float:
+    """VmHWM (MiB) of a child Python running `code` in `root` (another checkout measures an
+    older graphbuild). Not ru_maxrss: Linux carries ru_maxrss over fork and exec, so a child
+    of this (large) process reports the parent's."""
+    code += ("\nprint(next(l for l in open('/proc/self/status') "
+             "if l.startswith('VmHWM')).split()[1])")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=root,
+                         check=False)
+    if out.returncode:
+        raise RuntimeError(out.stderr[-2000:])
     return int(out.stdout.strip().splitlines()[-1]) / 1024
+
+
+def peak_rss_of_embed(manifest: Path, out: Path, root: Path = REPO) -> float:
+    return peak_rss("import sys; from graphbuild.cli import main; sys.argv = ['graphbuild', "
+                    f"'embed', {str(manifest)!r}, '--out', {str(out)!r}, '-q']\n"
+                    "try: main()\nexcept SystemExit: pass", root)
+
+
+def peak_rss_of_prepare(manifest: Path, out: Path, root: Path = REPO) -> float:
+    return peak_rss("from graphbuild.embed import prepare; from graphbuild.manifest import "
+                    "load_manifest; from graphbuild.storage import RunDir; "
+                    f"prepare(load_manifest({str(manifest)!r}), RunDir({str(out)!r}))", root)
+
+
+def print_rss(sizes=RSS_SIZES) -> None:
+    pool = caption_pool()
+    print(f"peak RSS (VmHWM) of child processes; captions: the {len(pool):,} real ones of "
+          "COCO, Flickr8k, CC3M val, LAION-style shuffled, then the same again suffixed \" 1\", "
+          "\" 2\", ...")
+    print(f"{'captions':>9} {'prepare alone':>14} {'graphbuild embed':>17} {'embed s':>8}")
+    with tempfile.TemporaryDirectory() as d:
+        for rows in sizes:
+            m = caption_source(rows, pool, Path(d))
+            prep = peak_rss_of_prepare(m, Path(d) / f"prep{rows}")
+            t0 = time.perf_counter()
+            embed = peak_rss_of_embed(m, Path(d) / f"run{rows}")
+            print(f"{rows:>9,} {prep:>10,.0f} MiB {embed:>13,.0f} MiB {time.perf_counter() - t0:>8.0f}",
+                  flush=True)
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--limit", type=int, default=None, help="use the first N captions")
     ap.add_argument("--repeats", type=int, default=2)
-    ap.add_argument("--rss", action="store_true", help="also measure peak RSS at two sizes")
+    ap.add_argument("--rss", action="store_true", help="also measure peak RSS at four sizes")
+    ap.add_argument("--rss-only", action="store_true", help="only measure peak RSS")
     args = ap.parse_args()
+    if args.rss_only:
+        print_rss()
+        return
 
     import torch
 
@@ -113,10 +172,7 @@ def main() -> None:
               f"{knn_agreement(ref, emb):>7.4f}")
 
     if args.rss:
-        with tempfile.TemporaryDirectory() as d:
-            for rows in (6_000, 60_000):
-                print(f"peak RSS of `graphbuild embed` on {rows:,} captions: "
-                      f"{peak_rss_of_embed(rows, Path(d)):,.0f} MiB")
+        print_rss()
     print(f"this process peak RSS: {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:,.0f} MiB")
 
 
