@@ -191,7 +191,8 @@ print(json.dumps({"seconds": time.perf_counter() - t0, "recall": r.recall, "npro
 def child_knn(run: Path, method: str, shard: int = 0, num_shards: int = 1) -> dict:
     """Run the knn stage in a fresh process, which reports its own peak RSS."""
     p = subprocess.run([sys.executable, "-c", CHILD, str(run), str(K), method, str(shard),
-                        str(num_shards)], capture_output=True, text=True, cwd=REPO)
+                        str(num_shards)], capture_output=True, text=True, cwd=REPO,
+                       check=False)  # a failed child is reported below
     lines = p.stdout.strip().splitlines()
     for line in lines[:-1]:
         if "nprobe" in line or "built" in line or "auto" in line:

@@ -53,7 +53,7 @@ def test_digits_training_reads_targets_without_a_text_encoder(tmp_path):
     np.fill_diagonal(same, False)
     assert t[same].min() > t[~same].max()  # a same-class pair outweighs any other class
     done = subprocess.run([sys.executable, "-c", GUARD % str(EXAMPLE), str(run)], cwd=REPO,
-                          capture_output=True, text=True, timeout=300)
+                          capture_output=True, text=True, timeout=300, check=False)
     assert done.returncode == 0, done.stderr[-2000:]
     for objective in ("simclr", "supcon", "xclr"):
         assert f"  {objective:7s} seed 0: kNN acc" in done.stdout
