@@ -1,7 +1,7 @@
 """Cost of X-CLR targets per step on CPU, against encoding the batch's captions on the fly.
 
 B = 1,024 random samples of the real-captions run (benchmarks/graph_targets_kl.py builds it):
-exact targets (fp32 matmul, and bf16), graph targets (top-16 and top-256 graphs), and
+exact targets (fp32 matmul, fp64 and bf16), graph targets (top-16 and top-256 graphs), and
 all-MiniLM-L6-v2 encoding the same 1,024 captions, all in one process with the same threads.
 Prints ms/step and ratios; asserts nothing.
 
@@ -37,7 +37,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--workdir", type=Path, default=Path("/tmp/graphbuild-xclr"))
     ap.add_argument("--steps", type=int, default=50)
-    ap.add_argument("--encode-steps", type=int, default=2)
+    ap.add_argument("--encode-steps", type=int, default=5)
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     args = ap.parse_args()
     if args.threads:
@@ -55,6 +55,8 @@ def main() -> None:
     exact = SoftTargets.from_run(run)
     exact(batches[0])  # loads the fp16 rows into RAM once, as a trainer would
     rows["exact targets, fp32 (default)"] = per_step_ms(exact, batches)
+    rows["exact targets, fp64 matmul"] = per_step_ms(
+        SoftTargets.from_run(run, dtype=torch.float64), batches)
     rows["exact targets, bf16 matmul"] = per_step_ms(
         SoftTargets.from_run(run, dtype=torch.bfloat16), batches)
     rows["exact targets, memory-mapped"] = per_step_ms(SoftTargets.from_run(run, mmap=True),

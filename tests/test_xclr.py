@@ -48,35 +48,48 @@ def test_import_is_light():
     assert done.returncode == 0, done.stderr
 
 
+# Max |targets - float64 formula| allowed, by product dtype. float32's floor: logits reach
+# 1/tau_s = 10, where one float32 ulp is 9.5e-7 (a plain float32 formula is ~2e-6 off too).
+TOLERANCE = {torch.float32: 5e-6, torch.float64: 1e-6}
+
+
 @needs_captions
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("diagonal", ["mask", "keep"])
 @pytest.mark.parametrize("mmap", [False, True])
-def test_exact_targets_match_numpy(run, diagonal, mmap):
+def test_exact_targets_match_numpy(run, diagonal, mmap, dtype):
     from graphbuild.xclr import SoftTargets
 
-    idx = np.random.default_rng(0).choice(3000, 256, replace=False)
-    idx[:3] = [0, 1, 2]  # COCO's first captions are of one image; near-duplicate texts
-    targets = SoftTargets.from_run(run, tau_s=0.1, diagonal=diagonal, mmap=mmap)
-    got = targets(torch.from_numpy(idx))
-    assert got.dtype == torch.float32 and got.shape == (256, 256)
-    want = _reference(run, idx, 0.1, diagonal == "keep")
-    assert np.abs(got.numpy() - want).max() < 1e-6
-    assert np.allclose(got.sum(1).numpy(), 1.0, atol=1e-5)
+    targets = SoftTargets.from_run(run, tau_s=0.1, diagonal=diagonal, mmap=mmap, dtype=dtype)
+    rng = np.random.default_rng(0)
+    for b in (256, 256, 1024):
+        idx = rng.choice(3000, b, replace=False)
+        idx[:3] = [0, 1, 2]  # COCO's first captions are of one image; near-duplicate texts
+        got = targets(torch.from_numpy(idx))
+        assert got.dtype == torch.float32 and got.shape == (b, b)
+        want = _reference(run, idx, 0.1, diagonal == "keep")
+        assert np.abs(got.numpy() - want).max() < TOLERANCE[dtype]
+        assert np.allclose(got.sum(1).numpy(), 1.0, atol=1e-5)
 
 
-@needs_captions
-def test_two_views_and_shared_nodes(run):
+def _repeated_caption(run) -> np.ndarray:
+    """Two samples of one node: a caption that occurs twice."""
     import polars as pl
-
-    from graphbuild.xclr import SoftTargets
 
     samples = pl.read_parquet(run / "samples.parquet")
     dup = samples.filter(pl.col("node").is_duplicated()).sort("node")["sample"].to_numpy()[:2]
     assert len(dup) == 2, "the first 3,000 COCO captions hold a repeated caption"
-    idx = np.concatenate([dup, np.arange(100, 160)])
-    t = SoftTargets.from_run(run, tau_s=0.1)
+    return dup
+
+
+@needs_captions
+def test_two_views_and_shared_nodes(run):
+    from graphbuild.xclr import SoftTargets
+
+    idx = np.concatenate([_repeated_caption(run), np.arange(100, 160)])
+    t = SoftTargets.from_run(run, tau_s=0.1, dtype=torch.float64)
     sims = t.sample_sims(idx)
-    assert abs(float(sims[0, 1]) - 1.0) < 1e-6  # same node: an exact positive
+    assert float(sims[0, 1]) == 1.0  # same node: an exact positive
     two = t(idx, views=2)
     b = len(idx)
     assert two.shape == (2 * b, 2 * b)
@@ -84,6 +97,32 @@ def test_two_views_and_shared_nodes(run):
     assert torch.all(two.diagonal() == 0)
     # each row's largest target is its other view or its same-node twin (cos = 1)
     assert torch.allclose(two[torch.arange(b), torch.arange(b) + b], two.max(1).values[:b])
+
+
+@needs_captions
+@pytest.mark.parametrize("copies", [1, 3])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_shared_nodes_in_either_path(run, copies, dtype):
+    """A few shared nodes (products in batch order, then the pairs set) and mostly shared
+    ones (products over unique nodes, then expanded) both give the reference targets."""
+    from graphbuild.xclr import SoftTargets, shared_pairs
+
+    idx = np.concatenate([_repeated_caption(run), np.tile(np.arange(100, 140), copies)])
+    t = SoftTargets.from_run(run, tau_s=0.1, dtype=dtype)
+    got = t(idx).numpy()
+    assert np.abs(got - _reference(run, idx, 0.1, keep_diagonal=False)).max() < TOLERANCE[dtype]
+    _, inv = np.unique(t.sample_nodes[idx], return_inverse=True)
+    a, b = shared_pairs(inv)
+    assert len(a) == 2 + 40 * copies * (copies - 1)
+    assert torch.all(t.sample_sims(idx)[a, b] == 1.0)
+
+
+def test_shared_pairs():
+    from graphbuild.xclr import shared_pairs
+
+    a, b = shared_pairs(np.array([0, 1, 0, 2, 0, 1]))
+    assert sorted(zip(a.tolist(), b.tolist())) == [(0, 2), (0, 4), (1, 5), (2, 0), (2, 4),
+                                                   (4, 0), (4, 2), (5, 1)]
 
 
 def _two_view_reference(run, idx, tau_s):
