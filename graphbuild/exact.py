@@ -6,7 +6,7 @@ The plan, for rows R of an fp16 matrix X (unit-norm rows) against all its rows:
    AVX-512 BF16 / AMX; fp16 matrix products are ~100x slower there) and in fp16 on CUDA. Each
    row keeps the `capacity` best approximate scores offered so far (`_Candidates`).
 2. Filtering. Each row has a keep threshold (from its current k-th best, first taken in
-   its diagonal block, `_Candidates.seed`), and only scores reaching it are offered. A
+   its diagonal block, offered first), and only scores reaching it are offered. A
    block of scores is reduced once to maxima over groups of rows (`_Blocks`), compared as
    int16 bit patterns against integer keys of the thresholds; only the few groups that can
    hold a hit are read again. Thresholds only rise, so filtering with a stale one is safe,
@@ -52,6 +52,8 @@ EXACT_NORM_LIMIT = 5.0     # |x| below this keeps fp64 dot products of fp16 valu
 THRESHOLD_SLACK = 2e-6     # covers fp32 rounding of the threshold and of the stored sims
 DEFAULT_BLOCK_ROWS = 2048  # 8 MiB of bf16 scores per block pair
 GROUP = 16  # rows per max-pooled group when filtering a block of scores
+# Hit counts per row that share one padded merge (bounds exclusive, inclusive).
+MERGE_BANDS = ((0, 16), (16, 64), (64, 1 << 62))
 SCORE_FLOOR = -1e30  # below every finite score; filtering thresholds never go lower
 
 
@@ -190,9 +192,6 @@ class _Candidates:
         self.scores = torch.full((n, capacity), -torch.inf, dtype=torch.float32, device=device)
         self.ids = torch.full((n, capacity), -1, dtype=id_dtype, device=device)
         self.dropped = torch.full((n,), -torch.inf, dtype=torch.float32, device=device)
-        # A lower bound on each row's approximate k-th best, known before the buffer holds
-        # k entries (see `seed`); the keep threshold uses the larger of it and the buffer's.
-        self.floor = torch.full((n,), -torch.inf, dtype=torch.float32, device=device)
         # Filtering thresholds and their int16 keys (`_int16_key`), one extra sentinel entry
         # (+inf: passes nothing) for padding rows. Never below SCORE_FLOOR, which is under
         # any real score, so -inf sentinels (self, padding) never pass.
@@ -207,20 +206,9 @@ class _Candidates:
         return self.bound.keep_threshold(self.scores[lo:hi, self.k - 1])
 
     def _refresh(self, at) -> None:
-        import torch
-
-        t = torch.maximum(self.scores[at, self.k - 1], self.floor[at])
-        thr = self.bound.keep_threshold(t).clamp_(min=SCORE_FLOOR)
+        thr = self.bound.keep_threshold(self.scores[at, self.k - 1]).clamp_(min=SCORE_FLOOR)
         self.thr[at] = thr
         self.key[at] = _int16_key(thr, self.half_dtype)
-
-    def seed(self, lo: int, hi: int, floor) -> None:
-        """Raise rows lo..hi's floor: `floor` must be at most the k-th best approximate
-        score among entries that are (or will be) offered with the floor's threshold."""
-        import torch
-
-        self.floor[lo:hi] = torch.maximum(self.floor[lo:hi], floor)
-        self._refresh(torch.arange(lo, hi, device=floor.device))
 
     def add(self, rows, cols, vals) -> None:
         """Queue hits (row index into this buffer, column id, approximate score)."""
@@ -241,44 +229,52 @@ class _Candidates:
         self.pending, self.pending_count = [], 0
         self._merge_sparse(rows, cols, vals)
 
-    def offer(self, lo: int, hi: int, scores, cols) -> None:
+    def offer(self, lo: int, hi: int, scores, cols, counted: bool = True) -> None:
         """Merge dense scores of rows lo..hi (dim 0) against the columns with ids `cols`.
 
         Only scores that reach the current threshold can matter, and the threshold only
         rises, so a block adds at most its per-row count of those (capped at capacity + 1:
-        the top capacity + 1 of the union is all the merge needs)."""
+        the top capacity + 1 of the union is all the merge needs). counted=False skips the
+        count (a pass as slow as the top-k) where most rows will pass anyway."""
         import torch
 
         scores = scores.float()
-        m = int((scores >= self.thr[lo:hi, None]).sum(dim=1).max())
-        if m == 0:
-            return
-        m = min(m, self.capacity + 1, scores.shape[1])
+        m = self.capacity + 1
+        if counted:
+            # int32 sums: a bool sum widens to int64 and runs ~3x slower on CPU
+            hits = (scores >= self.thr[lo:hi, None]).sum(dim=1, dtype=torch.int32)
+            m = min(m, int(hits.max()))
+            if m == 0:
+                return
+        m = min(m, scores.shape[1])
         vals, pos = torch.topk(scores, m, dim=1, sorted=False)
         self._merge_rows(torch.arange(lo, hi, device=vals.device), vals,
                          cols[pos].to(self.ids.dtype))
 
     def _merge_sparse(self, rows, cols, vals) -> None:
-        """Merge (row, column, score) hits: pad them into a (rows, most hits) matrix."""
+        """Merge (row, column, score) hits: pad them into (rows, most hits) matrices, one per
+        band of hit counts, so that a few rows with many hits do not widen every row."""
         import torch
 
         order = torch.argsort(rows)
         rows, cols, vals = rows[order], cols[order], vals[order]
         counts = torch.bincount(rows, minlength=len(self.thr))
-        touched = counts.nonzero()[:, 0]
-        c = counts[touched]
-        width = int(c.max())
-        starts = torch.cumsum(c, 0) - c
         dev = rows.device
+        slot = torch.arange(len(rows), device=dev) - (torch.cumsum(counts, 0) - counts)[rows]
         at = torch.empty(len(self.thr), dtype=torch.long, device=dev)
-        at[touched] = torch.arange(len(touched), device=dev)
-        r = at[rows]
-        slot = torch.arange(len(rows), device=dev) - starts[r]
-        pv = torch.full((len(touched), width), -torch.inf, dtype=torch.float32, device=dev)
-        pi = torch.full((len(touched), width), -1, dtype=self.ids.dtype, device=dev)
-        pv[r, slot] = vals
-        pi[r, slot] = cols.to(self.ids.dtype)
-        self._merge_rows(touched, pv, pi)
+        for low, high in MERGE_BANDS:
+            touched = ((counts > low) & (counts <= high)).nonzero()[:, 0]
+            if len(touched) == 0:
+                continue
+            at[touched] = torch.arange(len(touched), device=dev)
+            mine = (counts[rows] > low) & (counts[rows] <= high)
+            r = at[rows[mine]]
+            width = int(counts[touched].max())
+            pv = torch.full((len(touched), width), -torch.inf, dtype=torch.float32, device=dev)
+            pi = torch.full((len(touched), width), -1, dtype=self.ids.dtype, device=dev)
+            pv[r, slot[mine]] = vals[mine]
+            pi[r, slot[mine]] = cols[mine].to(self.ids.dtype)
+            self._merge_rows(touched, pv, pi)
 
     def _merge_rows(self, at, vals, ids) -> None:
         """Keep the best `capacity` of each listed row's buffer plus its new (vals, ids)."""
@@ -535,9 +531,9 @@ def blocked_topk(x16: np.ndarray, k: int, rows: range | None = None,
             xi = xq[lo:hi]
             s = search.scores(xi, xi).float()
             s.fill_diagonal_(-torch.inf)
-            if b > k:
-                cands.seed(lo, hi, torch.topk(s, k, dim=1).values[:, k - 1])
-            cands.offer(lo, hi, s, gid[lo:hi])
+            # the buffers are empty: each row keeps its block's best, so its first threshold
+            # comes from its exact k-th best in the block
+            cands.offer(lo, hi, s, gid[lo:hi], counted=False)
             progress.add(b * b)
 
         def query_block(lo, hi):
