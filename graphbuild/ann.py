@@ -175,22 +175,32 @@ def search(index, xq: np.ndarray, rows: np.ndarray, k: int, nprobe: int,
 
 def tune_nprobe(index, arr, k: int, target: float, block_rows: int,
                 sample: int = TUNE_QUERIES, seed: int = SEED) -> Tuning:
-    """The smallest nprobe in 1, 2, 4, ..., nlist reaching recall@k >= target on a seeded
-    sample of queries, measured against exact search."""
+    """The smallest nprobe reaching recall@k >= target on a seeded sample of queries,
+    measured against exact search: doubling from 1 to the first that reaches it, then
+    bisecting down from there (recall only grows with nprobe: more lists, more candidates),
+    since a power of two can cost up to twice the lists needed."""
     queries = sample_ids(index.ntotal, sample, seed + 1)
     truth = ground_truth(arr, queries, k, block_rows)
     xq = gather_rows(arr, queries, block_rows)
-    curve = []
-    nprobe = 1
-    while True:
-        nprobe = min(nprobe, index.nlist)
+    curve, recalls = [], {}
+
+    def measure(nprobe: int) -> float:
         t0 = time.perf_counter()
         found, _ = search(index, xq, queries, k, nprobe)
-        recall = recall_at_k(found, truth)
+        recalls[nprobe] = recall = recall_at_k(found, truth)
         curve.append({"nprobe": nprobe, "recall": round(recall, 4),
                       "seconds": round(time.perf_counter() - t0, 3)})
         log.info("nprobe %d: recall@%d %.4f on %d sampled queries (%.2fs)", nprobe, k, recall,
                  len(queries), curve[-1]["seconds"])
-        if recall >= target or nprobe >= index.nlist:
-            return Tuning(nprobe, recall, len(queries), curve)
-        nprobe *= 2
+        return recall
+
+    low, high = 0, 1  # low: largest nprobe known to miss the target (0: none tried)
+    while measure(high) < target and high < index.nlist:
+        low, high = high, min(high * 2, index.nlist)
+    while recalls[high] >= target and high - low > 1:
+        mid = (low + high) // 2
+        if measure(mid) >= target:
+            high = mid
+        else:
+            low = mid
+    return Tuning(high, recalls[high], len(queries), sorted(curve, key=lambda c: c["nprobe"]))

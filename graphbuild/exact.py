@@ -43,6 +43,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from graphbuild.hits import padded_bands
+
 log = logging.getLogger(__name__)
 
 F32_UNIT_ROUNDOFF = 2.0 ** -24
@@ -52,8 +54,7 @@ EXACT_NORM_LIMIT = 5.0     # |x| below this keeps fp64 dot products of fp16 valu
 THRESHOLD_SLACK = 2e-6     # covers fp32 rounding of the threshold and of the stored sims
 DEFAULT_BLOCK_ROWS = 2048  # 8 MiB of bf16 scores per block pair
 GROUP = 16  # rows per max-pooled group when filtering a block of scores
-# Hit counts per row that share one padded merge (bounds exclusive, inclusive).
-MERGE_BANDS = ((0, 16), (16, 64), (64, 1 << 62))
+MERGE_BANDS = (16, 64)  # hit counts per row that bound one padded merge (hits.py)
 SCORE_FLOOR = -1e30  # below every finite score; filtering thresholds never go lower
 
 
@@ -252,28 +253,9 @@ class _Candidates:
                          cols[pos].to(self.ids.dtype))
 
     def _merge_sparse(self, rows, cols, vals) -> None:
-        """Merge (row, column, score) hits: pad them into (rows, most hits) matrices, one per
-        band of hit counts, so that a few rows with many hits do not widen every row."""
-        import torch
-
-        order = torch.argsort(rows)
-        rows, cols, vals = rows[order], cols[order], vals[order]
-        counts = torch.bincount(rows, minlength=len(self.thr))
-        dev = rows.device
-        slot = torch.arange(len(rows), device=dev) - (torch.cumsum(counts, 0) - counts)[rows]
-        at = torch.empty(len(self.thr), dtype=torch.long, device=dev)
-        for low, high in MERGE_BANDS:
-            touched = ((counts > low) & (counts <= high)).nonzero()[:, 0]
-            if len(touched) == 0:
-                continue
-            at[touched] = torch.arange(len(touched), device=dev)
-            mine = (counts[rows] > low) & (counts[rows] <= high)
-            r = at[rows[mine]]
-            width = int(counts[touched].max())
-            pv = torch.full((len(touched), width), -torch.inf, dtype=torch.float32, device=dev)
-            pi = torch.full((len(touched), width), -1, dtype=self.ids.dtype, device=dev)
-            pv[r, slot[mine]] = vals[mine]
-            pi[r, slot[mine]] = cols[mine].to(self.ids.dtype)
+        """Merge (row, column, score) hits, padded per band of hit counts (hits.py)."""
+        for touched, pv, pi in padded_bands(rows, vals, cols.to(self.ids.dtype), len(self.thr),
+                                            MERGE_BANDS):
             self._merge_rows(touched, pv, pi)
 
     def _merge_rows(self, at, vals, ids) -> None:

@@ -24,6 +24,9 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from graphbuild.hits import padded_bands
+
+HIT_BANDS = (64, 256, 1024)  # hit counts per query that bound one padded top-k
 QUERY_STEP = 32768  # queries searched together: ~260 a list at nlist 2,000, nprobe 16
 
 
@@ -139,18 +142,15 @@ class ListScan:
 def _best_per_row(m: int, kk: int, rows: torch.Tensor, vals: torch.Tensor, ids: torch.Tensor,
                   ) -> tuple[np.ndarray, np.ndarray]:
     """The kk best of scattered (row, value, id) hits per row, as (m, kk) best first, padded
-    with -inf and -1. One sort by (row, -value): a query's hits vary from kk to thousands,
-    so padding them to the widest row would cost more than sorting."""
+    with -inf and -1. A query's hits vary from kk to thousands, so rows are padded by bands of
+    hit counts (hits.py) for the top-k."""
     found = vals > float("-inf")  # the first pass's empty slots
-    rows, vals, ids = rows[found], vals[found], ids[found]
-    key = rows.double() * 4 - vals.double()  # |vals| < 1.5: rows stay apart; fp64 keeps vals
-    order = torch.sort(key, stable=True).indices
-    rows, vals, ids = rows[order], vals[order], ids[order]
-    counts = torch.bincount(rows, minlength=m)
-    rank = torch.arange(len(rows)) - (torch.cumsum(counts, 0) - counts)[rows]
-    keep = rank < kk
+    if not bool(found.all()):
+        rows, vals, ids = rows[found], vals[found], ids[found]
     out_s = torch.full((m, kk), float("-inf"))
     out_i = torch.full((m, kk), -1, dtype=torch.int64)
-    out_s[rows[keep], rank[keep]] = vals[keep]
-    out_i[rows[keep], rank[keep]] = ids[keep]
+    for band, pv, pi in padded_bands(rows, vals, ids, m, HIT_BANDS):
+        top_v, top_p = torch.topk(pv, min(kk, pv.shape[1]), dim=1)
+        out_s[band, :top_v.shape[1]] = top_v
+        out_i[band, :top_v.shape[1]] = torch.gather(pi, 1, top_p)
     return out_s.numpy(), out_i.numpy()

@@ -284,3 +284,21 @@ def test_list_scan_small_lists_search_more(embedded):
     assert not (ids == rows[:, None]).any()
     assert all(len(set(r)) == 60 for r in ids)
     assert (np.diff(sims, axis=1) <= 0).all()
+
+
+def test_tuned_nprobe_is_the_smallest_reaching_the_target(embedded):
+    """Doubling, then bisecting: every nprobe tried below the chosen one misses the target,
+    and the one just below it was tried (so no smaller one reaches it)."""
+    import zarr
+
+    from graphbuild.ann import build_index, tune_nprobe
+    from graphbuild.ivf_scan import ListScan, lists_of
+
+    arr = zarr.open_array(str(embedded / "embeddings.zarr"), mode="r")
+    scan = ListScan.from_lists(*lists_of(build_index(arr, "ivf-sq16", 64, 1024)), arr, 1024)
+    t = tune_nprobe(scan, arr, 10, 0.97, 1024, sample=300)
+    tried = {c["nprobe"]: c["recall"] for c in t.curve}
+    assert t.recall >= 0.97 and tried[t.nprobe] == round(t.recall, 4)
+    assert all(r < 0.97 for p, r in tried.items() if p < t.nprobe)
+    assert t.nprobe == 1 or t.nprobe - 1 in tried
+    assert list(tried) == sorted(tried)

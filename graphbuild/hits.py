@@ -1,0 +1,44 @@
+"""Scattered (row, score, id) hits, padded into per-row matrices for a row-wise top-k.
+
+Padding every row to the widest one wastes most of the work when a few rows hold far more
+hits than the rest (common: hub rows, loose thresholds), so rows are padded in bands of hit
+counts, each band only as wide as its own widest row."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import torch
+
+
+def padded_bands(rows: torch.Tensor, vals: torch.Tensor, ids: torch.Tensor, n_rows: int,
+                 bands: tuple[int, ...]) -> Iterator[tuple[torch.Tensor, torch.Tensor,
+                                                           torch.Tensor]]:
+    """For each band of hit counts (edges in `bands`, ascending, upper bounds inclusive; the
+    last band is open), yield (row numbers, scores (r, width) padded with -inf, ids padded
+    with -1). A row's hits keep their given order."""
+    order = torch.sort(rows.to(torch.int32), stable=True).indices
+    rows, vals, ids = (t.index_select(0, order) for t in (rows, vals, ids))
+    counts = torch.bincount(rows, minlength=n_rows)
+    dev = rows.device
+    first = torch.cumsum(counts, 0) - counts
+    slot = torch.arange(len(rows), device=dev) - first.index_select(0, rows)
+    hit_counts = counts.index_select(0, rows)
+    at = torch.empty(n_rows, dtype=torch.long, device=dev)
+    edges = (0, *bands)
+    for i, low in enumerate(edges):
+        high = edges[i + 1] if i + 1 < len(edges) else None
+        in_band = counts > low if high is None else (counts > low) & (counts <= high)
+        band = in_band.nonzero()[:, 0]
+        if len(band) == 0:
+            continue
+        width = int(counts.index_select(0, band).max())
+        at[band] = torch.arange(len(band), device=dev) * width
+        mine = (hit_counts > low if high is None else (hit_counts > low) & (hit_counts <= high))
+        mine = mine.nonzero()[:, 0]
+        flat = at.index_select(0, rows.index_select(0, mine)) + slot.index_select(0, mine)
+        pv = torch.full((len(band) * width,), -torch.inf, dtype=vals.dtype, device=dev)
+        pi = torch.full((len(band) * width,), -1, dtype=ids.dtype, device=dev)
+        pv.index_copy_(0, flat, vals.index_select(0, mine))
+        pi.index_copy_(0, flat, ids.index_select(0, mine))
+        yield band, pv.view(len(band), width), pi.view(len(band), width)
