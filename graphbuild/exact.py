@@ -190,7 +190,10 @@ class _Candidates:
         import torch
 
         self.k, self.capacity, self.bound, self.half_dtype = k, capacity, bound, half_dtype
-        self.scores = torch.full((n, capacity), -torch.inf, dtype=torch.float32, device=device)
+        # Scores are half-precision products, so the half dtype holds them exactly: half the
+        # bytes of fp32 (the largest buffer of the search).
+        self.scores = torch.full((n, capacity), -torch.inf, dtype=half_dtype or torch.float32,
+                                 device=device)
         self.ids = torch.full((n, capacity), -1, dtype=id_dtype, device=device)
         self.dropped = torch.full((n,), -torch.inf, dtype=torch.float32, device=device)
         # Filtering thresholds and their int16 keys (`_int16_key`), one extra sentinel entry
@@ -204,10 +207,11 @@ class _Candidates:
         self.merge_every = merge_every
 
     def threshold(self, lo: int, hi: int):
-        return self.bound.keep_threshold(self.scores[lo:hi, self.k - 1])
+        return self.bound.keep_threshold(self.scores[lo:hi, self.k - 1].float())
 
     def _refresh(self, at) -> None:
-        thr = self.bound.keep_threshold(self.scores[at, self.k - 1]).clamp_(min=SCORE_FLOOR)
+        thr = self.bound.keep_threshold(self.scores[at, self.k - 1].float())
+        thr.clamp_(min=SCORE_FLOOR)
         self.thr[at] = thr
         self.key[at] = _int16_key(thr, self.half_dtype)
 
@@ -262,10 +266,10 @@ class _Candidates:
         """Keep the best `capacity` of each listed row's buffer plus its new (vals, ids)."""
         import torch
 
-        all_v = torch.cat([self.scores[at], vals], dim=1)
+        all_v = torch.cat([self.scores[at].float(), vals], dim=1)
         all_i = torch.cat([self.ids[at], ids], dim=1)
         top_v, top_p = torch.topk(all_v, min(self.capacity + 1, all_v.shape[1]), dim=1)
-        self.scores[at] = top_v[:, :self.capacity]
+        self.scores[at] = top_v[:, :self.capacity].to(self.scores.dtype)  # exact: see init
         self.ids[at] = torch.gather(all_i, 1, top_p[:, :self.capacity])
         if top_v.shape[1] > self.capacity:
             self.dropped[at] = torch.maximum(self.dropped[at], top_v[:, self.capacity])
@@ -317,11 +321,15 @@ class _Search:
         x = torch.from_numpy(np.ascontiguousarray(self.x16[lo:hi])).to(self.device)
         return x.to(self.dtype) if self.device.type == "cuda" else x.float().to(self.dtype)
 
-    def half_rows(self, rows: np.ndarray):
+    def half_rows(self, rows: np.ndarray, step: int = 65536):
+        """x16[rows] in the compute type, gathered in steps: no fp16 copy of them all."""
         import torch
 
-        x = torch.from_numpy(self.x16[rows]).to(self.device)
-        return x.to(self.dtype) if self.device.type == "cuda" else x.float().to(self.dtype)
+        out = torch.empty((len(rows), self.x16.shape[1]), dtype=self.dtype, device=self.device)
+        for lo in range(0, len(rows), step):
+            x = torch.from_numpy(self.x16[rows[lo:lo + step]]).to(self.device)
+            out[lo:lo + step] = x if self.device.type == "cuda" else x.float()
+        return out
 
     def scores(self, a, b):
         return a @ b.T
@@ -434,13 +442,18 @@ def locality_order(xq, block_rows: int, iters: int = 8, seed: int = 0):
         return torch.arange(n, device=xq.device)
     g = torch.Generator().manual_seed(seed)
     centres = xq[torch.randperm(n, generator=g)[:n_clusters].to(xq.device)].float()
+
+    def nearest(centres):  # in slices of rows: no (n, clusters) matrix at once
+        c = centres.to(xq.dtype).T
+        return torch.cat([(xq[lo:lo + 16384] @ c).argmax(dim=1) for lo in range(0, n, 16384)])
+
     for _ in range(iters):
-        assign = (xq @ centres.to(xq.dtype).T).float().argmax(dim=1)
+        assign = nearest(centres)
         sums = torch.zeros_like(centres).index_add_(0, assign, xq.float())
         empty = sums.abs().sum(dim=1) == 0  # keep an emptied centre where it was
         sums[empty] = centres[empty]
         centres = torch.nn.functional.normalize(sums, dim=1)
-    assign = (xq @ centres.to(xq.dtype).T).float().argmax(dim=1)
+    assign = nearest(centres)
     sim = centres @ centres.T
     chain, left = [0], torch.ones(n_clusters, dtype=torch.bool, device=sim.device)
     left[0] = False
@@ -491,7 +504,7 @@ def blocked_topk(x16: np.ndarray, k: int, rows: range | None = None,
     filt = _Blocks(cands)
     progress = _Progress(on_progress, n)
     g, dev = filt.group, search.device
-    out_ids = np.empty((m, k), np.int64)
+    out_ids = np.empty((m, k), np.int32 if n < 2**31 else np.int64)
     out_sims = np.empty((m, k), np.float32)
 
     def padded(x, size):
@@ -499,11 +512,10 @@ def blocked_topk(x16: np.ndarray, k: int, rows: range | None = None,
             [x, x.new_zeros((size - x.shape[0], x.shape[1]))])
 
     with _exact_cuda_matmul():
-        xq = search.half(rows.start, rows.stop)  # the query rows, converted once
-        order = locality_order(xq, block_rows)
-        xq = xq[order]
+        order = locality_order(search.half(rows.start, rows.stop), block_rows)
         gid = order + rows.start
         gid_np = gid.cpu().numpy()
+        xq = search.half_rows(gid_np)  # the query rows in that order, converted once
         sentinel = m
         # Diagonal blocks first: in locality order a row's own block holds most of its
         # neighbours, so its k-th best there is a tight first threshold and later blocks
@@ -543,8 +555,12 @@ def blocked_topk(x16: np.ndarray, k: int, rows: range | None = None,
                 s = masked_scores(xi, xq[clo:chi], hi - lo)
                 filt.pairs(s, ip, ig, clo, gid[clo:chi], True, True)
                 progress.add(2 * (hi - lo) * (chi - clo))
+        xi = s = None
+        if not other:
+            xq = None  # not needed to re-rank: its bytes go to the results
         for lo, hi in row_blocks:
-            xi, ip, ig = query_block(lo, hi)
+            if other:
+                xi, ip, ig = query_block(lo, hi)
             for clo, chi in other:
                 s = masked_scores(xi, search.half(clo, chi), hi - lo)
                 filt.pairs(s, ip, ig, 0, torch.arange(clo, chi, device=dev), True, False)
@@ -558,7 +574,7 @@ def blocked_topk(x16: np.ndarray, k: int, rows: range | None = None,
                 out_ids[where[overflow]], out_sims[where[overflow]] = search.plain(
                     gid_np[lo:hi][overflow], capacity)
     for lo, hi in _blocks(0, m, block_rows):
-        yield rows.start + lo, out_ids[lo:hi], out_sims[lo:hi]
+        yield rows.start + lo, out_ids[lo:hi].astype(np.int64), out_sims[lo:hi]
 
 
 class _Progress:

@@ -69,9 +69,11 @@ def available_memory() -> int:
 
 
 def exact_memory(n: int, d: int, rows: int, k: int, block_rows: int) -> int:
-    """Peak bytes of exact search beyond the interpreter: fp16 rows, candidate buffers
-    (score + id per slot), results (id + sim), and a few block-pair score matrices."""
-    return n * d * 2 + rows * (default_capacity(k) * 8 + k * 12) + 4 * block_rows ** 2 * 4
+    """Peak bytes of exact search beyond the interpreter: fp16 rows, the query rows in half
+    precision, candidate buffers (half-precision score + int32 id per slot), results (id +
+    sim), and a few block-pair score matrices."""
+    return (n * d * 2 + rows * d * 2 + rows * (default_capacity(k) * 6 + k * 8)
+            + 4 * block_rows ** 2 * 4)
 
 
 def choose_method(n: int, d: int, k: int, budget: int,
