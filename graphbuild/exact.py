@@ -316,18 +316,20 @@ class _Search:
         self.id_dtype = torch.int32 if x16.shape[0] < 2 ** 31 else torch.int64
 
     def half(self, lo: int, hi: int):
+        """Rows lo..hi in the compute type."""
+        return self.half_rows(slice(lo, hi), hi - lo)
+
+    def half_rows(self, rows: np.ndarray | slice, count: int | None = None, step: int = 65536):
+        """x16[rows] in the compute type, converted in steps: no fp32 (or fp16) copy of all
+        of them at once (at 1M rows that would be 1.5 GiB)."""
         import torch
 
-        x = torch.from_numpy(np.ascontiguousarray(self.x16[lo:hi])).to(self.device)
-        return x.to(self.dtype) if self.device.type == "cuda" else x.float().to(self.dtype)
-
-    def half_rows(self, rows: np.ndarray, step: int = 65536):
-        """x16[rows] in the compute type, gathered in steps: no fp16 copy of them all."""
-        import torch
-
-        out = torch.empty((len(rows), self.x16.shape[1]), dtype=self.dtype, device=self.device)
-        for lo in range(0, len(rows), step):
-            x = torch.from_numpy(self.x16[rows[lo:lo + step]]).to(self.device)
+        count = len(rows) if count is None else count
+        out = torch.empty((count, self.x16.shape[1]), dtype=self.dtype, device=self.device)
+        for lo in range(0, count, step):
+            part = (slice(rows.start + lo, rows.start + min(lo + step, count))
+                    if isinstance(rows, slice) else rows[lo:lo + step])
+            x = torch.from_numpy(np.ascontiguousarray(self.x16[part])).to(self.device)
             out[lo:lo + step] = x if self.device.type == "cuda" else x.float()
         return out
 
@@ -443,13 +445,17 @@ def locality_order(xq, block_rows: int, iters: int = 8, seed: int = 0):
     g = torch.Generator().manual_seed(seed)
     centres = xq[torch.randperm(n, generator=g)[:n_clusters].to(xq.device)].float()
 
-    def nearest(centres):  # in slices of rows: no (n, clusters) matrix at once
+    step = 16384  # rows at a time: no (n, clusters) matrix, no fp32 copy of all rows
+
+    def nearest(centres):
         c = centres.to(xq.dtype).T
-        return torch.cat([(xq[lo:lo + 16384] @ c).argmax(dim=1) for lo in range(0, n, 16384)])
+        return torch.cat([(xq[lo:lo + step] @ c).argmax(dim=1) for lo in range(0, n, step)])
 
     for _ in range(iters):
         assign = nearest(centres)
-        sums = torch.zeros_like(centres).index_add_(0, assign, xq.float())
+        sums = torch.zeros_like(centres)
+        for lo in range(0, n, step):
+            sums.index_add_(0, assign[lo:lo + step], xq[lo:lo + step].float())
         empty = sums.abs().sum(dim=1) == 0  # keep an emptied centre where it was
         sums[empty] = centres[empty]
         centres = torch.nn.functional.normalize(sums, dim=1)
