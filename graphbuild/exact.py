@@ -44,6 +44,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from graphbuild.hits import padded_bands
+from graphbuild.memory import return_freed_memory
 
 log = logging.getLogger(__name__)
 
@@ -506,10 +507,8 @@ def blocked_topk(x16: np.ndarray, k: int, rows: range | None = None,
     if other and row_blocks:
         log.info("rows %d..%d of %d: symmetric products among these rows, plain products "
                  "against the other %d rows", rows.start, rows.stop, n, n - m)
-    cands = _Candidates(m, k, capacity, bound, search.id_dtype, search.device, search.dtype)
-    filt = _Blocks(cands)
     progress = _Progress(on_progress, n)
-    g, dev = filt.group, search.device
+    g, dev = GROUP, search.device
     out_ids = np.empty((m, k), np.int32 if n < 2**31 else np.int64)
     out_sims = np.empty((m, k), np.float32)
 
@@ -522,6 +521,11 @@ def blocked_topk(x16: np.ndarray, k: int, rows: range | None = None,
         gid = order + rows.start
         gid_np = gid.cpu().numpy()
         xq = search.half_rows(gid_np)  # the query rows in that order, converted once
+        # The buffers come after the ordering's temporaries are freed and trimmed, so the
+        # peak is the search's own: fp16 rows + half query rows + buffers.
+        return_freed_memory()
+        cands = _Candidates(m, k, capacity, bound, search.id_dtype, search.device, search.dtype)
+        filt = _Blocks(cands)
         sentinel = m
         # Diagonal blocks first: in locality order a row's own block holds most of its
         # neighbours, so its k-th best there is a tight first threshold and later blocks
