@@ -96,7 +96,7 @@ class SoftTargets:
 
     `SoftTargets.from_run(run)(idx)` -> (B, B) float32; `(idx, views=2)` -> (2B, 2B).
     `dtype` is the matmul dtype of mode="exact". Against a float64 formula on real captions
-    at tau_s=0.1 (16 random batches, B=256 and 1024), targets differ by at most:
+    at tau_s=0.1 (8 random batches each at B=256 and 1024), targets differ by at most:
     float32 (default) 2.5e-6, the float32 floor: logits reach 1/tau_s = 10, where one ulp is
     9.5e-7, and a plain float32 torch formula is as far off (1.9e-6); float64 5.4e-7, for
     about 2x the product time; bfloat16 ~1e-3, faster on CPUs with native bf16.
