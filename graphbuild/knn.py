@@ -282,7 +282,8 @@ def _exact_part(out: Path, arr, k: int, rows: range, shard: int, block_rows: int
     from graphbuild.exact import blocked_topk
 
     n, d = arr.shape
-    log.info("exact search: ~%.2f GiB for fp16 rows, candidate buffers and block scores",
+    log.info("exact search: ~%.2f GiB for fp16 rows, half query rows, candidate buffers and "
+             "block scores",
              exact_memory(n, d, len(rows), k, block_rows) / 2**30)
     x16 = load_rows(arr, block_rows, RunDir(out).embeddings)
     blocks = blocked_topk(x16, k, rows, block_rows=block_rows, device=device,
