@@ -318,14 +318,14 @@ class _Search:
 
     def half(self, lo: int, hi: int):
         """Rows lo..hi in the compute type."""
-        return self.half_rows(slice(lo, hi), hi - lo)
+        return self.half_rows(slice(lo, hi))
 
-    def half_rows(self, rows: np.ndarray | slice, count: int | None = None, step: int = 65536):
+    def half_rows(self, rows: np.ndarray | slice, step: int = 65536):
         """x16[rows] in the compute type, converted in steps: no fp32 (or fp16) copy of all
         of them at once (at 1M rows that would be 1.5 GiB)."""
         import torch
 
-        count = len(rows) if count is None else count
+        count = rows.stop - rows.start if isinstance(rows, slice) else len(rows)
         out = torch.empty((count, self.x16.shape[1]), dtype=self.dtype, device=self.device)
         for lo in range(0, count, step):
             part = (slice(rows.start + lo, rows.start + min(lo + step, count))

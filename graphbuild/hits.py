@@ -23,19 +23,18 @@ def padded_bands(rows: torch.Tensor, vals: torch.Tensor, ids: torch.Tensor, n_ro
     dev = rows.device
     first = torch.cumsum(counts, 0) - counts
     slot = torch.arange(len(rows), device=dev) - first.index_select(0, rows)
-    hit_counts = counts.index_select(0, rows)
+    # each row's band (-1: no hits), and each hit's row's band
+    band_of = torch.bucketize(counts, torch.tensor(bands, dtype=counts.dtype, device=dev))
+    band_of[counts == 0] = -1
+    hit_band = band_of.index_select(0, rows)
     at = torch.empty(n_rows, dtype=torch.long, device=dev)
-    edges = (0, *bands)
-    for i, low in enumerate(edges):
-        high = edges[i + 1] if i + 1 < len(edges) else None
-        in_band = counts > low if high is None else (counts > low) & (counts <= high)
-        band = in_band.nonzero()[:, 0]
+    for b in range(len(bands) + 1):
+        band = (band_of == b).nonzero()[:, 0]
         if len(band) == 0:
             continue
         width = int(counts.index_select(0, band).max())
         at[band] = torch.arange(len(band), device=dev) * width
-        mine = (hit_counts > low if high is None else (hit_counts > low) & (hit_counts <= high))
-        mine = mine.nonzero()[:, 0]
+        mine = (hit_band == b).nonzero()[:, 0]
         flat = at.index_select(0, rows.index_select(0, mine)) + slot.index_select(0, mine)
         pv = torch.full((len(band) * width,), -torch.inf, dtype=vals.dtype, device=dev)
         pi = torch.full((len(band) * width,), -1, dtype=ids.dtype, device=dev)

@@ -45,7 +45,7 @@ def test_digits_training_reads_targets_without_a_text_encoder(tmp_path):
     from graphbuild.xclr import SoftTargets, read_sample_nodes
 
     ex = _example()
-    x, y, train, test = ex.load_digits_split()
+    _x, y, _train, _test = ex.load_digits_split()
     run = ex.build_run(tmp_path / "digits", y)
     assert np.array_equal(read_sample_nodes(run), y.numpy())  # sample i -> its class node
     t = SoftTargets.from_run(run, tau_s=0.05)(np.arange(20), views=2)
