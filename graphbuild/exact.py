@@ -244,17 +244,16 @@ class _Candidates:
         count (a pass as slow as the top-k) where most rows will pass anyway."""
         import torch
 
-        scores = scores.float()
         m = self.capacity + 1
         if counted:
             # int32 sums: a bool sum widens to int64 and runs ~3x slower on CPU
-            hits = (scores >= self.thr[lo:hi, None]).sum(dim=1, dtype=torch.int32)
+            hits = (scores.float() >= self.thr[lo:hi, None]).sum(dim=1, dtype=torch.int32)
             m = min(m, int(hits.max()))
             if m == 0:
                 return
         m = min(m, scores.shape[1])
-        vals, pos = torch.topk(scores, m, dim=1, sorted=False)
-        self._merge_rows(torch.arange(lo, hi, device=vals.device), vals,
+        vals, pos = torch.topk(scores, m, dim=1, sorted=False)  # as fast in bf16 as in fp32
+        self._merge_rows(torch.arange(lo, hi, device=vals.device), vals.float(),
                          cols[pos].to(self.ids.dtype))
 
     def _merge_sparse(self, rows, cols, vals) -> None:
@@ -533,7 +532,7 @@ def blocked_topk(x16: np.ndarray, k: int, rows: range | None = None,
         for lo, hi in row_blocks:
             b = hi - lo
             xi = xq[lo:hi]
-            s = search.scores(xi, xi).float()
+            s = search.scores(xi, xi)
             s.fill_diagonal_(-torch.inf)
             # the buffers are empty: each row keeps its block's best, so its first threshold
             # comes from its exact k-th best in the block
@@ -547,7 +546,9 @@ def blocked_topk(x16: np.ndarray, k: int, rows: range | None = None,
             pb = -(-b // g) * g
             perm = torch.argsort(cands.thr[lo:hi]) + lo
             pad = torch.full((pb - b,), sentinel, device=dev, dtype=perm.dtype)
-            return padded(xq[perm], pb), torch.cat([perm, pad]), torch.cat([gid[perm], pad])
+            # index_select: ~5x faster than xq[perm] for a CPU gather of whole rows
+            return (padded(xq.index_select(0, perm), pb), torch.cat([perm, pad]),
+                    torch.cat([gid.index_select(0, perm), pad]))
 
         def masked_scores(xi, xj, b):
             s = search.scores(xi, xj)
