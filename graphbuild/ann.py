@@ -68,7 +68,7 @@ def gather_rows(arr, ids: np.ndarray, block_rows: int) -> np.ndarray:
     for lo in range(0, n, block_rows):
         a, b = np.searchsorted(ids, [lo, lo + block_rows])
         if a < b:
-            out[a:b] = np.asarray(arr[lo:lo + block_rows], np.float32)[ids[a:b] - lo]
+            out[a:b] = np.asarray(arr[lo:lo + block_rows])[ids[a:b] - lo]  # then to fp32
     return out
 
 
@@ -134,7 +134,8 @@ def ground_truth(arr, queries: np.ndarray, k: int, block_rows: int) -> np.ndarra
     best_s = torch.full((len(queries), k), float("-inf"))
     best_i = torch.full((len(queries), k), -1, dtype=torch.int64)
     for lo in range(0, n, block_rows):
-        block = torch.from_numpy(np.asarray(arr[lo:lo + block_rows], np.float32))
+        # torch converts fp16 to fp32 ~10x faster than numpy
+        block = torch.from_numpy(np.asarray(arr[lo:lo + block_rows])).float()
         sims = xq @ block.T
         mine = (own >= lo) & (own < lo + len(block))  # a query's own row is not a neighbour
         sims[mine.nonzero()[:, 0], own[mine] - lo] = float("-inf")

@@ -328,7 +328,8 @@ def _index(run: RunDir, arr, attrs: dict, k: int, recall_target: float, block_ro
             searcher = ivf_scan.ListScan.from_lists(*lists, arr, step)
         tune_key = f"k={k} target={recall_target}"
         if tune_key not in info.get("tuning", {}):
-            t = tune_nprobe(searcher, arr, k, recall_target, step)
+            rows = searcher.in_store_order() if hasattr(searcher, "in_store_order") else arr
+            t = tune_nprobe(searcher, rows, k, recall_target, step)
             info.setdefault("tuning", {})[tune_key] = asdict(t)
             log.info("nprobe %d of %d lists: recall@%d %.4f on %d sampled queries (target %.2f)",
                      t.nprobe, searcher.nlist, k, t.recall, t.sample, recall_target)

@@ -267,6 +267,45 @@ def test_list_scan_equals_faiss_and_brute_force(embedded):
     assert same > 0.99  # faiss scores fp16 residual codes: rounding apart, the same lists
 
 
+def test_list_scan_reads_rows_in_store_order(embedded):
+    """Tuning's exact search reads the scan's in-memory rows as store slices: the same bytes."""
+    import zarr
+
+    from graphbuild.ann import build_index
+    from graphbuild.ivf_scan import ListScan, lists_of
+
+    arr = zarr.open_array(str(embedded / "embeddings.zarr"), mode="r")
+    view = ListScan.from_lists(*lists_of(build_index(arr, "ivf-sq16", 16, 1024)), arr,
+                               1024).in_store_order()
+    assert view.shape == arr.shape
+    for lo, hi in ((0, 1024), (1000, 2500), (arr.shape[0] - 7, arr.shape[0] + 50)):
+        assert np.array_equal(view[lo:hi], np.asarray(arr[lo:hi]))
+
+
+def test_best_per_row_equals_a_sort():
+    """hits.best_per_row against numpy: each row's kk largest values, padded."""
+    import torch
+
+    from graphbuild.hits import best_per_row
+
+    rng = np.random.default_rng(5)
+    rows = rng.integers(0, 50, 3000)
+    rows[rows == 7] = 8  # row 7: no hits; rows 40..49: a few
+    rows[(rows >= 40) & (rng.random(3000) < 0.9)] = 0
+    vals = rng.standard_normal(3000).astype(np.float32)
+    vals[::5] *= -1e30  # very negative and positive magnitudes order too
+    ids = rng.permutation(3000)
+    got_s, got_i = best_per_row(50, 10, torch.from_numpy(rows), torch.from_numpy(vals),
+                                torch.from_numpy(ids))
+    for r in range(50):
+        mine = np.flatnonzero(rows == r)
+        top = mine[np.argsort(-vals[mine])][:10]
+        want_s = np.full(10, -np.inf, np.float32)
+        want_i = np.full(10, -1)
+        want_s[:len(top)], want_i[:len(top)] = vals[top], ids[top]
+        assert np.array_equal(got_s[r].numpy(), want_s) and np.array_equal(got_i[r].numpy(), want_i)
+
+
 def test_list_scan_small_lists_search_more(embedded):
     """Rows whose probed lists hold fewer than k others are searched again with more lists
     (ann.search), so every row still gets k distinct neighbours, itself excluded."""
