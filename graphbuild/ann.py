@@ -99,7 +99,7 @@ def build_index(arr, kind: str, nlist: int, block_rows: int, seed: int = SEED):
     t1 = time.perf_counter()
     centroids = torch.from_numpy(index.quantizer.reconstruct_n(0, nlist))
     for lo in range(0, n, block_rows):
-        x = np.ascontiguousarray(arr[lo:lo + block_rows], np.float32)
+        x = torch.from_numpy(np.asarray(arr[lo:lo + block_rows])).float().numpy()
         # Each row's list by torch's fp32 products, which run ~2x faiss's own here.
         lists = np.ascontiguousarray(nearest_centroids(torch.from_numpy(x), centroids, 1)[:, 0])
         index.add_core(len(x), faiss.swig_ptr(x), None, faiss.swig_ptr(lists))

@@ -340,6 +340,8 @@ def _index(run: RunDir, arr, attrs: dict, k: int, recall_target: float, block_ro
 def _approximate_part(out: Path, arr, attrs: dict, k: int, rows: range, shard: int,
                       block_rows: int, recall_target: float, budget: int,
                       reporter: Reporter) -> tuple[int, dict]:
+    import torch
+
     from graphbuild.ann import search
     from graphbuild.ivf_scan import QUERY_STEP
 
@@ -349,8 +351,8 @@ def _approximate_part(out: Path, arr, attrs: dict, k: int, rows: range, shard: i
         # Search many queries at once (ListScan's products grow with them), then hand the
         # results on in pieces of block_rows.
         for lo, block in _read_blocks(arr, rows, max(block_rows, QUERY_STEP)):
-            ids, sims = search(index, block.astype(np.float32), np.arange(lo, lo + len(block)),
-                               k, tuning["nprobe"])
+            xq = torch.from_numpy(block).float().numpy()  # ~10x numpy's fp16 conversion
+            ids, sims = search(index, xq, np.arange(lo, lo + len(block)), k, tuning["nprobe"])
             for off in range(0, len(block), block_rows):
                 piece = slice(off, off + block_rows)
                 reporter.advance(len(ids[piece]))
