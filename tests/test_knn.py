@@ -282,6 +282,24 @@ def test_list_scan_reads_rows_in_store_order(embedded):
         assert np.array_equal(view[lo:hi], np.asarray(arr[lo:hi]))
 
 
+def test_nearest_list_is_the_fp32_nearest_up_to_bf16_rounding(embedded):
+    """The build's list assignment (bf16 products where the CPU has them) picks the fp32
+    nearest centroid, or one whose fp32 score is within bf16 rounding of it."""
+    import torch
+    import zarr
+
+    from graphbuild.ivf_scan import nearest_list
+
+    x = torch.from_numpy(np.asarray(zarr.open_array(str(embedded / "embeddings.zarr"),
+                                                    mode="r")[:], np.float32))
+    centroids = torch.nn.functional.normalize(x[::37] + x[1::37][:len(x[::37])], dim=1)
+    got = torch.from_numpy(nearest_list(x, centroids, step=1000))
+    scores = x @ centroids.T
+    best = scores.max(dim=1).values
+    assert (got == scores.argmax(dim=1)).float().mean() > 0.97
+    assert (best - scores.gather(1, got[:, None])[:, 0]).max() < 2 * 2**-8
+
+
 def test_best_per_row_equals_a_sort():
     """hits.best_per_row against numpy: each row's kk largest values, padded."""
     import torch
