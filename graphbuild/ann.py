@@ -99,10 +99,10 @@ def build_index(arr, kind: str, nlist: int, block_rows: int, seed: int = SEED):
     t1 = time.perf_counter()
     centroids = torch.from_numpy(index.quantizer.reconstruct_n(0, nlist))
     for lo in range(0, n, block_rows):
-        x = torch.from_numpy(np.asarray(arr[lo:lo + block_rows])).float().numpy()
+        x = torch.from_numpy(np.asarray(arr[lo:lo + block_rows])).float()
         # Each row's list by torch's products, which run 2x (fp32) to 5x (bf16) faiss's here.
-        lists = np.ascontiguousarray(nearest_list(torch.from_numpy(x), centroids), np.int64)
-        index.add_core(len(x), faiss.swig_ptr(x), None, faiss.swig_ptr(lists))
+        lists = np.ascontiguousarray(nearest_list(x, centroids), np.int64)
+        index.add_core(len(x), faiss.swig_ptr(x.numpy()), None, faiss.swig_ptr(lists))
     log.info("built %s index: %d lists over %d vectors (train %.1fs, add %.1fs)", kind, nlist,
              n, t1 - t0, time.perf_counter() - t1)
     return index

@@ -51,6 +51,9 @@ def best_per_row(n_rows: int, kk: int, rows: torch.Tensor, vals: torch.Tensor,
     first, padded with -inf and -1: one sort of (row, descending value) keys, then each
     row's first kk. On ~5M hits of 65,536 IVF queries (kk=33, 33 to thousands a row) this
     ran 2x faster than a row-wise top-k of `padded_bands`. Equal values: any order."""
+    if len(rows) == 0:
+        return (torch.full((n_rows, kk), -torch.inf, dtype=vals.dtype, device=vals.device),
+                torch.full((n_rows, kk), -1, dtype=ids.dtype, device=ids.device))
     key = rows.long() << 32
     bits = vals.neg().view(torch.int32)
     bits = torch.where(bits < 0, bits ^ 0x7FFFFFFF, bits).long()  # int order = float order

@@ -322,6 +322,9 @@ def test_best_per_row_equals_a_sort():
         want_i = np.full(10, -1)
         want_s[:len(top)], want_i[:len(top)] = vals[top], ids[top]
         assert np.array_equal(got_s[r].numpy(), want_s) and np.array_equal(got_i[r].numpy(), want_i)
+    none_s, none_i = best_per_row(3, 4, torch.from_numpy(rows[:0]), torch.from_numpy(vals[:0]),
+                                  torch.from_numpy(ids[:0]))
+    assert (none_s == -torch.inf).all() and (none_i == -1).all() and none_i.shape == (3, 4)
 
 
 def test_list_scan_small_lists_search_more(embedded):
