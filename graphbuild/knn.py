@@ -10,6 +10,7 @@ IVF with nprobe tuned to a recall target). auto picks one from N, d, k and free 
 
 from __future__ import annotations
 
+import itertools
 import logging
 import os
 import shutil
@@ -20,8 +21,8 @@ from pathlib import Path
 import numpy as np
 
 from graphbuild.errors import GraphbuildError
-from graphbuild.faults import kill_point
 from graphbuild.exact import DEFAULT_BLOCK_ROWS, default_capacity
+from graphbuild.faults import kill_point
 from graphbuild.graph import FORMAT_VERSION, meta_path, part_path, write_part
 from graphbuild.progress import Reporter
 from graphbuild.shards import shard_name, shard_range
@@ -144,7 +145,7 @@ def _read_blocks(arr, rows: range, block_rows: int):
     """(first row, fp16 block) over `rows`, cut at multiples of the chunk-aligned block size."""
     step = max(1, block_rows // arr.chunks[0]) * arr.chunks[0]
     cuts = sorted({rows.start, rows.stop, *range(-(-rows.start // step) * step, rows.stop, step)})
-    for lo, hi in zip(cuts, cuts[1:]):
+    for lo, hi in itertools.pairwise(cuts):
         yield lo, np.asarray(arr[lo:hi], np.float16)
 
 
@@ -283,8 +284,7 @@ def _exact_part(out: Path, arr, k: int, rows: range, shard: int, block_rows: int
 
     n, d = arr.shape
     log.info("exact search: ~%.2f GiB for fp16 rows, half query rows, candidate buffers and "
-             "block scores",
-             exact_memory(n, d, len(rows), k, block_rows) / 2**30)
+             "block scores", exact_memory(n, d, len(rows), k, block_rows) / 2**30)
     x16 = load_rows(arr, block_rows, RunDir(out).embeddings)
     blocks = blocked_topk(x16, k, rows, block_rows=block_rows, device=device,
                           on_progress=reporter.advance)

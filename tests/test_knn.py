@@ -196,7 +196,7 @@ def test_approximate_reaches_recall_target(run):
     r = knn(run, 10, method="approximate", recall_target=0.95)
     assert r.complete and r.recall >= 0.95 and r.nprobe >= 1
     ref_i, _ = brute_force(run, 10)
-    indptr, ind, _ = read_graph_csr(run)
+    _indptr, ind, _ = read_graph_csr(run)
     ids = ind.reshape(-1, 10)
     assert not (ids == np.arange(len(ids))[:, None]).any()  # self excluded
     measured = np.mean([len(np.intersect1d(a, b)) for a, b in zip(ids, ref_i)]) / 10
@@ -293,7 +293,7 @@ def test_nearest_list_is_the_fp32_nearest_up_to_bf16_rounding(embedded):
     x = torch.from_numpy(np.asarray(zarr.open_array(str(embedded / "embeddings.zarr"),
                                                     mode="r")[:], np.float32))
     centroids = torch.nn.functional.normalize(x[::37] + x[1::37][:len(x[::37])], dim=1)
-    got = torch.from_numpy(nearest_list(x, centroids, step=1000))
+    got = torch.from_numpy(nearest_list(x, centroids))
     scores = x @ centroids.T
     best = scores.max(dim=1).values
     assert (got == scores.argmax(dim=1)).float().mean() > 0.97

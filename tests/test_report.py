@@ -44,8 +44,8 @@ def test_report_is_self_contained(report):
     for src in imgs:  # each one a whole PNG
         assert base64.b64decode(src.split(",", 1)[1]).startswith(PNG)
     # nothing to fetch: no URLs, no scripts, no stylesheets or other resources
-    assert not re.search(r"https?://|//[a-z0-9.-]+\.[a-z]{2,}/", page, re.I)
-    assert not re.search(r"<(script|link|iframe|object|embed)\b|@import|url\(", page, re.I)
+    assert not re.search(r"https?://|//[a-z0-9.-]+\.[a-z]{2,}/", page, re.IGNORECASE)
+    assert not re.search(r"<(script|link|iframe|object|embed)\b|@import|url\(", page, re.IGNORECASE)
     assert not re.search(r'\b(src|href)="(?!data:)', page)
     pngs = sorted(p.name for p in report.parent.glob("*.png"))
     assert pngs == sorted(f"coco report-{s}.png" for s in ("similarity", "in-degree", "entropy"))
@@ -67,7 +67,7 @@ def test_report_renders_in_headless_chromium(report, tmp_path):
            "--proxy-server=127.0.0.1:9", "--host-resolver-rules=MAP * ~NOTFOUND",
            "--virtual-time-budget=5000", f"--screenshot={shot}", "--window-size=1280,4000",
            "--dump-dom", report.as_uri()]
-    r = subprocess.run(cmd, capture_output=True, text=True, timeout=180)
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=180, check=False)
     assert r.returncode == 0, r.stderr[-2000:]
     dom = r.stdout
     headings = re.findall(r'<section id="([a-z]+)"><h2>([^<]+)</h2>', dom)

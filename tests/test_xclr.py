@@ -43,8 +43,8 @@ def test_import_is_light():
     code = ("import sys, graphbuild.xclr\n"
             f"heavy = [m for m in {HEAVY!r} if m in sys.modules]\n"
             "assert not heavy, heavy\n")
-    done = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True,
-                          text=True)
+    done = subprocess.run([sys.executable, "-c", code], check=False, cwd=REPO,
+                          capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
 
 
