@@ -47,12 +47,11 @@ def nearest_centroids(x: torch.Tensor, centroids: torch.Tensor, nprobe: int,
 
 
 def nearest_list(x: torch.Tensor, centroids: torch.Tensor) -> np.ndarray:
-    """Each row's list: its largest inner product with the centroids. In bf16 where the CPU
-    multiplies bf16 in hardware (2.7x faster here): 99.2% of 1M derived rows then pick the
-    same list as in fp32, the rest one whose centroid scores within bf16 rounding of it, which
-    probes reach as well. Any assignment gives a valid index; this one is the build's."""
-    dtype = torch.bfloat16 if bf16_in_hardware() else torch.float32
-    return nearest_centroids(x, centroids, 1, dtype=dtype)[:, 0]
+    """Each row's list: its largest inner product with the centroids, in `centroid_dtype()`
+    (2.7x faster in bf16 here): 99.2% of 1M derived rows then pick the same list as in fp32,
+    the rest one whose centroid scores within bf16 rounding of it, which probes reach as well.
+    Any assignment gives a valid index; this one is the build's."""
+    return nearest_centroids(x, centroids, 1, dtype=centroid_dtype())[:, 0]
 
 
 @functools.cache
@@ -63,6 +62,14 @@ def bf16_in_hardware() -> bool:
     except OSError:
         return False
     return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def centroid_dtype() -> torch.dtype:
+    """Lists and probes are picked by centroid products in bf16 where the CPU multiplies bf16
+    in hardware. The choice is approximate either way: at 1M, nprobe 13 gave recall 0.9505
+    with bf16 probes and 0.9506 with fp32 ones, in half the time (0.52 s against 1.09 s a
+    65,536-query block)."""
+    return torch.bfloat16 if bf16_in_hardware() else torch.float32
 
 
 def supports(index) -> bool:
@@ -141,20 +148,21 @@ class ListScan:
         """The two passes of the module docstring, for one block of queries."""
         m = len(xq)
         queries = torch.from_numpy(xq)
-        probes = nearest_centroids(queries, self.centroids, nprobe)
+        probes = nearest_centroids(queries, self.centroids, nprobe, dtype=centroid_dtype())
         best_s = torch.full((m, kk), float("-inf"))
         best_i = torch.full((m, kk), -1, dtype=self.ids.dtype)
         for q, rows, ids in self._by_list(probes[:, :1], queries):
             s, j = (queries.index_select(0, q) @ rows.T).topk(min(kk, len(ids)), dim=1)
             best_s[q, :s.shape[1]] = s
             best_i[q, :s.shape[1]] = ids[j]
-        thr = best_s[:, kk - 1]  # -inf while the nearest list held fewer than kk rows
+        thr = best_s[:, kk - 1].numpy()  # -inf while the nearest list held fewer than kk rows
         hit_q = [torch.arange(m, dtype=torch.int32).repeat_interleave(kk)]
         hit_s, hit_i = [best_s.view(-1)], [best_i.view(-1)]
         for q, rows, ids in self._by_list(probes[:, 1:], queries):
             s = queries.index_select(0, q) @ rows.T
-            # flat positions and index_select: faster than 2-d nonzero and fancy indexing
-            f = (s >= thr.index_select(0, q)[:, None]).view(-1).nonzero()[:, 0]
+            # numpy's compare and flatnonzero: 2.4x torch's on a 430 x 700 block; flat
+            # positions and index_select: faster than 2-d positions and fancy indexing
+            f = torch.from_numpy(np.flatnonzero(s.numpy() >= thr[q.numpy(), None]))
             hit_q.append(q.index_select(0, f // s.shape[1]))
             hit_s.append(s.view(-1).index_select(0, f))
             hit_i.append(ids.index_select(0, f % s.shape[1]))
