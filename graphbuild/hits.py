@@ -45,6 +45,14 @@ def padded_bands(rows: torch.Tensor, vals: torch.Tensor, ids: torch.Tensor, n_ro
         yield band, pv.view(len(band), width), pi.view(len(band), width)
 
 
+def descending_bits(vals: torch.Tensor) -> torch.Tensor:
+    """int64 keys in [0, 2**32) of fp32 values, ascending as the values descend (-inf last),
+    to be packed with a row or id into one int64 sort key."""
+    bits = vals.neg().view(torch.int32)
+    bits = torch.where(bits < 0, bits ^ 0x7FFFFFFF, bits).long()  # int order = float order
+    return bits.add_(2**31)
+
+
 def best_per_row(n_rows: int, kk: int, rows: torch.Tensor, vals: torch.Tensor,
                  ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """The kk best of scattered (row, fp32 value, id) hits per row, as (n_rows, kk) best
@@ -55,10 +63,7 @@ def best_per_row(n_rows: int, kk: int, rows: torch.Tensor, vals: torch.Tensor,
         return (torch.full((n_rows, kk), -torch.inf, dtype=vals.dtype, device=vals.device),
                 torch.full((n_rows, kk), -1, dtype=ids.dtype, device=ids.device))
     key = rows.long() << 32
-    bits = vals.neg().view(torch.int32)
-    bits = torch.where(bits < 0, bits ^ 0x7FFFFFFF, bits).long()  # int order = float order
-    key |= bits.add_(2**31)
-    bits = None  # in place and freed early: these keys are the largest buffers of a search
+    key |= descending_bits(vals)  # freed at once: these keys are the largest buffers of a search
     order = torch.sort(key).indices
     key = None
     counts = torch.bincount(rows, minlength=n_rows)

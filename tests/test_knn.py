@@ -327,6 +327,25 @@ def test_best_per_row_equals_a_sort():
     assert (none_s == -torch.inf).all() and (none_i == -1).all() and none_i.shape == (3, 4)
 
 
+def test_search_results_best_first_self_dropped_ties_by_id():
+    """ann._best_first against numpy's lexsort: self and empty slots (-1) drop to -inf, then
+    sims descend, equal sims by smaller id."""
+    from graphbuild.ann import _best_first
+
+    rng = np.random.default_rng(6)
+    rows = np.arange(200, 400)
+    s = rng.choice(np.float32([0.9, 0.5, 0.5, 0.25, -0.5, -1e30]), (200, 12))  # many ties
+    i = rng.integers(0, 1000, (200, 12))
+    i[::7, 3] = rows[::7]  # the query itself
+    i[::5, -2:] = -1  # slots faiss leaves empty
+    s[::5, -2:] = -np.inf
+    got_s, got_i = _best_first(s.copy(), i.copy(), rows, 10)
+    want_s = np.where((i == rows[:, None]) | (i < 0), -np.inf, s)
+    order = np.lexsort((i, -want_s), axis=1)[:, :10]
+    assert np.array_equal(got_s, np.take_along_axis(want_s, order, 1))
+    assert np.array_equal(got_i, np.take_along_axis(i, order, 1))
+
+
 def test_list_scan_small_lists_search_more(embedded):
     """Rows whose probed lists hold fewer than k others are searched again with more lists
     (ann.search), so every row still gets k distinct neighbours, itself excluded."""
