@@ -78,8 +78,8 @@ def sample_ids(n: int, size: int, seed: int) -> np.ndarray:
     return np.sort(rng.choice(n, size=min(size, n), replace=False))
 
 
-def build_index(arr, kind: str, nlist: int, block_rows: int, seed: int = SEED):
-    """Train on a seeded sample and add every row in order."""
+def _trained_index(arr, kind: str, nlist: int, block_rows: int, seed: int):
+    """An empty IVF index of `kind`, its k-means trained on a seeded sample of rows."""
     from graphbuild.faiss_loader import load_faiss
 
     faiss = load_faiss()
@@ -95,18 +95,58 @@ def build_index(arr, kind: str, nlist: int, block_rows: int, seed: int = SEED):
     quantizer.this.disown()
     index.cp.seed = seed
     index.cp.niter = 10  # 20 gave recall 0.9579 at 1M, 10 gave 0.9584: twice the cost, no gain
-    t0 = time.perf_counter()
     index.train(gather_rows(arr, sample_ids(n, TRAIN_PER_LIST * nlist, seed), block_rows))
+    return index
+
+
+def _blocks_with_lists(arr, centroids: torch.Tensor, block_rows: int):
+    """(fp32 block, each row's list) over the store, in order. The lists come from torch's
+    products, which run 2x (fp32) to 5x (bf16) faiss's here."""
+    for lo in range(0, arr.shape[0], block_rows):
+        x = torch.from_numpy(np.asarray(arr[lo:lo + block_rows])).float()
+        yield x, np.ascontiguousarray(nearest_list(x, centroids), np.int64)
+
+
+def build_index(arr, kind: str, nlist: int, block_rows: int, seed: int = SEED):
+    """Train on a seeded sample and add every row in order."""
+    from graphbuild.faiss_loader import load_faiss
+
+    faiss = load_faiss()
+    t0 = time.perf_counter()
+    index = _trained_index(arr, kind, nlist, block_rows, seed)
     t1 = time.perf_counter()
     centroids = torch.from_numpy(index.quantizer.reconstruct_n(0, nlist))
-    for lo in range(0, n, block_rows):
-        x = torch.from_numpy(np.asarray(arr[lo:lo + block_rows])).float()
-        # Each row's list by torch's products, which run 2x (fp32) to 5x (bf16) faiss's here.
-        lists = np.ascontiguousarray(nearest_list(x, centroids), np.int64)
+    for x, lists in _blocks_with_lists(arr, centroids, block_rows):
         index.add_core(len(x), faiss.swig_ptr(x.numpy()), None, faiss.swig_ptr(lists))
     log.info("built %s index: %d lists over %d vectors (train %.1fs, add %.1fs)", kind, nlist,
-             n, t1 - t0, time.perf_counter() - t1)
+             arr.shape[0], t1 - t0, time.perf_counter() - t1)
     return index
+
+
+def build_lists(arr, nlist: int, block_rows: int, seed: int = SEED,
+                ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """What build_index("ivf-sq16") would hold but its codes: (centroids (nlist, d) fp32,
+    offsets (nlist + 1,), row ids grouped by list, ascending within each), as `lists_of`
+    gives them. The store holds the rows already, so a search that reads them from it
+    (ivf_scan.ListScan) needs no second copy on disk or in memory."""
+    t0 = time.perf_counter()
+    index = _trained_index(arr, "ivf-sq16", nlist, block_rows, seed)
+    t1 = time.perf_counter()
+    centroids = index.quantizer.reconstruct_n(0, nlist)
+    lists = np.concatenate([b for _, b in _blocks_with_lists(arr, torch.from_numpy(centroids),
+                                                             block_rows)])
+    ids = np.argsort(lists, kind="stable")
+    offsets = np.concatenate([[0], np.cumsum(np.bincount(lists, minlength=nlist))])
+    log.info("built %d lists over %d vectors (train %.1fs, assign %.1fs)", nlist, len(lists),
+             t1 - t0, time.perf_counter() - t1)
+    return centroids, offsets, ids
+
+
+def faiss_gpus() -> int:
+    """GPUs faiss can use: 0 with faiss-cpu."""
+    from graphbuild.faiss_loader import load_faiss
+
+    return getattr(load_faiss(), "get_num_gpus", lambda: 0)()
 
 
 def on_gpu_if_available(index):
@@ -118,7 +158,7 @@ def on_gpu_if_available(index):
     from graphbuild.faiss_loader import load_faiss
 
     faiss = load_faiss()
-    if getattr(faiss, "get_num_gpus", lambda: 0)() == 0:
+    if faiss_gpus() == 0:
         return index
     resources = faiss.StandardGpuResources()
     gpu_index = faiss.index_cpu_to_gpu(resources, 0, index)

@@ -100,6 +100,28 @@ def lists_of(index) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     return ivf.quantizer.reconstruct_n(0, ivf.nlist), offsets, ids
 
 
+def save_lists(path: Path, lists: tuple[np.ndarray, np.ndarray, np.ndarray]) -> None:
+    """(centroids, offsets, ids) to an .npz file (written through a file object: np.savez
+    would add a suffix to a temp path)."""
+    centroids, offsets, ids = lists
+    with open(path, "wb") as f:
+        np.savez(f, centroids=centroids, offsets=offsets, ids=ids)
+
+
+def load_lists(path: Path, n: int, d: int) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
+    """Lists saved by save_lists, if they read back whole and fit a store of n rows of d
+    dims; None otherwise (a cache to rebuild, not an error)."""
+    try:
+        with np.load(path) as f:
+            centroids, offsets, ids = f["centroids"], f["offsets"], f["ids"]
+    except (OSError, ValueError, KeyError):
+        return None
+    fits = (centroids.ndim == 2 and centroids.shape[1] == d and len(offsets) == len(centroids) + 1
+            and offsets[0] == 0 and offsets[-1] == n == len(ids)
+            and np.array_equal(np.sort(ids), np.arange(n)))
+    return (centroids, offsets, ids) if fits else None
+
+
 class ListScan:
     """Searches a store's rows by list: `from_lists(*lists_of(index), arr, block_rows)`."""
 

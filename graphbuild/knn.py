@@ -293,39 +293,54 @@ def _exact_part(out: Path, arr, k: int, rows: range, shard: int, block_rows: int
 
 def _index(run: RunDir, arr, attrs: dict, k: int, recall_target: float, block_rows: int,
            budget: int):
-    """What searches the shared faiss index (ListScan on a CPU for ivf-sq16, else faiss) and
-    its nprobe: the index is built and tuned once under the lock, then reused."""
+    """What searches the shared index and its nprobe: built and tuned once under the lock,
+    then reused. On a CPU an ivf-sq16 index is only its lists (ListScan reads the rows from
+    the store: no codes duplicating the store on disk); else a faiss index, on a GPU if
+    faiss has one."""
     from graphbuild import ivf_scan
-    from graphbuild.ann import build_index, index_kind, nlist_for, on_gpu_if_available, tune_nprobe
+    from graphbuild.ann import (
+        build_index,
+        build_lists,
+        faiss_gpus,
+        index_kind,
+        nlist_for,
+        on_gpu_if_available,
+        tune_nprobe,
+    )
     from graphbuild.faiss_loader import load_faiss
-    from graphbuild.memory import return_freed_memory
-
-    faiss = load_faiss()
 
     n, d = arr.shape
     step = max(1, block_rows // arr.chunks[0]) * arr.chunks[0]
     folder = run.graph / "_index"
     kind = index_kind(n, d, budget // 2)
+    list_scan = kind == "ivf-sq16" and faiss_gpus() == 0
     want = {"kind": kind, "nlist": nlist_for(n), "n_nodes": n, "dim": d,
-            "model": attrs["model"], "model_revision": attrs["model_revision"]}
+            "model": attrs["model"], "model_revision": attrs["model_revision"],
+            "file": "lists.npz" if list_scan else f"{kind}.index"}
+    path = folder / want["file"]
     with run.lock():
         info = read_json(folder / "index.json")
-        path = folder / f"{info.get('kind', kind)}.index"
-        if info.get("index") == want and path.exists():
-            index = faiss.read_index(str(path))
-        else:
-            index = build_index(arr, kind, want["nlist"], step)
-            path = folder / f"{kind}.index"
-            with atomic_path(path) as tmp:
-                faiss.write_index(index, str(tmp))
-            kill_point("ann.index_written")
-            info = {"index": want}
-        searcher = on_gpu_if_available(index)
-        if searcher is index and ivf_scan.supports(index):  # CPU ivf-sq16: BLAS by list
-            lists = ivf_scan.lists_of(index)
-            del index, searcher  # the lists' rows come from the store: hold one copy
-            return_freed_memory()
+        reuse = info.get("index") == want and path.exists()
+        if list_scan:
+            lists = ivf_scan.load_lists(path, n, d) if reuse else None
+            if reuse and lists is None:
+                log.warning("%s: unreadable or not this store's lists; building them again",
+                            path)
+            if lists is None:
+                lists = build_lists(arr, want["nlist"], step)
+                _replace_index_files(folder, path, lambda tmp: ivf_scan.save_lists(tmp, lists))
+                info = {"index": want}
             searcher = ivf_scan.ListScan.from_lists(*lists, arr, step)
+        else:
+            faiss = load_faiss()
+            if reuse:
+                index = faiss.read_index(str(path))
+            else:
+                index = build_index(arr, kind, want["nlist"], step)
+                _replace_index_files(folder, path,
+                                     lambda tmp: faiss.write_index(index, str(tmp)))
+                info = {"index": want}
+            searcher = on_gpu_if_available(index)
         tune_key = f"k={k} target={recall_target}"
         if tune_key not in info.get("tuning", {}):
             rows = searcher.in_store_order() if hasattr(searcher, "in_store_order") else arr
@@ -335,6 +350,17 @@ def _index(run: RunDir, arr, attrs: dict, k: int, recall_target: float, block_ro
                      t.nprobe, searcher.nlist, k, t.recall, t.sample, recall_target)
             write_json(folder / "index.json", info)
     return searcher, {**info["tuning"][tune_key], "kind": kind, "nlist": searcher.nlist}
+
+
+def _replace_index_files(folder: Path, path: Path, write) -> None:
+    """Write the index at `path` (atomically, by `write(temp path)`) and remove any other
+    index file in `folder`: one built for other hardware is stale once this one exists."""
+    for other in [*folder.glob("*.index"), *folder.glob("*.npz")]:
+        if other != path:
+            other.unlink(missing_ok=True)
+    with atomic_path(path) as tmp:
+        write(tmp)
+    kill_point("ann.index_written")
 
 
 def _approximate_part(out: Path, arr, attrs: dict, k: int, rows: range, shard: int,

@@ -205,6 +205,36 @@ def test_approximate_reaches_recall_target(run):
     assert meta["method"] == "approximate" and meta["recall"] == r.recall
 
 
+def test_approximate_keeps_only_lists_and_rebuilds_bad_ones(run, caplog):
+    """On a CPU the saved index is its lists, not codes that would copy the store; a rerun
+    reuses them (no build) and gives the same graph; a damaged lists file is built again
+    with a warning, and a stale faiss index beside it is removed."""
+    from graphbuild.graph import read_graph_csr
+
+    folder = run / "graph" / "_index"
+
+    def search_again():  # the graph and its markers go, the index stays
+        shutil.rmtree(run / "_state" / "knn")
+        for p in (run / "graph").glob("*.*"):
+            p.unlink()
+        caplog.clear()
+        knn(run, 10, method="approximate", recall_target=0.9)
+        return read_graph_csr(run)
+
+    caplog.set_level(logging.INFO, logger="graphbuild")
+    knn(run, 10, method="approximate", recall_target=0.9)
+    assert sorted(p.name for p in folder.iterdir()) == ["index.json", "lists.npz"]
+    first = read_graph_csr(run)
+    assert all(np.array_equal(a, b) for a, b in zip(first, search_again()))
+    assert "lists over" not in caplog.text and "recall@10" not in caplog.text  # nor tuned
+    (folder / "lists.npz").write_bytes(b"not an npz")
+    (folder / "ivf-sq16.index").write_bytes(b"left by an older version")
+    again = search_again()
+    assert "unreadable or not this store's lists" in caplog.text and "lists over" in caplog.text
+    assert sorted(p.name for p in folder.iterdir()) == ["index.json", "lists.npz"]
+    assert all(np.array_equal(a, b) for a, b in zip(first, again))
+
+
 def test_approximate_pq_when_over_budget(run):
     r = knn(run, 5, method="approximate", memory_budget=1)
     info = json.loads((run / "graph" / "_index" / "index.json").read_text())
