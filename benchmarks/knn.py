@@ -213,14 +213,13 @@ def list_scan_vs_faiss(run: Path, nprobe: int, queries: int = 32768) -> None:
     and graphbuild's ListScan (ivf_scan.py)."""
     import zarr
 
-    from graphbuild.ann import search
-    from graphbuild.faiss_loader import load_faiss
-    from graphbuild.ivf_scan import ListScan, lists_of
+    from graphbuild.ann import index_from_lists, search
+    from graphbuild.ivf_scan import ListScan, load_lists
 
-    faiss = load_faiss()
     arr = zarr.open_array(str(run / "embeddings.zarr"), mode="r")
-    index = faiss.read_index(str(run / "graph" / "_index" / "ivf-sq16.index"))
-    scan = ListScan.from_lists(*lists_of(index), arr, 65536)
+    lists = load_lists(run / "graph" / "_index" / "lists.npz", *arr.shape)
+    index = index_from_lists(lists, arr, 65536)
+    scan = ListScan.from_lists(*lists, arr, 65536)
     lo = arr.shape[0] // 3
     xq = np.asarray(arr[lo:lo + queries], np.float32)
     rows = np.arange(lo, lo + queries)

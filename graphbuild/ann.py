@@ -8,7 +8,9 @@ estimates, not exact dot products.
 
 The index is trained on a seeded sample of rows and every row is added in order, so it is a
 function of the store alone; knn builds it once under the run lock and saves it for the
-other shards. nprobe is tuned on a seeded sample of queries against exact search: the
+other shards. On a CPU an ivf-sq16 index is saved as its lists alone (`build_lists`): the
+search reads the rows from the store (ivf_scan.ListScan), so fp16 codes would only copy the
+store. nprobe is tuned on a seeded sample of queries against exact search: the
 smallest of 1, 2, 4, ..., nlist whose recall@k reaches the target.
 
 Vectors come from `arr[lo:hi]` slices (a zarr array or a numpy array), one block at a time.
@@ -140,6 +142,30 @@ def build_lists(arr, nlist: int, block_rows: int, seed: int = SEED,
     log.info("built %d lists over %d vectors (train %.1fs, assign %.1fs)", nlist, len(lists),
              t1 - t0, time.perf_counter() - t1)
     return centroids, offsets, ids
+
+
+def index_from_lists(lists: tuple[np.ndarray, np.ndarray, np.ndarray], arr, block_rows: int):
+    """The faiss ivf-sq16 index holding `lists` (build_lists'): their centroids, and each row
+    added to its list, no k-means run again. For faiss's own IVF search of the same lists."""
+    from graphbuild.faiss_loader import load_faiss
+
+    faiss = load_faiss()
+    centroids, offsets, ids = lists
+    nlist, d = centroids.shape
+    quantizer = faiss.IndexFlatIP(d)
+    quantizer.add(np.ascontiguousarray(centroids, np.float32))
+    index = faiss.IndexIVFScalarQuantizer(quantizer, d, nlist, faiss.ScalarQuantizer.QT_fp16,
+                                          faiss.METRIC_INNER_PRODUCT)
+    index.own_fields = True
+    quantizer.this.disown()
+    index.is_trained = True  # fp16 codes need no training; the quantizer holds the centroids
+    list_of = np.empty(len(ids), np.int64)
+    list_of[ids] = np.repeat(np.arange(nlist), np.diff(offsets))
+    for lo in range(0, arr.shape[0], block_rows):
+        x = np.ascontiguousarray(np.asarray(arr[lo:lo + block_rows], np.float32))
+        lists_here = np.ascontiguousarray(list_of[lo:lo + len(x)])
+        index.add_core(len(x), faiss.swig_ptr(x), None, faiss.swig_ptr(lists_here))
+    return index
 
 
 def faiss_gpus() -> int:

@@ -4,11 +4,12 @@ the queries of a block that probe it, with one matrix product.
 faiss's CPU IVF search takes the queries one at a time and scans each probed list's codes in a
 scalar loop. knn's queries are the stored rows themselves, tens of thousands per block, so
 every list is probed by hundreds of a block's queries. Grouping the block's (query, list)
-pairs by list turns the scan into one BLAS product per list. The lists are the faiss index's
-own; the probes are the nprobe nearest centroids by fp32 products, as faiss's flat quantizer
-picks them; the scores are fp32 products of the stored fp16 rows (faiss scores its fp16
-residual codes, which differ by rounding). On 1M derived vectors this searched 3.5x faster
-than faiss's IVF search of the same index (benchmarks/knn.py).
+pairs by list turns the scan into one BLAS product per list. The lists are an ivf-sq16
+index's (ann.build_lists: faiss's k-means centroids, each row in its nearest one's list);
+the probes are the nprobe nearest centroids, as faiss's flat quantizer picks them up to bf16
+rounding (`centroid_dtype`); the scores are fp32 products of the stored fp16 rows (faiss
+scores its fp16 residual codes, which differ by rounding). On 1M derived vectors this
+searched 3.5x faster than faiss's IVF search of the same lists (benchmarks/knn.py).
 
 Each query's top k is found in two passes: its nearest list gives k candidates and so a
 threshold (the k-th score); the other probed lists then pass on only the scores reaching it,
@@ -72,17 +73,6 @@ def centroid_dtype() -> torch.dtype:
     return torch.bfloat16 if bf16_in_hardware() else torch.float32
 
 
-def supports(index) -> bool:
-    """A CPU IVF index with fp16 scalar codes and inner product: what ivf-sq16 builds."""
-    from graphbuild.faiss_loader import load_faiss
-
-    faiss = load_faiss()
-    ivf = faiss.downcast_index(index)
-    return (isinstance(ivf, faiss.IndexIVFScalarQuantizer)
-            and ivf.sq.qtype == faiss.ScalarQuantizer.QT_fp16
-            and ivf.metric_type == faiss.METRIC_INNER_PRODUCT)
-
-
 def lists_of(index) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(centroids (nlist, d) float32, offsets (nlist + 1,), ids grouped by list) of an index."""
     from graphbuild.faiss_loader import load_faiss
@@ -123,7 +113,7 @@ def load_lists(path: Path, n: int, d: int) -> tuple[np.ndarray, np.ndarray, np.n
 
 
 class ListScan:
-    """Searches a store's rows by list: `from_lists(*lists_of(index), arr, block_rows)`."""
+    """Searches a store's rows by list: `from_lists(*ann.build_lists(arr, ...), arr, ...)`."""
 
     def __init__(self, centroids: np.ndarray, offsets: np.ndarray, ids: np.ndarray,
                  rows: np.ndarray):
