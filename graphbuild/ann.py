@@ -102,10 +102,10 @@ def _trained_index(arr, kind: str, nlist: int, block_rows: int, seed: int):
 
 
 def _blocks_with_lists(arr, centroids: torch.Tensor, block_rows: int):
-    """(fp32 block, each row's list) over the store, in order. The lists come from torch's
-    products, which run 2x (fp32) to 5x (bf16) faiss's here."""
+    """(stored fp16 block, each row's list) over the store, in order. The lists come from
+    torch's products, which run 2x (fp32) to 5x (bf16) faiss's here."""
     for lo in range(0, arr.shape[0], block_rows):
-        x = torch.from_numpy(np.asarray(arr[lo:lo + block_rows])).float()
+        x = torch.from_numpy(np.asarray(arr[lo:lo + block_rows]))
         yield x, np.ascontiguousarray(nearest_list(x, centroids), np.int64)
 
 
@@ -119,7 +119,8 @@ def build_index(arr, kind: str, nlist: int, block_rows: int, seed: int = SEED):
     t1 = time.perf_counter()
     centroids = torch.from_numpy(index.quantizer.reconstruct_n(0, nlist))
     for x, lists in _blocks_with_lists(arr, centroids, block_rows):
-        index.add_core(len(x), faiss.swig_ptr(x.numpy()), None, faiss.swig_ptr(lists))
+        x = x.float().numpy()  # torch converts fp16 ~10x faster than numpy
+        index.add_core(len(x), faiss.swig_ptr(x), None, faiss.swig_ptr(lists))
     log.info("built %s index: %d lists over %d vectors (train %.1fs, add %.1fs)", kind, nlist,
              arr.shape[0], t1 - t0, time.perf_counter() - t1)
     return index

@@ -34,8 +34,8 @@ def test_a_sound_run_passes(run):
     r = graphbuild("validate", run)
     assert r.returncode == 0, r.stdout + r.stderr
     assert r.stdout.strip().splitlines() == [
-        f"ok: {run}: all 19 checks passed on {n:,} nodes (3 chunks) and {16 * n:,} edges "
-        "(1 part)"]
+        (f"ok: {run}: all 19 checks passed on {n:,} nodes (3 chunks) and {16 * n:,} edges "
+         "(1 part)")]
 
 
 # ------------------------------------------------------------------ ways to break a run
