@@ -210,7 +210,8 @@ def child_knn(run: Path, method: str, shard: int = 0, num_shards: int = 1) -> di
 
 def list_scan_vs_faiss(run: Path, nprobe: int, queries: int = 32768) -> None:
     """The same index searched two ways, on the same block of queries: faiss's IVF search
-    and graphbuild's ListScan (ivf_scan.py)."""
+    and graphbuild's ListScan (ivf_scan.py), both probing nprobe lists a query (no adaptive
+    probing: faiss has none)."""
     import zarr
 
     from graphbuild.ann import index_from_lists, search
@@ -253,8 +254,10 @@ def print_curve(run: Path) -> None:
     for key, t in info["tuning"].items():
         print(f"  tuning ({key}, {t['sample']} sampled queries):")
         for row in t["curve"]:
+            gap = row.get("probe_gap")
+            how = "" if gap is None else f" on average (lists within {gap:.4f} of the nearest)"
             print(f"    nprobe {row['nprobe']:5d}: recall@{K} {row['recall']:.4f}  "
-                  f"{row['seconds']:.2f}s")
+                  f"{row['seconds']:.2f}s{how}")
 
 
 def main() -> None:

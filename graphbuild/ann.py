@@ -27,21 +27,28 @@ import numpy as np
 import torch
 
 from graphbuild.hits import descending_bits
-from graphbuild.ivf_scan import nearest_list
+from graphbuild.ivf_scan import centroid_dtype, nearest_list, probe_gap_for
+from graphbuild.kmeans import spherical_kmeans
 
 log = logging.getLogger(__name__)
 
 TRAIN_PER_LIST = 40   # training points per inverted list (faiss warns below 39)
+# build_lists' k-means is cheap enough for more: on 1M derived rows (2,000 lists, k=32),
+# 80 a list reached recall 0.9503 at nprobe 13 scanning 7,854 rows a query; 40 a list
+# 0.9498 over 8,253 rows (faiss's k-means, 40 a list: 0.9511 over 8,391).
+LIST_TRAIN_PER_LIST = 80
+KMEANS_ITERS = 10  # 20 gave recall 0.9579 at 1M, 10 gave 0.9584: twice the cost, no gain
 TUNE_QUERIES = 1000
 SEED = 1234
 
 
 @dataclass
 class Tuning:
-    nprobe: int
+    nprobe: int  # lists a query probes (on average, with probe_gap)
     recall: float
     sample: int
-    curve: list[dict] = field(default_factory=list)  # per nprobe: recall, seconds
+    curve: list[dict] = field(default_factory=list)  # per nprobe: recall, seconds, probe_gap
+    probe_gap: float | None = None  # adaptive probing's gap (ivf_scan), if it is used
 
 
 def nlist_for(n: int) -> int:
@@ -96,7 +103,7 @@ def _trained_index(arr, kind: str, nlist: int, block_rows: int, seed: int):
     index.own_fields = True
     quantizer.this.disown()
     index.cp.seed = seed
-    index.cp.niter = 10  # 20 gave recall 0.9579 at 1M, 10 gave 0.9584: twice the cost, no gain
+    index.cp.niter = KMEANS_ITERS
     index.train(gather_rows(arr, sample_ids(n, TRAIN_PER_LIST * nlist, seed), block_rows))
     return index
 
@@ -131,11 +138,17 @@ def build_lists(arr, nlist: int, block_rows: int, seed: int = SEED,
     """What build_index("ivf-sq16") would hold but its codes: (centroids (nlist, d) fp32,
     offsets (nlist + 1,), row ids grouped by list, ascending within each), as `lists_of`
     gives them. The store holds the rows already, so a search that reads them from it
-    (ivf_scan.ListScan) needs no second copy on disk or in memory."""
+    (ivf_scan.ListScan) needs no second copy on disk or in memory.
+
+    The centroids are torch's spherical k-means in `centroid_dtype()` (faiss's IVF k-means
+    is spherical too, but in fp32: on 1M derived rows, 2.5x slower for 40 rows a list)."""
     t0 = time.perf_counter()
-    index = _trained_index(arr, "ivf-sq16", nlist, block_rows, seed)
+    n = arr.shape[0]
+    train = gather_rows(arr, sample_ids(n, LIST_TRAIN_PER_LIST * nlist, seed), block_rows)
+    centroids = spherical_kmeans(torch.from_numpy(train).to(centroid_dtype()), nlist,
+                                 KMEANS_ITERS, seed).numpy()
+    train = None
     t1 = time.perf_counter()
-    centroids = index.quantizer.reconstruct_n(0, nlist)
     lists = np.concatenate([b for _, b in _blocks_with_lists(arr, torch.from_numpy(centroids),
                                                              block_rows)])
     ids = np.argsort(lists, kind="stable")
@@ -220,10 +233,11 @@ def recall_at_k(found: np.ndarray, truth: np.ndarray) -> float:
 
 
 def search(index, xq: np.ndarray, rows: np.ndarray, k: int, nprobe: int,
-           ) -> tuple[np.ndarray, np.ndarray]:
+           probe_gap: float | None = None) -> tuple[np.ndarray, np.ndarray]:
     """(ids (r, k) int64, sims (r, k) float32) of query vectors xq whose node ids are `rows`:
-    self excluded by id, best first, equal sims by smaller id. Rows whose probed lists hold
-    fewer than k other vectors are searched again with more lists."""
+    self excluded by id, best first, equal sims by smaller id. `probe_gap`: adaptive probing
+    (ivf_scan; ListScan only). Rows whose probed lists hold fewer than k other vectors are
+    searched again with twice nprobe lists each."""
     n = index.ntotal
     if n > 2**31:
         raise ValueError(f"approximate search packs ids in 31 bits: {n} rows is too many")
@@ -232,6 +246,9 @@ def search(index, xq: np.ndarray, rows: np.ndarray, k: int, nprobe: int,
     todo = np.arange(len(rows))
     while len(todo):
         index.nprobe = nprobe
+        if hasattr(index, "probe_gap"):
+            index.probe_gap = probe_gap
+            probe_gap = None  # again with fixed nprobe, if at all
         s, i = index.search(np.ascontiguousarray(xq[todo]), min(k + 1, n))
         got_s, got_i = _best_first(s, i, rows[todo], k)
         full = np.isfinite(got_s).all(axis=1) | (nprobe >= index.nlist)
@@ -256,19 +273,23 @@ def tune_nprobe(index, arr, k: int, target: float, block_rows: int,
     """The smallest nprobe reaching recall@k >= target on a seeded sample of queries,
     measured against exact search: doubling from 1 to the first that reaches it, then
     bisecting down from there (recall only grows with nprobe: more lists, more candidates),
-    since a power of two can cost up to twice the lists needed."""
+    since a power of two can cost up to twice the lists needed. A ListScan probes adaptively
+    where it can: nprobe lists on average, at the gap that gives that on the sample."""
     queries = sample_ids(index.ntotal, sample, seed + 1)
     truth = ground_truth(arr, queries, k, block_rows)
     xq = gather_rows(arr, queries, block_rows)
-    curve, recalls = [], {}
+    curve, recalls, gaps = [], {}, {}
 
     def measure(nprobe: int) -> float:
         t0 = time.perf_counter()
-        found, _ = search(index, xq, queries, k, nprobe)
+        gaps[nprobe] = gap = (probe_gap_for(xq, index.centroids, nprobe)
+                              if hasattr(index, "probe_gap") else None)
+        found, _ = search(index, xq, queries, k, nprobe, gap)
         recalls[nprobe] = recall = recall_at_k(found, truth)
         curve.append({"nprobe": nprobe, "recall": round(recall, 4),
-                      "seconds": round(time.perf_counter() - t0, 3)})
-        log.info("nprobe %d: recall@%d %.4f on %d sampled queries (%.2fs)", nprobe, k, recall,
+                      "seconds": round(time.perf_counter() - t0, 3), "probe_gap": gap})
+        log.info("nprobe %d%s: recall@%d %.4f on %d sampled queries (%.2fs)", nprobe,
+                 "" if gap is None else f" (on average: lists within {gap:.4f})", k, recall,
                  len(queries), curve[-1]["seconds"])
         return recall
 
@@ -281,4 +302,5 @@ def tune_nprobe(index, arr, k: int, target: float, block_rows: int,
             high = mid
         else:
             low = mid
-    return Tuning(high, recalls[high], len(queries), sorted(curve, key=lambda c: c["nprobe"]))
+    return Tuning(high, recalls[high], len(queries), sorted(curve, key=lambda c: c["nprobe"]),
+                  gaps[high])

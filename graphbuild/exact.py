@@ -438,28 +438,14 @@ def locality_order(xq, block_rows: int, iters: int = 8, seed: int = 0):
     Any order gives the same search result; this one makes the thresholds tight early."""
     import torch
 
+    from graphbuild.kmeans import nearest, spherical_kmeans
+
     n = xq.shape[0]
     n_clusters = n // block_rows
     if n_clusters < 2:
         return torch.arange(n, device=xq.device)
-    g = torch.Generator().manual_seed(seed)
-    centres = xq[torch.randperm(n, generator=g)[:n_clusters].to(xq.device)].float()
-
-    step = 16384  # rows at a time: no (n, clusters) matrix, no fp32 copy of all rows
-
-    def nearest(centres):
-        c = centres.to(xq.dtype).T
-        return torch.cat([(xq[lo:lo + step] @ c).argmax(dim=1) for lo in range(0, n, step)])
-
-    for _ in range(iters):
-        assign = nearest(centres)
-        sums = torch.zeros_like(centres)
-        for lo in range(0, n, step):
-            sums.index_add_(0, assign[lo:lo + step], xq[lo:lo + step].float())
-        empty = sums.abs().sum(dim=1) == 0  # keep an emptied centre where it was
-        sums[empty] = centres[empty]
-        centres = torch.nn.functional.normalize(sums, dim=1)
-    assign = nearest(centres)
+    centres = spherical_kmeans(xq, n_clusters, iters, seed)
+    assign = nearest(xq, centres)
     sim = centres @ centres.T
     chain, left = [0], torch.ones(n_clusters, dtype=torch.bool, device=sim.device)
     left[0] = False

@@ -52,6 +52,7 @@ class KnnResult:
     edges: int = 0
     recall: float | None = None
     nprobe: int | None = None
+    probe_gap: float | None = None  # adaptive probing: nprobe is then an average
     complete: bool = False   # every shard of the layout is done and _meta.json written
     missing_shards: list[int] = field(default_factory=list)
 
@@ -264,13 +265,14 @@ def _search_shard(run: RunDir, arr, attrs: dict, result: KnnResult, rows: range,
             result.edges, tuning = _approximate_part(out, arr, attrs, k, rows, shard, block_rows,
                                                      recall_target, budget, reporter)
             result.recall, result.nprobe = tuning["recall"], tuning["nprobe"]
+            result.probe_gap = tuning.get("probe_gap")
     finally:
         reporter.stop()
     result.seconds = time.perf_counter() - t0
     stats = {"rows": len(rows), "first": rows.start, "stop": rows.stop, "k": k,
              "method": method, "edges": result.edges, "seconds": round(result.seconds, 3),
              "queries_per_s": round(result.queries_per_s, 1), "recall": result.recall,
-             "nprobe": result.nprobe}
+             "nprobe": result.nprobe, "probe_gap": result.probe_gap}
     kill_point("knn.part_written")  # part in place, marker not yet
     mark_done(run.state("knn"), name, stats)
     kill_point("knn.shard_marked")
@@ -346,8 +348,10 @@ def _index(run: RunDir, arr, attrs: dict, k: int, recall_target: float, block_ro
             rows = searcher.in_store_order() if hasattr(searcher, "in_store_order") else arr
             t = tune_nprobe(searcher, rows, k, recall_target, step)
             info.setdefault("tuning", {})[tune_key] = asdict(t)
-            log.info("nprobe %d of %d lists: recall@%d %.4f on %d sampled queries (target %.2f)",
-                     t.nprobe, searcher.nlist, k, t.recall, t.sample, recall_target)
+            log.info("nprobe %d of %d lists%s: recall@%d %.4f on %d sampled queries (target "
+                     "%.2f)", t.nprobe, searcher.nlist,
+                     "" if t.probe_gap is None else f" on average (gap {t.probe_gap:.4f})", k,
+                     t.recall, t.sample, recall_target)
             write_json(folder / "index.json", info)
     return searcher, {**info["tuning"][tune_key], "kind": kind, "nlist": searcher.nlist}
 
@@ -378,7 +382,8 @@ def _approximate_part(out: Path, arr, attrs: dict, k: int, rows: range, shard: i
         # results on in pieces of block_rows.
         for lo, block in _read_blocks(arr, rows, max(block_rows, QUERY_STEP)):
             xq = torch.from_numpy(block).float().numpy()  # ~10x numpy's fp16 conversion
-            ids, sims = search(index, xq, np.arange(lo, lo + len(block)), k, tuning["nprobe"])
+            ids, sims = search(index, xq, np.arange(lo, lo + len(block)), k, tuning["nprobe"],
+                               tuning.get("probe_gap"))
             for off in range(0, len(block), block_rows):
                 piece = slice(off, off + block_rows)
                 reporter.advance(len(ids[piece]))
@@ -406,7 +411,7 @@ def _finalize(run: RunDir, attrs: dict, k: int, method: str, num_shards: int,
             meta = {
                 "format_version": FORMAT_VERSION, "k": k, "metric": "cosine", "method": method,
                 "recall": first.get("recall"), "nprobe": first.get("nprobe"),
-                "n_nodes": attrs["n_nodes"], "edges": sum(st["edges"] for st in stats.values()),
+                "probe_gap": first.get("probe_gap"), "n_nodes": attrs["n_nodes"], "edges": sum(st["edges"] for st in stats.values()),
                 "num_shards": num_shards,
                 "parts": [{"file": part_path(run.root, s).name, "first": st["first"],
                            "stop": st["stop"], "edges": st["edges"]}

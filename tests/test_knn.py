@@ -298,6 +298,54 @@ def test_list_scan_equals_faiss_and_brute_force(embedded):
     assert same > 0.99  # faiss scores fp16 residual codes: rounding apart, the same lists
 
 
+def test_adaptive_probes_search_the_lists_within_the_gap(embedded):
+    """With a probe gap, each query probes the lists whose centroids score within the gap of
+    its nearest one's (4 to 32 of them), the gap tuned to give nprobe on average; the search
+    returns the exact top k among the rows of those lists (numpy brute force)."""
+    import torch
+    import zarr
+
+    from graphbuild.ann import build_lists, search
+    from graphbuild.ivf_scan import (
+        PROBE_CAP,
+        PROBE_MIN,
+        ListScan,
+        centroid_scores,
+        probe_gap_for,
+        probes,
+    )
+
+    arr = zarr.open_array(str(embedded / "embeddings.zarr"), mode="r")
+    x32 = np.asarray(arr[:], np.float32)
+    scan = ListScan.from_lists(*build_lists(arr, 64, 1024), arr, 1024)
+    rows = np.arange(0, len(x32), 7)
+    xq = x32[rows]
+    gap = probe_gap_for(xq, scan.centroids, 10)
+    scores = torch.cat([s for _, s in centroid_scores(torch.from_numpy(xq), scan.centroids)])
+    s = scores.float().numpy()
+    home, pair_q, pair_l = probes(scores, 10, gap)
+    probed = [set(pair_l[pair_q == i]) | {home[i]} for i in range(len(xq))]
+    assert all(len(p) == 1 + (pair_q == i).sum() for i, p in enumerate(probed))  # no repeats
+    assert (s[np.arange(len(s)), home] == s.max(axis=1)).all()
+    counts = np.array([len(p) for p in probed])
+    assert 10 <= counts.mean() < 11 and PROBE_MIN <= counts.min() and counts.max() <= PROBE_CAP
+    # the gap is applied in the scores' dtype (bf16 here): best - gap rounds as they do
+    within = (scores >= (scores.max(dim=1).values - gap)[:, None]).numpy()
+    for i, p in enumerate(probed):
+        if PROBE_MIN < counts[i] < PROBE_CAP:
+            assert p == set(np.flatnonzero(within[i]))
+        assert s[i, list(p)].min() >= np.delete(s[i], list(p)).max()  # the best lists
+    ids, sims = search(scan, xq, rows, 10, 10, gap)
+    list_of = np.repeat(np.arange(scan.nlist), np.diff(scan.offsets))[np.argsort(scan.ids.numpy())]
+    for i, r in enumerate(rows):
+        cand = np.flatnonzero(np.isin(list_of, list(probed[i])) & (np.arange(len(x32)) != r))
+        ref = cand[np.argsort(-(x32[cand] @ x32[r]), kind="stable")[:10]]
+        assert np.allclose(sims[i], x32[ref] @ x32[r], atol=1e-5)
+        assert len(np.intersect1d(ids[i], ref)) >= 9  # the rest: exact ties
+    fewer = probe_gap_for(xq, scan.centroids, 6)
+    assert fewer < gap
+
+
 def test_list_scan_reads_rows_in_store_order(embedded):
     """Tuning's exact search reads the scan's in-memory rows as store slices: the same bytes."""
     import zarr

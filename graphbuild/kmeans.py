@@ -1,0 +1,37 @@
+"""Spherical k-means by torch matrix products in the rows' own dtype.
+
+In bf16 on a CPU with bf16 hardware (AMX here) the assignment products run several times
+faster than faiss's fp32 k-means; centres are summed and normalized in fp32. Used by exact's
+locality order and by the inverted lists of approximate search (ann.build_lists).
+"""
+
+from __future__ import annotations
+
+import torch
+
+STEP = 16384  # rows at a time: no (n, clusters) score matrix, no fp32 copy of all rows
+
+
+def nearest(x: torch.Tensor, centres: torch.Tensor, step: int = STEP) -> torch.Tensor:
+    """Each row's centre: its largest inner product, computed in x's dtype (`max`'s indices:
+    2.5x `argmax` on bf16 scores here)."""
+    c = centres.to(x.dtype).T
+    return torch.cat([(x[lo:lo + step] @ c).max(dim=1).indices for lo in range(0, len(x), step)])
+
+
+def spherical_kmeans(x: torch.Tensor, n_clusters: int, iters: int, seed: int = 0,
+                     ) -> torch.Tensor:
+    """(n_clusters, d) unit fp32 centres: seeded random rows of x to start, then `iters`
+    rounds of assigning each row to its nearest centre and taking the normalized sum of its
+    rows. A centre left without rows stays where it was."""
+    g = torch.Generator().manual_seed(seed)
+    centres = x[torch.randperm(len(x), generator=g)[:n_clusters].to(x.device)].float()
+    for _ in range(iters):
+        assign = nearest(x, centres)
+        sums = torch.zeros_like(centres)
+        for lo in range(0, len(x), STEP):
+            sums.index_add_(0, assign[lo:lo + STEP], x[lo:lo + STEP].float())
+        empty = sums.abs().sum(dim=1) == 0
+        sums[empty] = centres[empty]
+        centres = torch.nn.functional.normalize(sums, dim=1)
+    return centres
