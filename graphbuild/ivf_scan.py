@@ -5,7 +5,7 @@ faiss's CPU IVF search takes the queries one at a time and scans each probed lis
 scalar loop. knn's queries are the stored rows themselves, tens of thousands per block, so
 every list is probed by hundreds of a block's queries. Grouping the block's (query, list)
 pairs by list turns the scan into one BLAS product per list. The lists are an ivf-sq16
-index's (ann.build_lists: faiss's k-means centroids, each row in its nearest one's list);
+index's (ann.build_lists: spherical k-means centroids, each row in its nearest one's list);
 the probes are the nprobe nearest centroids, as faiss's flat quantizer picks them up to bf16
 rounding (`centroid_dtype`); the scores are fp32 products of the stored fp16 rows (faiss
 scores its fp16 residual codes, which differ by rounding). On 1M derived vectors this
@@ -73,24 +73,30 @@ def probes(scores: torch.Tensor, nprobe: int, gap: float | None,
         return best[:, 0], rows, best[:, 1:].reshape(-1)
     top, home = scores.max(dim=1)
     # torch's nonzero then bincount: 3x faster than a row sum and numpy's nonzero here
-    pairs = (scores >= (top - gap)[:, None]).nonzero()
+    pairs = within_gap(scores, top, gap).nonzero()
     count = torch.bincount(pairs[:, 0], minlength=len(scores))
-    fixed = [pairs[((count >= PROBE_MIN) & (count <= PROBE_CAP))[pairs[:, 0]]]]
-    for rows in ((count < PROBE_MIN).nonzero()[:, 0], (count > PROBE_CAP).nonzero()[:, 0]):
+    kept = [pairs[((count >= PROBE_MIN) & (count <= PROBE_CAP))[pairs[:, 0]]]]
+    for outside, bound in ((count < PROBE_MIN, PROBE_MIN), (count > PROBE_CAP, PROBE_CAP)):
+        rows = outside.nonzero()[:, 0]
         if len(rows):  # rows outside the bounds take their best PROBE_MIN or PROBE_CAP
-            bound = PROBE_MIN if count[rows[0]] < PROBE_MIN else PROBE_CAP
             best = scores[rows].topk(min(bound, scores.shape[1]), dim=1).indices
-            fixed.append(torch.stack([rows.repeat_interleave(best.shape[1]),
-                                      best.reshape(-1)], dim=1))
-    pairs = torch.cat(fixed)
+            kept.append(torch.stack([rows.repeat_interleave(best.shape[1]),
+                                     best.reshape(-1)], dim=1))
+    pairs = torch.cat(kept)
     pairs = pairs[pairs[:, 1] != home[pairs[:, 0]]].numpy()
     return home.numpy(), pairs[:, 0], pairs[:, 1]
 
 
+def within_gap(scores: torch.Tensor, top: torch.Tensor, gap: float) -> torch.Tensor:
+    """Which lists score within `gap` of each row's best score `top` (in the scores' dtype:
+    `probes` and `probe_counts` must round alike)."""
+    return scores >= (top - gap)[:, None]
+
+
 def probe_counts(scores: torch.Tensor, gap: float) -> torch.Tensor:
     """Lists each row probes with `gap` (as `probes` picks them)."""
-    top = scores.max(dim=1).values
-    return (scores >= (top - gap)[:, None]).sum(dim=1).clamp(PROBE_MIN, PROBE_CAP)
+    within = within_gap(scores, scores.max(dim=1).values, gap)
+    return within.sum(dim=1).clamp(PROBE_MIN, PROBE_CAP)
 
 
 def probe_gap_for(xq: np.ndarray, centroids: torch.Tensor, nprobe: int) -> float | None:

@@ -1,7 +1,8 @@
 """Spherical k-means by torch matrix products in the rows' own dtype.
 
-In bf16 on a CPU with bf16 hardware (AMX here) the assignment products run several times
-faster than faiss's fp32 k-means; centres are summed and normalized in fp32. Used by exact's
+In bf16 on a CPU with bf16 hardware (AMX here) a training row costs about half what it does in
+faiss's fp32 k-means (80 rows a list at 1M trained in the time faiss took for 40); centres
+are summed and normalized in fp32. Used by exact's
 locality order and by the inverted lists of approximate search (ann.build_lists).
 """
 

@@ -53,7 +53,7 @@ def test_duplicate_ids_fail_or_are_skipped(tmp_path):
     files = {"c.tsv": "id\tcaption\n1\tone\n2\ttwo\n1\tagain\n"}
     with pytest.raises(GraphbuildError, match=r"line 4: duplicate sample id in column 'id'"):
         tables(tmp_path, CAPTIONS, files)
-    nodes, samples, fig = tables(tmp_path, CAPTIONS, files, skip=True)
+    _nodes, samples, fig = tables(tmp_path, CAPTIONS, files, skip=True)
     assert samples.height == 2 and fig.skipped_duplicate_ids == 1
 
 
@@ -108,7 +108,7 @@ def test_label_outside_the_class_list(tmp_path):
 
 
 def test_classes_without_source_are_their_own_samples(tmp_path):
-    nodes, samples, _ = tables(tmp_path, "name: t\nclasses: [{key: n1, name: a}, b]\n")
+    _nodes, samples, _ = tables(tmp_path, "name: t\nclasses: [{key: n1, name: a}, b]\n")
     assert samples["sample_id"].to_list() == ["n1", "1"]
     assert samples["node"].to_list() == [0, 1]
 
