@@ -250,7 +250,8 @@ def search(index, xq: np.ndarray, rows: np.ndarray, k: int, nprobe: int,
         if hasattr(index, "probe_gap"):
             index.probe_gap = probe_gap
             probe_gap = None  # again with fixed nprobe, if at all
-        s, i = index.search(np.ascontiguousarray(xq[todo]), min(k + 1, n))
+        batch = xq if len(todo) == len(xq) else xq[todo]  # no copy of a whole block
+        s, i = index.search(np.ascontiguousarray(batch), min(k + 1, n))
         got_s, got_i = _best_first(s, i, rows[todo], k)
         full = np.isfinite(got_s).all(axis=1) | (nprobe >= index.nlist)
         ids[todo[full]], sims[todo[full]] = got_i[full], got_s[full]

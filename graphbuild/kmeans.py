@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-STEP = 16384  # rows at a time: no (n, clusters) score matrix, no fp32 copy of all rows
+STEP = 4096  # rows at a time: no (n, clusters) score matrix, no fp32 copy of all rows
 
 
 def nearest(x: torch.Tensor, centres: torch.Tensor, step: int = STEP) -> torch.Tensor:

@@ -329,14 +329,14 @@ def test_adaptive_probes_search_the_lists_within_the_gap(embedded):
     assert (s[np.arange(len(s)), home] == s.max(axis=1)).all()
     counts = np.array([len(p) for p in probed])
     assert 10 <= counts.mean() < 11 and PROBE_MIN <= counts.min() and counts.max() <= PROBE_CAP
-    # the gap is applied in the scores' dtype (bf16 here): best - gap rounds as they do
-    within = (scores >= (scores.max(dim=1).values - gap)[:, None]).numpy()
+    # bf16 scores are exact in fp32, where the gap is applied
+    within = s >= (s.max(axis=1) - np.float32(gap))[:, None]
     for i, p in enumerate(probed):
         if PROBE_MIN < counts[i] < PROBE_CAP:
             assert p == set(np.flatnonzero(within[i]))
         assert s[i, list(p)].min() >= np.delete(s[i], list(p)).max()  # the best lists
     ids, sims = search(scan, xq, rows, 10, 10, gap)
-    list_of = np.repeat(np.arange(scan.nlist), np.diff(scan.offsets))[np.argsort(scan.ids.numpy())]
+    list_of = np.repeat(np.arange(scan.nlist), np.diff(scan.offsets))[np.argsort(scan.ids)]
     for i, r in enumerate(rows):
         cand = np.flatnonzero(np.isin(list_of, list(probed[i])) & (np.arange(len(x32)) != r))
         ref = cand[np.argsort(-(x32[cand] @ x32[r]), kind="stable")[:10]]
@@ -379,31 +379,33 @@ def test_nearest_list_is_the_fp32_nearest_up_to_bf16_rounding(embedded):
     assert (best - scores.gather(1, got[:, None])[:, 0]).max() < 2 * 2**-8
 
 
-def test_best_per_row_equals_a_sort():
-    """hits.best_per_row against numpy: each row's kk largest values, padded."""
-    import torch
-
-    from graphbuild.hits import best_per_row
+def test_heaps_keep_each_querys_best_in_any_order():
+    """list_kernels.offer and sort_heaps against numpy: each query's kk best (score, id),
+    best first, equal scores by smaller id, empty slots -inf and -1, whatever the order and
+    grouping of the score blocks offered."""
+    from graphbuild.list_kernels import empty_heaps, offer, sort_heaps
 
     rng = np.random.default_rng(5)
-    rows = rng.integers(0, 50, 3000)
-    rows[rows == 7] = 8  # row 7: no hits; rows 40..49: a few
-    rows[(rows >= 40) & (rng.random(3000) < 0.9)] = 0
-    vals = rng.standard_normal(3000).astype(np.float32)
-    vals[::5] *= -1e30  # very negative and positive magnitudes order too
-    ids = rng.permutation(3000)
-    got_s, got_i = best_per_row(50, 10, torch.from_numpy(rows), torch.from_numpy(vals),
-                                torch.from_numpy(ids))
-    for r in range(50):
-        mine = np.flatnonzero(rows == r)
-        top = mine[np.argsort(-vals[mine])][:10]
-        want_s = np.full(10, -np.inf, np.float32)
-        want_i = np.full(10, -1)
-        want_s[:len(top)], want_i[:len(top)] = vals[top], ids[top]
-        assert np.array_equal(got_s[r].numpy(), want_s) and np.array_equal(got_i[r].numpy(), want_i)
-    none_s, none_i = best_per_row(3, 4, torch.from_numpy(rows[:0]), torch.from_numpy(vals[:0]),
-                                  torch.from_numpy(ids[:0]))
-    assert (none_s == -torch.inf).all() and (none_i == -1).all() and none_i.shape == (3, 4)
+    m, n, kk = 40, 300, 10
+    scores = rng.integers(0, 30, (m, n)).astype(np.float32) / 8  # many equal scores
+    scores[:, ::7] *= -1e30  # very negative and positive magnitudes order too
+    ids = rng.permutation(n).astype(np.int32)
+    offered = np.ones((m, n), bool)
+    offered[3, :] = False  # query 3: nothing offered; query 4: fewer than kk
+    offered[4, 5:] = False
+    heap_s, heap_i = empty_heaps(m, kk, np.int32)
+    for cols in np.array_split(rng.permutation(n), 9):  # lists of rows, in random order
+        q = rng.permutation(np.flatnonzero(offered[:, cols].any(axis=1))).astype(np.int32)
+        block = np.where(offered[q][:, cols], scores[q][:, cols], -np.inf).astype(np.float32)
+        offer(block, q, ids[cols], heap_s, heap_i)
+    sort_heaps(heap_s, heap_i)
+    for r in range(m):
+        mine = np.flatnonzero(offered[r])
+        top = mine[np.lexsort((ids[mine], -scores[r, mine]))][:kk]
+        want_s = np.full(kk, -np.inf, np.float32)
+        want_i = np.full(kk, -1, np.int32)
+        want_s[:len(top)], want_i[:len(top)] = scores[r, top], ids[top]
+        assert np.array_equal(heap_s[r], want_s) and np.array_equal(heap_i[r], want_i), r
 
 
 def test_search_results_best_first_self_dropped_ties_by_id():
