@@ -14,6 +14,7 @@ on the order its lists are scanned in.
 
 from __future__ import annotations
 
+import numba
 import numpy as np
 from numba import njit, prange
 
@@ -27,18 +28,21 @@ def _worse(s1, i1, s2, i2):
 
 
 @njit(cache=True)
-def _sift_down(hs, hi, at, n):
-    """Restore the heap (worst at the root) below slot `at` of (hs, hi), n slots."""
+def _replace_worst(hs, hi, v, i, n):
+    """Put (v, i) in the heap (hs, hi) of n slots, worst at the root, in place of its root:
+    the worse child moves up into the hole until (v, i) ranks below neither child."""
+    at = 0
     while True:
-        worst = at
-        for child in (2 * at + 1, 2 * at + 2):
-            if child < n and _worse(hs[child], hi[child], hs[worst], hi[worst]):
-                worst = child
-        if worst == at:
-            return
-        hs[at], hs[worst] = hs[worst], hs[at]
-        hi[at], hi[worst] = hi[worst], hi[at]
-        at = worst
+        child = 2 * at + 1
+        if child >= n:
+            break
+        if child + 1 < n and _worse(hs[child + 1], hi[child + 1], hs[child], hi[child]):
+            child += 1
+        if not _worse(hs[child], hi[child], v, i):
+            break
+        hs[at], hi[at] = hs[child], hi[child]
+        at = child
+    hs[at], hi[at] = v, i
 
 
 @njit(cache=True, parallel=True)
@@ -54,9 +58,8 @@ def offer(scores, queries, ids, heap_s, heap_i):
         row = scores[j]
         for c in range(len(row)):
             v = row[c]
-            if v > bar or (v == bar and ids[c] < hi[0]):
-                hs[0], hi[0] = v, ids[c]
-                _sift_down(hs, hi, 0, kk)
+            if v >= bar and (v > bar or ids[c] < hi[0]):
+                _replace_worst(hs, hi, v, ids[c], kk)
                 bar = hs[0]
 
 
@@ -67,13 +70,21 @@ def sort_heaps(heap_s, heap_i):
     for q in prange(heap_s.shape[0]):
         hs, hi = heap_s[q], heap_i[q]
         for end in range(kk - 1, 0, -1):  # heapsort: the worst goes to the back
-            hs[0], hs[end] = hs[end], hs[0]
-            hi[0], hi[end] = hi[end], hi[0]
-            _sift_down(hs, hi, 0, end)
+            v, i = hs[end], hi[end]
+            hs[end], hi[end] = hs[0], hi[0]
+            _replace_worst(hs, hi, v, i, end)
 
 
 def empty_heaps(m: int, kk: int, id_dtype) -> tuple[np.ndarray, np.ndarray]:
     return np.full((m, kk), -np.inf, np.float32), np.full((m, kk), EMPTY, id_dtype)
+
+
+def threads_as_torch() -> None:
+    """Run the kernels on as many threads as torch's products (OMP_NUM_THREADS, a dask
+    worker's share): numba alone would take every core the process may run on."""
+    import torch
+
+    numba.set_num_threads(min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS))
 
 
 @njit(cache=True)

@@ -408,6 +408,31 @@ def test_heaps_keep_each_querys_best_in_any_order():
         assert np.array_equal(heap_s[r], want_s) and np.array_equal(heap_i[r], want_i), r
 
 
+def test_probe_lists_within_the_gap_and_bounds():
+    """list_kernels.probe_lists against numpy on scores with equal values, rows inside and
+    outside the bounds, fp32 and bf16 bits alike: the lists within the gap of the best (the
+    best `least` or `most` of them when outside), ties by smaller list number."""
+    import torch
+
+    from graphbuild.list_kernels import probe_lists
+
+    rng = np.random.default_rng(3)
+    scores = torch.from_numpy(rng.integers(0, 64, (300, 50)).astype(np.float32) / 64)
+    scores[:100] *= 0.1  # a flat third: many lists within the gap, over the cap
+    for x, bits in ((scores.numpy(), False),
+                    (scores.bfloat16().view(torch.int16).numpy().view(np.uint16), True)):
+        s = scores.bfloat16().float().numpy() if bits else scores.numpy()
+        home, count, others = probe_lists(x, bits, 0.1, 4, 12)
+        for r in range(len(s)):
+            order = np.lexsort((np.arange(50), -s[r]))  # best first, ties by list number
+            within = int((s[r] >= s[r].max() - np.float32(0.1)).sum())
+            want = order[:min(max(within, 4), 12)]
+            got = others[r][others[r] >= 0]
+            assert home[r] == want[0] and count[r] == len(want)
+            assert sorted(got) == sorted(want[1:]), r
+        assert (count == 12).any() and (count == 4).any() and ((count > 4) & (count < 12)).any()
+
+
 def test_search_results_best_first_self_dropped_ties_by_id():
     """ann._best_first against numpy's lexsort: self and empty slots (-1) drop to -inf, then
     sims descend, equal sims by smaller id."""
