@@ -213,8 +213,9 @@ def on_gpu_if_available(index):
 
 
 def ground_truth(arr, queries: np.ndarray, k: int, block_rows: int) -> np.ndarray:
-    """Exact top-k ids (fp32 scores, self excluded) of query rows, streaming the rows; each
-    query's best kept in a heap (list_kernels.offer: 6x torch's top-k and merge here)."""
+    """Exact top-k ids (fp32 scores, self excluded, equal scores by smaller id) of query rows,
+    streaming the rows; each query's best kept in a heap (list_kernels.offer). At 1M, with
+    65,536-row blocks, 7.1-7.2 s against 7.9-8.5 s for torch's top-k and merge."""
     n = arr.shape[0]
     xq = torch.from_numpy(gather_rows(arr, queries, block_rows))
     own = torch.from_numpy(queries)

