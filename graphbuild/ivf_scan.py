@@ -2,8 +2,8 @@
 the queries of a block that probe it, with one matrix product.
 
 faiss's CPU IVF search takes the queries one at a time and scans each probed list's codes in a
-scalar loop. knn's queries are the stored rows themselves, tens of thousands per block, so
-every list is probed by hundreds of a block's queries. Grouping the block's (query, list)
+scalar loop. knn's queries are the stored rows themselves, 262,144 per block, so every list
+is probed by about 1,400 of a block's queries. Grouping the block's (query, list)
 pairs by list turns the scan into one BLAS product per list. The lists are an ivf-sq16
 index's (ann.build_lists: spherical k-means centroids, each row in its nearest one's list);
 the probes are the nprobe nearest centroids, as faiss's flat quantizer picks them up to bf16
@@ -53,7 +53,8 @@ from graphbuild.list_kernels import (
 
 # Queries searched together: ~1,400 a list at nlist 2,000 and 11 lists a query. Larger blocks
 # make larger products and fewer passes over the lists: 262,144 queries searched 1.2-1.4x
-# faster than 4 blocks of 65,536. The block's fp32 queries take 400 MB; the heaps 70 MB.
+# faster than 4 blocks of 65,536. The block's queries take 200 MB (fp16, as knn passes them),
+# the heaps 70 MB.
 QUERY_STEP = 262144
 
 
