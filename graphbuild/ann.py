@@ -28,8 +28,8 @@ import torch
 
 from graphbuild.hits import descending_bits
 from graphbuild.ivf_scan import centroid_dtype, nearest_list, probe_gap_for
+from graphbuild.kernels import empty_heaps, offer, sort_heaps, threads_as_torch
 from graphbuild.kmeans import spherical_kmeans
-from graphbuild.list_kernels import empty_heaps, offer, sort_heaps, threads_as_torch
 
 log = logging.getLogger(__name__)
 
@@ -214,7 +214,7 @@ def on_gpu_if_available(index):
 
 def ground_truth(arr, queries: np.ndarray, k: int, block_rows: int) -> np.ndarray:
     """Exact top-k ids (fp32 scores, self excluded, equal scores by smaller id) of query rows,
-    streaming the rows; each query's best kept in a heap (list_kernels.offer). At 1M, with
+    streaming the rows; each query's best kept in a heap (kernels.offer). At 1M, with
     65,536-row blocks, 7.1-7.2 s against 7.9-8.5 s for torch's top-k and merge."""
     n = arr.shape[0]
     xq = torch.from_numpy(gather_rows(arr, queries, block_rows))

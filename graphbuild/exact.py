@@ -161,21 +161,20 @@ def exact_dots(x16: np.ndarray, rows: np.ndarray, cols: np.ndarray,
     return out.numpy().astype(np.float32)
 
 
-def _exact_dots_of_rows(x16: np.ndarray, rows: np.ndarray, rr: np.ndarray, cols: np.ndarray,
-                        chunk: int = 512) -> np.ndarray:
-    """exact_dots(x16, rows[rr], cols), converting each of `rows` to fp32 once."""
+def _exact_dots_of_rows(x16: np.ndarray, rows: np.ndarray, rr: np.ndarray,
+                        cols: np.ndarray) -> np.ndarray:
+    """exact_dots(x16, rows[rr], cols), converting each of `rows` to fp32 once; compiled
+    (kernels.exact_dots), as the re-rank's candidates are many short gathers."""
     import torch
 
-    x = torch.from_numpy(np.ascontiguousarray(x16))
-    q = torch.from_numpy(x16[rows]).float()
-    rr = torch.from_numpy(np.asarray(rr, dtype=np.int64))
-    cols = torch.from_numpy(np.asarray(cols, dtype=np.int64))
-    out = torch.empty(len(rr), dtype=torch.float64)
-    for lo in range(0, len(rr), chunk):
-        a = q.index_select(0, rr[lo:lo + chunk])
-        b = x.index_select(0, cols[lo:lo + chunk]).float()
-        torch.sum(a.mul_(b), dim=1, dtype=torch.float64, out=out[lo:lo + chunk])
-    return out.numpy().astype(np.float32)
+    from graphbuild.kernels import F16_AS_F32, exact_dots, threads_as_torch
+
+    q = torch.from_numpy(x16[rows]).float().numpy()
+    out = np.empty(len(rr), np.float32)
+    threads_as_torch()
+    exact_dots(np.ascontiguousarray(x16).view(np.uint16), F16_AS_F32, q,
+               np.asarray(rr, np.int64), np.asarray(cols, np.int64), out)
+    return out
 
 
 class _Candidates:

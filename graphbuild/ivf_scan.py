@@ -20,7 +20,7 @@ nprobe lists on average (`probe_gap_for`). On 1M derived vectors (2,000 lists, k
 tuning chose 11 lists on average (recall 0.9513; fixed nprobe needed 13), and 65,536 sampled
 queries then scanned 6,322 rows each instead of 7,875.
 
-Each query keeps its best k in a heap (list_kernels.offer, compiled): every score of a list's
+Each query keeps its best k in a heap (kernels.offer, compiled): every score of a list's
 product is offered to its query's heap, and only those beating the heap's worst go in. The
 query's nearest list is scanned first, so the heap fills with good candidates and the bar is
 high for the rest. This, the compiled probe selection and blocks of 262,144 queries replaced
@@ -42,14 +42,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from graphbuild.kmeans import nearest
-from graphbuild.list_kernels import (
+from graphbuild.kernels import (
     empty_heaps,
     offer,
     probe_lists,
     sort_heaps,
     threads_as_torch,
 )
+from graphbuild.kmeans import nearest
 
 # Queries searched together: ~1,400 a list at nlist 2,000 and 11 lists a query. Larger blocks
 # make larger products and fewer passes over the lists: 262,144 queries searched 1.2-1.4x
@@ -95,7 +95,7 @@ def probe_counts(scores: torch.Tensor, gap: float) -> np.ndarray:
 
 
 def _kernel_view(scores: torch.Tensor) -> tuple[np.ndarray, bool]:
-    """Centroid scores as list_kernels.probe_lists takes them: fp32, or bf16's uint16 bits."""
+    """Centroid scores as kernels.probe_lists takes them: fp32, or bf16's uint16 bits."""
     if scores.dtype == torch.bfloat16:
         return scores.view(torch.int16).numpy().view(np.uint16), True
     return scores.float().numpy(), False

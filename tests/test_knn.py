@@ -380,10 +380,10 @@ def test_nearest_list_is_the_fp32_nearest_up_to_bf16_rounding(embedded):
 
 
 def test_heaps_keep_each_querys_best_in_any_order():
-    """list_kernels.offer and sort_heaps against numpy: each query's kk best (score, id),
+    """kernels.offer and sort_heaps against numpy: each query's kk best (score, id),
     best first, equal scores by smaller id, empty slots -inf and -1, whatever the order and
     grouping of the score blocks offered."""
-    from graphbuild.list_kernels import empty_heaps, offer, sort_heaps
+    from graphbuild.kernels import empty_heaps, offer, sort_heaps
 
     rng = np.random.default_rng(5)
     m, n, kk = 40, 300, 10
@@ -409,12 +409,12 @@ def test_heaps_keep_each_querys_best_in_any_order():
 
 
 def test_probe_lists_within_the_gap_and_bounds():
-    """list_kernels.probe_lists against numpy on scores with equal values, rows inside and
+    """kernels.probe_lists against numpy on scores with equal values, rows inside and
     outside the bounds, fp32 and bf16 bits alike: the lists within the gap of the best (the
     best `least` or `most` of them when outside), ties by smaller list number."""
     import torch
 
-    from graphbuild.list_kernels import probe_lists
+    from graphbuild.kernels import probe_lists
 
     rng = np.random.default_rng(3)
     scores = torch.from_numpy(rng.integers(0, 64, (300, 50)).astype(np.float32) / 64)

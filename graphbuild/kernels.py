@@ -1,16 +1,18 @@
-"""Compiled loops of ivf_scan's list search (numba), where torch would make several passes
-over large temporaries.
+"""Compiled loops (numba) where torch would make several passes over large temporaries.
 
+ivf_scan's list search:
 - `offer`: each query keeps its best kk (score, id) in a heap; a list's score block offers
   every score to its query's heap, and the heap's worst is the bar to pass. This replaces a
   top-k per nearest list, a compare and `flatnonzero` per other list, the hits those leave
   and their final sort (about 2.5 s of a 6.7 s block of 65,536 queries at 1M rows).
+  Order: higher score first, equal scores by smaller id, so a query's result does not
+  depend on the order its lists are scanned in.
 - `probe_lists`: each query's nearest list and the lists within the gap of it, from the
   centroid scores, in one pass a row (0.9 s a block with torch's max, compare, nonzero).
 
-Order: higher score first, equal scores by smaller id, so a query's result does not depend
-on the order its lists are scanned in.
-"""
+exact's re-rank:
+- `exact_dots`: fp16 rows' dot products summed in fp64, each row read once from the store
+  and converted through a table, with no gathered copies."""
 
 from __future__ import annotations
 
@@ -155,3 +157,22 @@ def probe_lists(scores, bf16_bits, gap, least, most):
                     others[r, n] = c
                     n += 1
     return home, count, others
+
+
+F16_AS_F32 = np.arange(2**16, dtype=np.uint16).view(np.float16).astype(np.float32)
+
+
+@njit(cache=True, parallel=True)
+def exact_dots(x_bits, table, q32, rr, cols, out):
+    """out[p] = q32[rr[p]] . x[cols[p]] for each pair p, summed in fp64 and rounded once to
+    fp32, where x is fp16 given as its uint16 bits and table maps bits to fp32. Each product
+    of two fp16 values is exact in fp32 and their fp64 sum is exact (exact.py), so this equals
+    any other exact summation bit for bit."""
+    d = x_bits.shape[1]
+    for p in prange(len(rr)):
+        a = q32[rr[p]]
+        b = x_bits[cols[p]]
+        s = 0.0
+        for j in range(d):
+            s += np.float64(a[j] * table[b[j]])
+        out[p] = np.float32(s)
