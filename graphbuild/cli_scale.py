@@ -7,9 +7,20 @@ from typing import Annotated, Optional
 
 import typer
 
-from graphbuild.cli import (K, ChunkRows, Method, Model, Precision, Quiet, RecallTarget, Source,
-                            _logging, app)
+from graphbuild.cli import (
+    ChunkRows,
+    K,
+    Method,
+    Model,
+    Precision,
+    Quiet,
+    RecallTarget,
+    Source,
+    _logging,
+    app,
+)
 from graphbuild.errors import GraphbuildError
+
 
 @app.command()
 def status(

@@ -11,8 +11,8 @@ ivf_scan's list search:
   centroid scores, in one pass a row (0.9 s a block with torch's max, compare, nonzero).
 
 exact's re-rank:
-- `exact_dots`: fp16 rows' dot products summed in fp64, each row read once from the store
-  and converted through a table, with no gathered copies."""
+- `exact_dots`: dot products of fp16 rows, converted through a table and summed in fp64,
+  straight from the rows: no gathered, converted copies of them."""
 
 from __future__ import annotations
 

@@ -18,8 +18,16 @@ from pathlib import Path
 import numpy as np
 
 from graphbuild.errors import GraphbuildError
-from graphbuild.stats import (BATCH_SIZE, BATCHES, SEED, RunArrays, figures, format_stats, load,
-                              soft_target_entropy)
+from graphbuild.stats import (
+    BATCH_SIZE,
+    BATCHES,
+    SEED,
+    RunArrays,
+    figures,
+    format_stats,
+    load,
+    soft_target_entropy,
+)
 from graphbuild.storage import atomic_path
 
 SECTIONS = {"summary": "Summary", "similarity": "Similarities", "degree": "In-degree and hubs",

@@ -11,8 +11,15 @@ from pathlib import Path
 import polars as pl
 import pytest
 
-from tests.conftest import (REPO, caption_manifest, coco_subset, graphbuild, needs_shared,
-                            one_error, write)
+from tests.conftest import (
+    REPO,
+    caption_manifest,
+    coco_subset,
+    graphbuild,
+    needs_shared,
+    one_error,
+    write,
+)
 
 pytestmark = needs_shared
 

@@ -2,8 +2,14 @@
 
 import pytest
 
-from graphbuild.gpus import (device_for_slot, gpu_count, local_workers, shard_devices,
-                             visible_gpus, worker_device)
+from graphbuild.gpus import (
+    device_for_slot,
+    gpu_count,
+    local_workers,
+    shard_devices,
+    visible_gpus,
+    worker_device,
+)
 
 
 def test_visible_gpus_follows_cuda_visible_devices():

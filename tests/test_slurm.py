@@ -15,8 +15,8 @@ from pathlib import Path
 import pytest
 
 from graphbuild.slurm import SbatchOptions, array_spec, plan, render
-from tests import scaleout
 from graphbuild.storage import write_json
+from tests import scaleout
 from tests.conftest import graphbuild, needs_shared, write
 from tests.slurm_cluster import SlurmCluster, why_not_available
 
