@@ -176,3 +176,206 @@ def exact_dots(x_bits, table, q32, rr, cols, out):
         for j in range(d):
             s += np.float64(a[j] * table[b[j]])
         out[p] = np.float32(s)
+
+
+# exact's candidate buffers (CPU, bf16 scores). Scores are held as int16 keys that order
+# like the bf16 values (`_ordered`), so every comparison is an integer one. A row's scores
+# that reach its filter key are appended to its buffer; a full buffer is compacted: the
+# k-th best found by selection sets the filter key (through `filter_keys`, built by exact.py
+# from the error bound) and what falls below it goes. Heaps kept exact k-th bests at every
+# score taken in, but their branchy sifts cost ~150 ns a score; an append costs a few.
+EMPTY_KEY = -32768   # below the key of -inf: nothing is dropped yet
+NO_PASS_KEY = 32767  # a filter key no score reaches (above +inf's): padding rows
+_KEYS = np.arange(-32768, 32768, dtype=np.int32)
+# the bf16 value of each key, at [key + 32768]: ascending (keys below -inf's read -inf,
+# above +inf's +inf), so np.searchsorted finds the key of a threshold
+KEY_AS_F32 = np.where(
+    _KEYS >= 0, (np.minimum(_KEYS, 0x7F80) << 16).view(np.float32),
+    ((np.minimum(-_KEYS, 0x7F80) | 0x8000) << 16).view(np.float32)).astype(np.float32)
+
+
+@njit(cache=True, inline="always")
+def _ordered(bits):
+    """The key of a bf16 value given as its int16 bits: positive patterns order like their
+    values, negative ones are sign and magnitude, so they go to minus the magnitude (-0 and
+    +0 both to 0)."""
+    b = np.int32(bits)
+    return b if b >= 0 else -(b & 0x7FFF)
+
+
+@njit(cache=True)
+def _select_best(keys, ids, n, k):
+    """Reorder (keys, ids)[:n] in place so that the k largest keys come first (quickselect);
+    returns the k-th largest."""
+    lo, hi, t = 0, n - 1, k - 1
+    while lo < hi:
+        pivot = keys[(lo + hi) // 2]
+        i, j = lo, hi
+        while i <= j:
+            while keys[i] > pivot:
+                i += 1
+            while keys[j] < pivot:
+                j -= 1
+            if i <= j:
+                keys[i], keys[j] = keys[j], keys[i]
+                ids[i], ids[j] = ids[j], ids[i]
+                i += 1
+                j -= 1
+        if t <= j:
+            hi = j
+        elif t >= i:
+            lo = i
+        else:
+            break
+    return keys[t]
+
+
+@njit(cache=True)
+def _make_room(r, k, cand_k, cand_i, count, dropped, filter_keys, key):
+    """Compact row r's full buffer: its k-th best raises the filter key and the entries
+    below the key go (they cannot matter: the key only rises). If every entry can still
+    matter, the least goes and `dropped` keeps the best such. Returns the filter key."""
+    keys, ids, n = cand_k[r], cand_i[r], count[r]
+    kth = _select_best(keys, ids, n, k)
+    bar = key[r] = max(key[r], filter_keys[kth + 32768])
+    kept = k  # the k best are at least the k-th, above any filter key of it
+    for c in range(k, n):
+        if keys[c] >= bar:
+            keys[kept], ids[kept] = keys[c], ids[c]
+            kept += 1
+    if kept == n:  # the least is among those after the k best, if any
+        least = k if n > k else 0
+        for c in range(least + 1, n):
+            if keys[c] < keys[least]:
+                least = c
+        dropped[r] = max(dropped[r], keys[least])
+        kept -= 1
+        keys[least], ids[least] = keys[kept], ids[kept]
+    count[r] = kept
+    return bar
+
+
+@njit(cache=True, inline="always")
+def _take(r, v, i, k, cand_k, cand_i, count, dropped, filter_keys, key):
+    """Append key v with id i to row r's buffer, making room first if it is full; returns
+    the row's filter key (which the room may have raised above v: then v is not kept)."""
+    bar = key[r]
+    if count[r] == cand_k.shape[1]:
+        bar = _make_room(r, k, cand_k, cand_i, count, dropped, filter_keys, key)
+        if v < bar:
+            return bar
+    cand_k[r, count[r]], cand_i[r, count[r]] = v, i
+    count[r] += 1
+    return bar
+
+
+KTH_WINDOW = 256  # a row's k-th best is looked for among its keys this close to its max
+
+
+@njit(cache=True)
+def _count_from(row, bits):
+    """How many of a row's bf16 bit patterns reach `bits` (> 0) as int16: those of the
+    positive values at least its value. Vectorises."""
+    n = 0
+    for c in range(len(row)):
+        n += row[c] >= bits
+    return n
+
+
+@njit(cache=True)
+def _kth_of_row(row, k):
+    """The k-th largest key of a row of bf16 bits, by binary search among the positive
+    keys within KTH_WINDOW of the largest (counting passes, fast on int16 lanes);
+    EMPTY_KEY if fewer than k keys fall there."""
+    top = row[0]
+    for c in range(len(row)):
+        top = max(top, row[c])
+    lo, hi = max(np.int32(top) - KTH_WINDOW + 1, 1), np.int32(top)
+    if top < 1 or _count_from(row, lo) < k:
+        return EMPTY_KEY
+    while lo < hi:  # k keys reach lo; find the largest such
+        mid = (lo + hi + 1) // 2
+        if _count_from(row, mid) >= k:
+            lo = mid
+        else:
+            hi = mid - 1
+    return lo
+
+
+@njit(cache=True, inline="always")
+def _raw_bar(bar):
+    """A bar on raw int16 bit patterns that every key reaching `bar` passes: the same for
+    positive bars (positive keys are their patterns), none otherwise."""
+    return bar if bar > 0 else EMPTY_KEY
+
+
+@njit(cache=True, parallel=True)
+def offer_dense(bits, lo, cols, k, cand_k, cand_i, count, dropped, filter_keys, key):
+    """Offer every score of bits (r, c: bf16 as int16) to rows lo.. (row j to lo + j), the
+    columns being ids `cols`: scores whose key reaches the row's filter key are kept. The
+    row's own k-th best among these scores first raises the key (they will all be kept), so
+    few scores go in and the buffer is seldom compacted."""
+    for j in prange(bits.shape[0]):
+        r, row = lo + j, bits[j]
+        kth = _kth_of_row(row, k)
+        if kth != EMPTY_KEY:
+            key[r] = max(key[r], filter_keys[kth + 32768])
+        bar = key[r]
+        raw = _raw_bar(bar)
+        for c in range(len(row)):
+            if row[c] >= raw and _ordered(row[c]) >= bar:
+                bar = _take(r, _ordered(row[c]), cols[c], k, cand_k, cand_i, count, dropped,
+                            filter_keys, key)
+                raw = _raw_bar(bar)
+
+
+@njit(cache=True, parallel=True)
+def offer_to_rows(bits, gmax, at, cols, k, cand_k, cand_i, count, dropped, filter_keys, key):
+    """Offer a block of scores bits (groups * g, c) row-wise: row j's scores go to buffer
+    row at[j], against the columns' ids `cols`. gmax (groups, c) holds the int16 maximum of
+    each group of g rows per column; a group is read again only where that maximum reaches
+    the smallest filter key of its rows (as int16 patterns, valid for positive keys)."""
+    groups, n_cols = gmax.shape
+    g = bits.shape[0] // groups
+    for gi in prange(groups):
+        least = NO_PASS_KEY
+        for t in range(g):
+            least = min(least, key[at[gi * g + t]])
+        least = _raw_bar(least)
+        for c in range(n_cols):
+            if gmax[gi, c] < least:
+                continue
+            for t in range(g):
+                r = at[gi * g + t]
+                v = _ordered(bits[gi * g + t, c])
+                if v >= key[r]:
+                    _take(r, v, cols[c], k, cand_k, cand_i, count, dropped, filter_keys, key)
+
+
+@njit(cache=True, parallel=True)
+def offer_to_columns(bits, gmax, lo, ids, k, cand_k, cand_i, count, dropped, filter_keys,
+                     key):
+    """Offer a block of scores bits (groups * g, c) column-wise: column c's scores go to
+    buffer row lo + c, against the rows' ids `ids`; gmax as in offer_to_rows."""
+    groups, n_cols = gmax.shape
+    g = bits.shape[0] // groups
+    for c in prange(n_cols):
+        r = lo + c
+        bar = key[r]
+        for gi in range(groups):
+            if gmax[gi, c] < _raw_bar(bar):
+                continue
+            for t in range(g):
+                v = _ordered(bits[gi * g + t, c])
+                if v >= bar:
+                    bar = _take(r, v, ids[gi * g + t], k, cand_k, cand_i, count, dropped,
+                                filter_keys, key)
+
+
+@njit(cache=True, parallel=True)
+def kth_keys(lo, hi, k, cand_k, cand_i, count, out):
+    """Each row's k-th best key (EMPTY_KEY where it holds fewer than k), rows lo..hi."""
+    for j in prange(hi - lo):
+        r = lo + j
+        out[j] = (_select_best(cand_k[r], cand_i[r], count[r], k) if count[r] >= k
+                  else EMPTY_KEY)

@@ -31,13 +31,23 @@ def clustered(n: int, d: int, seed: int = 0) -> np.ndarray:
     return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float16)
 
 
+@pytest.fixture(params=["compiled", "torch"])
+def candidates(request, monkeypatch):
+    """Every search test runs with the compiled candidate buffers (CPU) and with the torch
+    ones (CUDA's, here on the CPU)."""
+    from graphbuild import exact
+
+    monkeypatch.setattr(exact, "COMPILED_ON_CPU", request.param == "compiled")
+    return request.param
+
+
 def run(x16, k, rows=None, **kw):
     blocks = list(blocked_topk(x16, k, rows, device="cpu", **kw))
     return np.concatenate([b[1] for b in blocks]), np.concatenate([b[2] for b in blocks])
 
 
 @pytest.mark.parametrize("block_rows", [64, 250, 4096])
-def test_equals_brute_force(block_rows):
+def test_equals_brute_force(block_rows, candidates):
     x16 = clustered(1500, 48)
     ref_i, ref_s = brute_force(x16, 10)
     ids, sims = run(x16, 10, block_rows=block_rows)
@@ -45,7 +55,7 @@ def test_equals_brute_force(block_rows):
     assert np.array_equal(ids, ref_i)
 
 
-def test_row_ranges_use_plain_products_for_other_rows():
+def test_row_ranges_use_plain_products_for_other_rows(candidates):
     x16 = clustered(1200, 32, seed=1)
     ref_i, ref_s = brute_force(x16, 7)
     for rows in (range(400), range(400, 1000), range(1000, 1200), range(5, 6)):
@@ -54,7 +64,7 @@ def test_row_ranges_use_plain_products_for_other_rows():
         assert np.array_equal(ids, ref_i[rows.start:rows.stop])
 
 
-def test_small_capacity_falls_back_and_stays_exact():
+def test_small_capacity_falls_back_and_stays_exact(candidates):
     x16 = clustered(600, 16, seed=2)
     ref_i, ref_s = brute_force(x16, 12)
     ids, sims = run(x16, 12, block_rows=100, capacity=12)
@@ -62,14 +72,14 @@ def test_small_capacity_falls_back_and_stays_exact():
     assert np.array_equal(ids, ref_i)
 
 
-def test_dense_graph_k_is_n_minus_one():
+def test_dense_graph_k_is_n_minus_one(candidates):
     x16 = clustered(50, 8, seed=3)
     ref_i, ref_s = brute_force(x16, 49)
     ids, sims = run(x16, 49, block_rows=16)
     assert np.array_equal(sims, ref_s) and np.array_equal(ids, ref_i)
 
 
-def test_ties_broken_by_smaller_id():
+def test_ties_broken_by_smaller_id(candidates):
     x = np.zeros((6, 4), np.float16)
     x[:, 0] = 1  # all identical: every sim is 1, so neighbours are the other ids in order
     ids, sims = run(x, 3, block_rows=4)
@@ -153,3 +163,43 @@ def test_locality_order_groups_similar_rows():
     assert mean_block_sim(order) > 2 * mean_block_sim(torch.arange(2000))
     assert torch.equal(locality_order(x, block_rows=200), order)  # deterministic
     assert torch.equal(locality_order(x, block_rows=1500), torch.arange(2000))  # one block
+
+
+def test_filter_keys_never_above_the_threshold():
+    """The compiled buffers' filter key of each k-th best is a bf16 value at most the fp32
+    keep threshold that the re-rank applies, and the next key is above it (less margin)."""
+    from graphbuild.exact import SCORE_FLOOR, filter_keys
+    from graphbuild.kernels import KEY_AS_F32
+
+    bound = error_bound(clustered(300, 384, seed=7), "bf16")
+    keys = filter_keys(bound).astype(np.int64)
+    kth = torch.from_numpy(KEY_AS_F32)
+    finite = torch.isfinite(kth)
+    thr = bound.keep_threshold(kth[finite]).clamp(min=SCORE_FLOOR).double().numpy()
+    got = KEY_AS_F32[keys + 32768][finite.numpy()].astype(np.float64)
+    assert (got <= thr).all()
+    above = KEY_AS_F32[np.minimum(keys + 1, 32767) + 32768][finite.numpy()]
+    t = kth[finite].double().numpy()
+    assert (above >= thr - 2e-6 * (1 + np.abs(t))).all()
+
+
+def test_kth_of_row_and_selection_against_numpy():
+    """A dense row's k-th best key by counting passes, and the buffers' quickselect, equal a
+    sort: rows with negative scores, -0, ties, k-th best outside the search window."""
+    from graphbuild.kernels import EMPTY_KEY, _kth_of_row, _ordered, _select_best
+
+    rng = np.random.default_rng(0)
+    rows = [rng.uniform(-1, 1, 300), rng.uniform(-1, -0.1, 300), np.full(300, 0.5),
+            np.r_[np.full(20, 0.9), np.full(280, 1e-3)], np.r_[np.full(40, -0.0), 0.3]]
+    for x in rows:
+        bits = torch.from_numpy(x.astype(np.float32)).bfloat16().view(torch.int16).numpy()
+        keys = np.array([_ordered(b) for b in bits])
+        for k in (1, 8, 32):
+            want = np.sort(keys)[-k]
+            got = _kth_of_row(bits, k)
+            # the counting passes look among positive keys near the top only
+            assert got == (want if want > 0 and keys.max() - want < 256 else EMPTY_KEY)
+            held, ids = keys.astype(np.int16), np.arange(len(keys), dtype=np.int32)
+            assert _select_best(held, ids, len(held), k) == want
+            assert (held[:k] >= want).all() and (held[k:] <= want).all()
+            assert np.array_equal(keys[ids], held)  # ids moved with their keys
