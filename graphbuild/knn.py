@@ -72,10 +72,11 @@ def available_memory() -> int:
 
 def exact_memory(n: int, d: int, rows: int, k: int, block_rows: int) -> int:
     """Peak bytes of exact search beyond the interpreter: fp16 rows, the query rows in half
-    precision, candidate buffers (half-precision score + int32 id per slot), results (id +
+    precision (a shard's; all rows' replace the fp16 ones while they multiply: exact.py's
+    `reload`), candidate buffers (half-precision score + int32 id per slot), results (id +
     sim), and a few block-pair score matrices."""
-    return (n * d * 2 + rows * d * 2 + rows * (default_capacity(k) * 6 + k * 8)
-            + 4 * block_rows ** 2 * 4)
+    return (n * d * 2 + (rows * d * 2 if rows < n else 0)
+            + rows * (default_capacity(k) * 6 + k * 8) + 4 * block_rows ** 2 * 4)
 
 
 def choose_method(n: int, d: int, k: int, budget: int,
@@ -285,11 +286,14 @@ def _exact_part(out: Path, arr, k: int, rows: range, shard: int, block_rows: int
     from graphbuild.exact import blocked_topk
 
     n, d = arr.shape
-    log.info("exact search: ~%.2f GiB for fp16 rows, half query rows, candidate buffers and "
-             "block scores", exact_memory(n, d, len(rows), k, block_rows) / 2**30)
-    x16 = load_rows(arr, block_rows, RunDir(out).embeddings)
-    blocks = blocked_topk(x16, k, rows, block_rows=block_rows, device=device,
-                          on_progress=reporter.advance)
+    log.info("exact search: ~%.2f GiB for rows, candidate buffers, results and block scores",
+             exact_memory(n, d, len(rows), k, block_rows) / 2**30)
+    def rows_in_memory():
+        return load_rows(arr, block_rows, RunDir(out).embeddings)
+
+    # no reference to the rows is kept here, so the search can let them go (`reload`)
+    blocks = blocked_topk(rows_in_memory(), k, rows, block_rows=block_rows, device=device,
+                          on_progress=reporter.advance, reload=rows_in_memory)
     return write_part(out, shard, rows, n, blocks)
 
 

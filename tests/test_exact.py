@@ -64,6 +64,23 @@ def test_row_ranges_use_plain_products_for_other_rows(candidates):
         assert np.array_equal(ids, ref_i[rows.start:rows.stop])
 
 
+def test_rows_let_go_while_multiplying_and_reloaded_to_rerank():
+    x16 = clustered(900, 32, seed=8)
+    ref_i, ref_s = brute_force(x16, 9)
+    loads = []
+
+    def reload():
+        loads.append(1)
+        return x16.copy()
+
+    ids, sims = run(x16.copy(), 9, block_rows=128, reload=reload)
+    assert loads == [1]
+    assert np.array_equal(sims, ref_s) and np.array_equal(ids, ref_i)
+    ids, sims = run(x16.copy(), 9, range(100, 500), block_rows=128, reload=reload)
+    assert loads == [1]  # a row range needs the other rows throughout: kept, not reloaded
+    assert np.array_equal(sims, ref_s[100:500]) and np.array_equal(ids, ref_i[100:500])
+
+
 def test_small_capacity_falls_back_and_stays_exact(candidates):
     x16 = clustered(600, 16, seed=2)
     ref_i, ref_s = brute_force(x16, 12)
