@@ -379,3 +379,52 @@ def kth_keys(lo, hi, k, cand_k, cand_i, count, out):
         r = lo + j
         out[j] = (_select_best(cand_k[r], cand_i[r], count[r], k) if count[r] >= k
                   else EMPTY_KEY)
+
+
+# ann's ground truth: bf16 products, each score that enters a query's heap re-scored exactly
+SCAN_CHUNK = 64  # scores whose int16 maximum is checked before any is read one by one
+@njit(cache=True)
+def _replace_worst_carrying(hs, hi, hx, v, i, x, n):
+    """_replace_worst, with a third value per slot (hx) moving with its entry."""
+    at = 0
+    while True:
+        child = 2 * at + 1
+        if child >= n:
+            break
+        if child + 1 < n and _worse(hs[child + 1], hi[child + 1], hs[child], hi[child]):
+            child += 1
+        if not _worse(hs[child], hi[child], v, i):
+            break
+        hs[at], hi[at], hx[at] = hs[child], hi[child], hx[child]
+        at = child
+    hs[at], hi[at], hx[at] = v, i, x
+
+
+@njit(cache=True, parallel=True)
+def offer_rescored(scores, lo, q32, x_bits, heap_k, heap_i, heap_x):
+    """Offer approximate scores (m, c) of m queries (fp32 rows q32), bf16 as their int16
+    bits, against the rows lo.. (fp16, as their uint16 bits x_bits) to the queries' heaps of
+    keys (`_ordered`; EMPTY_KEY when free), kept as `offer` keeps scores. Each score taken in
+    carries its row's exact score (heap_x): exact fp32 products summed in fp64, as
+    exact_dots."""
+    kk, d = heap_k.shape[1], x_bits.shape[1]
+    for q in prange(scores.shape[0]):
+        hk, hi, hx = heap_k[q], heap_i[q], heap_x[q]
+        bar = hk[0]
+        row, a = scores[q], q32[q]
+        for start in range(0, len(row), SCAN_CHUNK):
+            stop = min(start + SCAN_CHUNK, len(row))
+            top = row[start]
+            for c in range(start + 1, stop):  # vectorises: most chunks end here
+                top = max(top, row[c])
+            if top < _raw_bar(bar):
+                continue
+            for c in range(start, stop):
+                v = _ordered(row[c])
+                if v >= bar and (v > bar or lo + c < hi[0]):
+                    b = x_bits[c]
+                    s = 0.0
+                    for j in range(d):
+                        s += np.float64(a[j] * F16_AS_F32[b[j]])
+                    _replace_worst_carrying(hk, hi, hx, v, lo + c, np.float32(s), kk)
+                    bar = hk[0]

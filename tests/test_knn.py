@@ -270,6 +270,30 @@ def test_cli_builds_the_graph(run):
     assert json.loads((run / "graph" / "_meta.json").read_text())["k"] == 8
 
 
+def test_ground_truth_by_bf16_candidates_is_proven_exact(embedded):
+    """nprobe tuning's ground truth: bf16 candidates ranked by their exact scores, and only
+    the queries whose candidates provably hold their top-k kept (the rest scored in fp32),
+    against brute force on real captions; with no candidates beyond k, few are proven."""
+    import zarr
+
+    from graphbuild.ann import _fp32_truth, _rescored_truth, ground_truth
+
+    arr = zarr.open_array(str(embedded / "embeddings.zarr"), mode="r")
+    x = np.asarray(arr[:], np.float64)
+    sample = np.arange(0, len(x), 7)
+    _, ref_s = brute_force(embedded, 10)
+
+    def sims_of(ids):  # ids may differ from brute force's only at exact ties
+        return np.sort(np.einsum("qd,qkd->qk", x[sample], x[ids]), axis=1)[:, ::-1]
+
+    truth, proven = _rescored_truth(arr, sample, 10, 1024)
+    assert proven.mean() > 0.95
+    assert np.abs(sims_of(truth[proven]) - ref_s[sample][proven]).max() < 1e-6
+    assert not _rescored_truth(arr, sample, 10, 1024, candidates=10)[1].all()
+    for found in (ground_truth(arr, sample, 10, 1024), _fp32_truth(arr, sample, 10, 1024)):
+        assert np.abs(sims_of(found) - ref_s[sample]).max() < 1e-6
+
+
 def test_list_scan_equals_faiss_and_brute_force(embedded):
     """ivf_scan.ListScan probes the lists faiss would and scores the stored rows: with every
     list probed it is exact search, and at a small nprobe it finds what faiss's IVF finds."""
