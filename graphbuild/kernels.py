@@ -12,7 +12,14 @@ ivf_scan's list search:
 
 exact's re-rank:
 - `exact_dots`: dot products of fp16 rows, converted through a table and summed in fp64,
-  straight from the rows: no gathered, converted copies of them."""
+  straight from the rows: no gathered, converted copies of them.
+
+exact's candidate buffers on CPUs (`offer_dense`, `offer_to_rows`, `offer_to_columns`,
+`kth_keys`): bf16 scores as int16 keys appended to per-row buffers, compacted by
+quickselect; they replaced torch's top-k merges and hit lists (1.6x the 90k search).
+
+ann's ground truth (`offer_rescored`): heaps of bf16 products whose entries carry their exact
+scores, so tuning's exact search runs at bf16's rate (6.0 s to 3.6 s at 1M)."""
 
 from __future__ import annotations
 
@@ -30,9 +37,11 @@ def _worse(s1, i1, s2, i2):
 
 
 @njit(cache=True)
-def _replace_worst(hs, hi, v, i, n):
+def _replace_worst(hs, hi, v, i, n, hx=None, x=0.0):
     """Put (v, i) in the heap (hs, hi) of n slots, worst at the root, in place of its root:
-    the worse child moves up into the hole until (v, i) ranks below neither child."""
+    the worse child moves up into the hole until (v, i) ranks below neither child. hx, if
+    given, holds one more value a slot that moves with its entry (x for the new one); numba
+    compiles the hx=None case without it."""
     at = 0
     while True:
         child = 2 * at + 1
@@ -43,8 +52,12 @@ def _replace_worst(hs, hi, v, i, n):
         if not _worse(hs[child], hi[child], v, i):
             break
         hs[at], hi[at] = hs[child], hi[child]
+        if hx is not None:
+            hx[at] = hx[child]
         at = child
     hs[at], hi[at] = v, i
+    if hx is not None:
+        hx[at] = x
 
 
 @njit(cache=True, parallel=True)
@@ -383,23 +396,6 @@ def kth_keys(lo, hi, k, cand_k, cand_i, count, out):
 
 # ann's ground truth: bf16 products, each score that enters a query's heap re-scored exactly
 SCAN_CHUNK = 64  # scores whose int16 maximum is checked before any is read one by one
-@njit(cache=True)
-def _replace_worst_carrying(hs, hi, hx, v, i, x, n):
-    """_replace_worst, with a third value per slot (hx) moving with its entry."""
-    at = 0
-    while True:
-        child = 2 * at + 1
-        if child >= n:
-            break
-        if child + 1 < n and _worse(hs[child + 1], hi[child + 1], hs[child], hi[child]):
-            child += 1
-        if not _worse(hs[child], hi[child], v, i):
-            break
-        hs[at], hi[at], hx[at] = hs[child], hi[child], hx[child]
-        at = child
-    hs[at], hi[at], hx[at] = v, i, x
-
-
 @njit(cache=True, parallel=True)
 def offer_rescored(scores, lo, q32, x_bits, heap_k, heap_i, heap_x):
     """Offer approximate scores (m, c) of m queries (fp32 rows q32), bf16 as their int16
@@ -426,5 +422,5 @@ def offer_rescored(scores, lo, q32, x_bits, heap_k, heap_i, heap_x):
                     s = 0.0
                     for j in range(d):
                         s += np.float64(a[j] * F16_AS_F32[b[j]])
-                    _replace_worst_carrying(hk, hi, hx, v, lo + c, np.float32(s), kk)
+                    _replace_worst(hk, hi, v, lo + c, kk, hx, np.float32(s))
                     bar = hk[0]
