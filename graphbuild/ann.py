@@ -259,10 +259,10 @@ def _rescored_truth(arr, queries: np.ndarray, k: int, block_rows: int,
     (kernels.offer_rescored), and ranks them by that score, ties by id.
 
     Proof: a row left out scored v <= w by bf16, w the query's worst candidate. bf16
-    products of rows whose norms are at most N (rounded: N~) are within
-    b(v) = 2 u N N~ / (1 - u) + g N~**2 + u/(1-u) |v| of the exact score (exact.error_bound,
-    with u = 2**-8 bounding every element's rounding: E <= u N). So if w + b(w) is below the
-    k-th exact score, no row left out can be among the k best."""
+    products of rows whose norms are at most N (rounded to bf16: at most N~, so N <=
+    N~ / (1 - u)) are within b(v) = u N (N + N~) + g N~**2 + u/(1-u) |v| of the exact score
+    (exact.error_bound, with u = 2**-8 bounding every element's rounding: E <= u N). So if
+    w + b(w) is below the k-th exact score, no row left out can be among the k best."""
     from graphbuild.exact import F32_UNIT_ROUNDOFF, HALF_UNIT_ROUNDOFF, THRESHOLD_SLACK
     from graphbuild.kernels import EMPTY_KEY, KEY_AS_F32, offer_rescored
 
@@ -292,7 +292,7 @@ def _rescored_truth(arr, queries: np.ndarray, k: int, block_rows: int,
     g = d * F32_UNIT_ROUNDOFF / (1 - d * F32_UNIT_ROUNDOFF)
     # heaps keep their worst at the root
     worst = KEY_AS_F32[best_k[:, 0].astype(np.int32) + 32768].astype(np.float64)
-    reach = (worst + 2 * u * norm * rounded_norm + g * rounded_norm ** 2
+    reach = (worst + u * norm * (norm + rounded_norm) + g * rounded_norm ** 2
              + u / (1 - u) * np.abs(worst) + THRESHOLD_SLACK)
     order = np.lexsort((best_i, -best_x), axis=1)[:, :k]
     kth = np.take_along_axis(best_x, order, 1)[:, -1]
