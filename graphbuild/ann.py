@@ -264,7 +264,7 @@ def _rescored_truth(arr, queries: np.ndarray, k: int, block_rows: int,
     (exact.error_bound, with u = 2**-8 bounding every element's rounding: E <= u N). So if
     w + b(w) is below the k-th exact score, no row left out can be among the k best."""
     from graphbuild.exact import F32_UNIT_ROUNDOFF, HALF_UNIT_ROUNDOFF, THRESHOLD_SLACK
-    from graphbuild.kernels import EMPTY_KEY, KEY_AS_F32, offer_rescored
+    from graphbuild.kernels import EMPTY_KEY, key_values, offer_rescored
 
     n, d = arr.shape
     kk = min(candidates or 2 * k + 16, n - 1)
@@ -291,7 +291,7 @@ def _rescored_truth(arr, queries: np.ndarray, k: int, block_rows: int,
     norm = rounded_norm / (1 - u)
     g = d * F32_UNIT_ROUNDOFF / (1 - d * F32_UNIT_ROUNDOFF)
     # heaps keep their worst at the root
-    worst = KEY_AS_F32[best_k[:, 0].astype(np.int32) + 32768].astype(np.float64)
+    worst = key_values(best_k[:, 0]).astype(np.float64)
     reach = (worst + u * norm * (norm + rounded_norm) + g * rounded_norm ** 2
              + u / (1 - u) * np.abs(worst) + THRESHOLD_SLACK)
     order = np.lexsort((best_i, -best_x), axis=1)[:, :k]

@@ -143,24 +143,12 @@ def default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def exact_dots(x16: np.ndarray, rows: np.ndarray, cols: np.ndarray,
-               chunk: int = 2048) -> np.ndarray:
+def exact_dots(x16: np.ndarray, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
     """x16[rows[p]] . x16[cols[p]] for each pair p, exactly, rounded once to fp32.
 
     Products of two fp16 numbers are exact in fp32 (22 significant bits, no underflow), and
-    their fp64 sum is exact (module docstring), so the fp32 products are summed in fp64.
-    Pairs go in small chunks so the gathered rows stay in cache."""
-    import torch
-
-    x = torch.from_numpy(np.ascontiguousarray(x16))
-    rows = torch.from_numpy(np.asarray(rows, dtype=np.int64))
-    cols = torch.from_numpy(np.asarray(cols, dtype=np.int64))
-    out = torch.empty(len(rows), dtype=torch.float64)
-    for lo in range(0, len(rows), chunk):
-        a = x.index_select(0, rows[lo:lo + chunk]).float()
-        b = x.index_select(0, cols[lo:lo + chunk]).float()
-        torch.sum(a.mul_(b), dim=1, dtype=torch.float64, out=out[lo:lo + chunk])
-    return out.numpy().astype(np.float32)
+    their fp64 sum is exact (module docstring), so the fp32 products are summed in fp64."""
+    return _exact_dots_of_rows(x16, np.asarray(rows), np.arange(len(rows)), cols)
 
 
 def _exact_dots_of_rows(x16: np.ndarray, rows: np.ndarray, rr: np.ndarray,
@@ -345,10 +333,8 @@ class _CompiledCandidates:
         """As _Candidates.finish, with the threshold from the k-th best as there (fp32)."""
         import torch
 
-        from graphbuild.kernels import KEY_AS_F32, kth_keys
-
-        def values(keys):
-            return KEY_AS_F32[keys.astype(np.int32) + 32768]
+        from graphbuild.kernels import key_values as values
+        from graphbuild.kernels import kth_keys
 
         kth = np.empty(hi - lo, np.int16)
         kth_keys(lo, hi, self.k, self.cand_k, self.cand_i, self.count, kth)

@@ -207,6 +207,11 @@ KEY_AS_F32 = np.where(
     ((np.minimum(-_KEYS, 0x7F80) | 0x8000) << 16).view(np.float32)).astype(np.float32)
 
 
+def key_values(keys: np.ndarray) -> np.ndarray:
+    """The fp32 values of int16 keys (EMPTY_KEY reads -inf)."""
+    return KEY_AS_F32[keys.astype(np.int32) + 32768]
+
+
 @njit(cache=True, inline="always")
 def _ordered(bits):
     """The key of a bf16 value given as its int16 bits: positive patterns order like their
@@ -336,9 +341,11 @@ def offer_dense(bits, lo, cols, k, cand_k, cand_i, count, dropped, filter_keys, 
         bar = key[r]
         raw = _raw_bar(bar)
         for c in range(len(row)):
-            if row[c] >= raw and _ordered(row[c]) >= bar:
-                bar = _take(r, _ordered(row[c]), cols[c], k, cand_k, cand_i, count, dropped,
-                            filter_keys, key)
+            if row[c] < raw:
+                continue
+            v = _ordered(row[c])
+            if v >= bar:
+                bar = _take(r, v, cols[c], k, cand_k, cand_i, count, dropped, filter_keys, key)
                 raw = _raw_bar(bar)
 
 
