@@ -23,15 +23,19 @@ from graphbuild.memory import return_freed_memory
 from graphbuild.models import DEFAULT_MODEL
 from graphbuild.progress import Reporter
 from graphbuild.shards import shard_name, shard_range
-from graphbuild.storage import RunDir, is_done, mark_done, read_json, write_json
+from graphbuild.storage import (
+    PROVENANCE_KEYS,
+    RunDir,
+    is_done,
+    mark_done,
+    read_json,
+    write_json,
+)
 from graphbuild.texts import build_tables, read_node_texts
 
 log = logging.getLogger(__name__)
 
 CHUNK_ROWS = 8192  # 6 MiB of fp16 at d=384: small enough for cheap random row reads
-# Attributes that must match for two runs' vectors to be comparable.
-PROVENANCE_KEYS = ("model", "model_revision", "dim", "max_seq_length", "normalized",
-                   "precision", "templates", "dtype", "n_nodes")
 
 
 @dataclass

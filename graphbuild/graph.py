@@ -21,7 +21,7 @@ import pyarrow.parquet as pq
 
 from graphbuild.errors import GraphbuildError
 from graphbuild.faults import kill_point
-from graphbuild.storage import RunDir, atomic_path, read_json
+from graphbuild.storage import PROVENANCE_KEYS, RunDir, atomic_path, read_json, store_attrs
 
 log = logging.getLogger(__name__)
 
@@ -98,12 +98,45 @@ def write_part(out: str | Path, shard: int, rows: range, n_nodes: int,
 
 
 def read_meta(out: str | Path) -> dict:
+    """graph/_meta.json of a complete graph that was built from the run's current store.
+
+    Every reader of the graph comes through here, so a graph left from embeddings that were
+    since replaced (another model, precision, templates or node count) is refused, not read.
+    A run whose store is not beside the graph (graph-only copies for a trainer) is checked
+    only for its node count against nodes.parquet, when that is there."""
     path = meta_path(out)
     meta = read_json(path)
     if not meta:
         raise GraphbuildError(f"{path}: missing; the graph is not complete (run `graphbuild "
                               "knn` for every shard)")
+    check_current(out, meta)
     return meta
+
+
+def check_current(out: str | Path, meta: dict) -> None:
+    """Refuse a graph whose recorded provenance differs from the run's embeddings."""
+    path = meta_path(out)
+    attrs = store_attrs(out)
+    have = meta.get("provenance")
+    if not isinstance(have, dict):
+        raise GraphbuildError(f"{path}: no provenance recorded; rebuild the graph")
+    if attrs is None:
+        nodes = RunDir(out).nodes
+        if nodes.exists():
+            try:
+                n = pq.ParquetFile(nodes).metadata.num_rows
+            except (OSError, pa.ArrowException) as e:
+                raise GraphbuildError(f"{nodes}: cannot read nodes table: {e}") from None
+            if n != meta.get("n_nodes"):
+                raise GraphbuildError(f"{path}: built over {meta.get('n_nodes')} nodes, "
+                                      f"{nodes} holds {n}; rebuild the graph")
+        return
+    for key in PROVENANCE_KEYS:
+        if have.get(key) != attrs.get(key):
+            raise GraphbuildError(
+                f"{path}: built from embeddings with {key}={have.get(key)!r}, but "
+                f"{RunDir(out).embeddings} now has {key}={attrs.get(key)!r}; the graph is "
+                "stale: rebuild it with `graphbuild knn RUN --overwrite`")
 
 
 def read_graph_csr(out: str | Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

@@ -106,7 +106,8 @@ def _ranges(ids: list[int]) -> str:
 
 def check_embeddings(out: str | Path) -> dict:
     """Provenance attributes of finished embeddings; refuses unfinished or unlabelled ones."""
-    from graphbuild.embed import PROVENANCE_KEYS, embeddings_status
+    from graphbuild.embed import embeddings_status
+    from graphbuild.storage import PROVENANCE_KEYS
 
     run = RunDir(out)
     attrs, missing = embeddings_status(out)
@@ -166,7 +167,7 @@ def load_rows(arr, block_rows: int, where: Path) -> np.ndarray:
 
 
 def _params(k: int, method: str, num_shards: int, recall_target: float, attrs: dict) -> dict:
-    from graphbuild.embed import PROVENANCE_KEYS
+    from graphbuild.storage import PROVENANCE_KEYS
 
     params = {"k": k, "method": method, "num_shards": num_shards,
               "provenance": {key: attrs[key] for key in PROVENANCE_KEYS}}
@@ -402,7 +403,7 @@ def _approximate_part(out: Path, arr, attrs: dict, k: int, rows: range, shard: i
 def _finalize(run: RunDir, attrs: dict, k: int, method: str, num_shards: int,
               result: KnnResult) -> None:
     """Once every shard is done: _meta.json, then the stage's figures in run.json."""
-    from graphbuild.embed import PROVENANCE_KEYS
+    from graphbuild.storage import PROVENANCE_KEYS
 
     state = run.state("knn")
     with run.lock():

@@ -22,6 +22,10 @@ from graphbuild.errors import GraphbuildError
 from graphbuild.faults import kill_point
 
 HOST = socket.gethostname().replace("-", "_")  # temp names split on "-"
+# embeddings.zarr attributes that must match for two sets of vectors to be comparable; the
+# graph and the knn parameters carry a copy, checked against the store by every reader.
+PROVENANCE_KEYS = ("model", "model_revision", "dim", "max_seq_length", "normalized",
+                   "precision", "templates", "dtype", "n_nodes")
 
 
 @contextlib.contextmanager
@@ -137,6 +141,22 @@ class RunDir:
             run["updated"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
             write_json(self.run_json, run)
             return run
+
+
+def store_attrs(root: str | Path) -> dict | None:
+    """The attributes of a run's embeddings.zarr, read from its zarr.json without zarr (the
+    trainer reads them too); None when the run has no store."""
+    path = RunDir(root).embeddings / "zarr.json"
+    try:
+        meta = json.loads(path.read_text())
+    except FileNotFoundError:
+        return None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise GraphbuildError(f"{path}: cannot read the store's metadata: {e}") from None
+    attrs = meta.get("attributes") if isinstance(meta, dict) else None
+    if not isinstance(attrs, dict):
+        raise GraphbuildError(f"{path}: no attributes; not a graphbuild store")
+    return attrs
 
 
 @contextlib.contextmanager

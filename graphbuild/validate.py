@@ -270,7 +270,7 @@ def _graph_layout(v: Validation, run: RunDir, info: dict | None,
 
 def _provenance(v: Validation, run: RunDir, info: dict | None, attrs: dict,
                 meta: dict) -> None:
-    from graphbuild.embed import PROVENANCE_KEYS
+    from graphbuild.storage import PROVENANCE_KEYS
 
     where = run.embeddings / "zarr.json"
     params_path = run.state("knn") / "params.json"

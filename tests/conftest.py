@@ -1,4 +1,5 @@
-"""Shared fixtures. Real data comes from ../shared/data; tests that need it skip without it."""
+"""Shared fixtures. Real text comes from tests/data (the repository's own fixture); the few
+tests that need ../shared/data's size skip without it and say so."""
 
 from __future__ import annotations
 
@@ -10,11 +11,12 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
+FIXTURES = REPO / "tests" / "data"
+COCO = FIXTURES / "coco_val2017_captions_3k.tsv"  # the first 3,000 COCO val2017 captions
 SHARED = REPO.parent / "shared" / "data"
-COCO = SHARED / "captions" / "coco_val2017_captions.tsv"
 STS_TEST = SHARED / "sts" / "stsb_sts-test.csv"
 
-needs_shared = pytest.mark.skipif(not COCO.exists(), reason="../shared/data is not present")
+needs_shared = pytest.mark.skipif(not SHARED.is_dir(), reason="../shared/data is not present")
 
 
 def write(path: Path, text: str) -> Path:
@@ -24,7 +26,8 @@ def write(path: Path, text: str) -> Path:
 
 
 def coco_subset(tmp: Path, rows: int) -> Path:
-    """The first `rows` COCO captions as a TSV of our own (the header kept)."""
+    """The first `rows` (at most 3,000) COCO captions as a TSV of our own (the header kept)."""
+    assert rows <= 3000, "tests/data holds the first 3,000 COCO captions"
     lines = COCO.read_text(encoding="utf-8").splitlines()[: rows + 1]
     return write(tmp / "coco.tsv", "\n".join(lines) + "\n")
 
@@ -73,8 +76,6 @@ def one_error(r: subprocess.CompletedProcess) -> str:
 def coco3k(tmp_path_factory):
     """3,000 COCO captions, k=16, three chunks of 1,024 rows (the last one short), built once
     per session by test_xclr_runs. Read-only: tests that break things break copies."""
-    if not COCO.exists():
-        pytest.skip("../shared/data is not present")
     from tests.test_xclr_runs import coco_run
 
     return coco_run(tmp_path_factory)

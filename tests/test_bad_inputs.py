@@ -16,12 +16,10 @@ from tests.conftest import (
     caption_manifest,
     coco_subset,
     graphbuild,
-    needs_shared,
     one_error,
     write,
 )
 
-pytestmark = needs_shared
 
 MANIFEST = "name: {name}\nsource: {{path: {src}}}\nid_column: id\ntext_column: caption\n"
 

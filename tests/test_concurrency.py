@@ -14,9 +14,8 @@ import numpy as np
 import pytest
 import zarr
 
-from tests.conftest import REPO, caption_manifest, coco_subset, graphbuild, needs_shared
+from tests.conftest import REPO, caption_manifest, coco_subset, graphbuild
 
-pytestmark = needs_shared
 
 # Runs the CLI with an audit hook that logs every file opened for writing, renamed or removed.
 AUDITED = """

@@ -13,7 +13,7 @@ import time
 import pytest
 
 from tests import scaleout
-from tests.conftest import REPO, graphbuild, needs_shared, write
+from tests.conftest import REPO, graphbuild, write
 
 distributed = pytest.importorskip("distributed")
 
@@ -32,7 +32,6 @@ def _cli(*args: str) -> subprocess.Popen:
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
-@needs_shared
 def test_killed_worker_is_retried_and_the_run_equals_the_local_one(tmp_path, cluster):
     """3 embed shards on 2 worker processes; SIGKILL the worker running a shard part-way.
     Dask reruns that shard on a live worker, it resumes from its markers, and embeddings and

@@ -13,9 +13,8 @@ import pytest
 from graphbuild.embed import EmbedConfig, embed_shard
 from graphbuild.knn import knn_shard
 from graphbuild.manifest import load_manifest
-from tests.conftest import caption_manifest, coco_subset, needs_shared
+from tests.conftest import caption_manifest, coco_subset
 
-pytestmark = needs_shared
 
 SHARDS = (1, 3, 7)
 

@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 import zarr
 
-from tests.conftest import caption_manifest, coco_subset, graphbuild, needs_shared, one_error
+from tests.conftest import caption_manifest, coco_subset, graphbuild, one_error
 
-pytestmark = [needs_shared, pytest.mark.skipif(os.geteuid() != 0, reason="mounts need root")]
+pytestmark = [pytest.mark.skipif(os.geteuid() != 0, reason="mounts need root")]
 
 
 def mount(*args: str) -> None:

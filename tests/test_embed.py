@@ -15,9 +15,8 @@ import zarr
 from graphbuild.embed import EmbedConfig, embed_shard
 from graphbuild.errors import GraphbuildError
 from graphbuild.manifest import load_manifest
-from tests.conftest import REPO, caption_manifest, coco_subset, graphbuild, needs_shared, write
+from tests.conftest import REPO, caption_manifest, coco_subset, graphbuild, write
 
-pytestmark = needs_shared
 
 
 def store_bytes(out: Path) -> dict[str, bytes]:

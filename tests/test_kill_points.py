@@ -19,9 +19,8 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from tests.conftest import REPO, caption_manifest, coco_subset, needs_shared
+from tests.conftest import REPO, caption_manifest, coco_subset
 
-pytestmark = needs_shared
 
 CAPTIONS = 320
 CHUNK_ROWS = 64  # 5 chunks, so kills land between chunks as well as inside them

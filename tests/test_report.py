@@ -19,8 +19,6 @@ PNG = b"\x89PNG\r\n\x1a\n"
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
     """3,000 COCO captions, k=16: the run test_xclr_runs builds (shared within a session)."""
-    if not COCO.exists():
-        pytest.skip("../shared/data is not present")
     from tests.test_xclr_runs import coco_run
 
     return coco_run(tmp_path_factory)

@@ -17,7 +17,7 @@ import pytest
 from graphbuild.slurm import SbatchOptions, array_spec, plan, render
 from graphbuild.storage import write_json
 from tests import scaleout
-from tests.conftest import graphbuild, needs_shared, write
+from tests.conftest import graphbuild, write
 from tests.slurm_cluster import SlurmCluster, why_not_available
 
 COMMAND = f"{sys.executable} -m graphbuild"
@@ -118,7 +118,6 @@ def _pid_of(out: Path, shard: int) -> int | None:
     return None
 
 
-@needs_shared
 def test_real_arrays_with_a_killed_task_equal_a_single_process_run(tmp_path, monkeypatch,
                                                                    cluster):
     """A real embed array (3 tasks) and knn array (2 tasks, afterok). SIGKILL embed shard 1

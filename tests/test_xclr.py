@@ -11,15 +11,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from tests.test_xclr_runs import COCO, REPO, coco_run, needs_captions
+from tests.test_xclr_runs import COCO, REPO, coco_run
 
 HEAVY = ("zarr", "polars", "faiss", "sentence_transformers", "transformers", "pydantic", "yaml")
 
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
-    if not COCO.exists():
-        pytest.skip("../shared/data is not present")
     return coco_run(tmp_path_factory)
 
 
@@ -53,7 +51,6 @@ def test_import_is_light():
 TOLERANCE = {torch.float32: 5e-6, torch.float64: 1e-6}
 
 
-@needs_captions
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("diagonal", ["mask", "keep"])
 @pytest.mark.parametrize("mmap", [False, True])
@@ -82,7 +79,6 @@ def _repeated_caption(run) -> np.ndarray:
     return dup
 
 
-@needs_captions
 def test_two_views_and_shared_nodes(run):
     from graphbuild.xclr import SoftTargets
 
@@ -99,7 +95,6 @@ def test_two_views_and_shared_nodes(run):
     assert torch.allclose(two[torch.arange(b), torch.arange(b) + b], two.max(1).values[:b])
 
 
-@needs_captions
 @pytest.mark.parametrize("copies", [1, 3])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_shared_nodes_in_either_path(run, copies, dtype):
@@ -130,7 +125,6 @@ def _two_view_reference(run, idx, tau_s):
     return _reference(run, doubled, tau_s, keep_diagonal=False)
 
 
-@needs_captions
 def test_targets_pickle_and_bf16_option(run):
     from graphbuild.xclr import SoftTargets
 
@@ -151,7 +145,6 @@ def _held(nodes: np.ndarray, indptr, indices, k: int) -> np.ndarray:
                      for a, u in enumerate(nodes)])
 
 
-@needs_captions
 def test_graph_targets_rules(run):
     import polars as pl
 

@@ -7,13 +7,11 @@ import pytest
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
-from tests.test_xclr_runs import COCO, coco_run, needs_captions
+from tests.test_xclr_runs import COCO, coco_run
 
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
-    if not COCO.exists():
-        pytest.skip("../shared/data is not present")
     return coco_run(tmp_path_factory)
 
 
@@ -107,7 +105,6 @@ def test_with_nodes_refuses_a_dataset_of_another_length(run):
         WithNodes(list(range(5)), run=run, with_node=True)[0]
 
 
-@needs_captions
 def test_neighbour_batches_hold_many_more_graph_edges(run):
     from graphbuild.xclr import NeighborBatchSampler
 
@@ -116,7 +113,6 @@ def test_neighbour_batches_hold_many_more_graph_edges(run):
     assert report.sampler > 2.5 * report.random  # k*B/N is already 1.4 here: N is small
 
 
-@needs_captions
 def test_graph_rows_stream_the_csr(run):
     from graphbuild.graph import read_graph_csr
     from graphbuild.xclr import GraphRows

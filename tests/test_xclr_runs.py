@@ -10,9 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
-COCO = REPO.parent / "shared" / "data" / "captions" / "coco_val2017_captions.tsv"
-needs_captions = pytest.mark.skipif(not COCO.exists(), reason="../shared/data is not present")
+from tests.conftest import COCO, REPO
 
 
 def coco_run(tmp_path_factory, rows: int = 3000, k: int = 16, chunk_rows: int = 1024) -> Path:
@@ -40,12 +38,9 @@ def coco_run(tmp_path_factory, rows: int = 3000, k: int = 16, chunk_rows: int = 
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
-    if not COCO.exists():
-        pytest.skip("../shared/data is not present")
     return coco_run(tmp_path_factory)
 
 
-@needs_captions
 @pytest.mark.parametrize("mmap", [False, True])
 def test_zarr_rows_match_zarr(run, mmap):
     import zarr
@@ -60,7 +55,6 @@ def test_zarr_rows_match_zarr(run, mmap):
     assert np.array_equal(rows.rows(pick), want[pick])
 
 
-@needs_captions
 def test_zarr_rows_refuse_other_layouts(run, tmp_path):
     from graphbuild.errors import GraphbuildError
     from graphbuild.xclr import ZarrRows
