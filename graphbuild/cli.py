@@ -11,6 +11,7 @@ from typing import Annotated, Optional
 import click
 import typer
 
+from graphbuild import options
 from graphbuild.errors import GraphbuildError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
@@ -19,6 +20,8 @@ log = logging.getLogger("graphbuild")
 
 DEFAULT_MANIFEST = Path("data_manifests/imagenet1k.yaml")
 # Out of space or not writable: the user's to fix, worth one line rather than a traceback.
+# Usage errors: click's, and those of the click that typer >= 0.29 carries inside itself.
+CLICK_ERRORS = tuple({click.ClickException, getattr(typer, "TyperException", click.ClickException)})
 STORAGE_ERRORS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EFBIG)
 
 Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar, warnings only.")]
@@ -123,6 +126,7 @@ def embed(
     from graphbuild.shards import resolve_shard
 
     _logging(quiet)
+    options.embed_options(chunk_rows, token_budget, precision, device)
     ds = load_manifest(manifest, source)
     config = EmbedConfig(model=model, device=device, precision=precision,
                          token_budget=token_budget, chunk_rows=chunk_rows,
@@ -166,6 +170,7 @@ def knn(
     from graphbuild.shards import resolve_shard
 
     _logging(quiet)
+    options.knn_options(k, method, block_rows, recall_target)
     if _on_dask(engine, scheduler, shard):
         with _dask(scheduler) as client:
             return _knn_on_dask(client, run_dir, k, method, num_shards, block_rows,
@@ -210,6 +215,9 @@ def run(
     from graphbuild.progress import reporter_for
 
     _logging(quiet)
+    options.embed_options(None, token_budget, precision, device)
+    options.knn_options(k, method, None, recall_target)
+    options.at_least("--examples", examples, 0)
     ds = load_manifest(manifest, source)
     out = out or Path("runs") / ds.name
     config = EmbedConfig(model=model, device=device, precision=precision,
@@ -268,7 +276,7 @@ def main() -> None:
         sys.exit(2)
     except (KeyboardInterrupt, click.exceptions.Abort):
         code = 130
-    except click.ClickException as e:
+    except CLICK_ERRORS as e:  # a mistyped command, a missing argument, a bad flag value
         e.show()
         sys.exit(e.exit_code)
     if code == 130:

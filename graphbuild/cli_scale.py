@@ -7,6 +7,7 @@ from typing import Annotated, Optional
 
 import typer
 
+from graphbuild import options
 from graphbuild.cli import (
     ChunkRows,
     K,
@@ -78,7 +79,13 @@ def submit_slurm(
     from graphbuild.slurm import SbatchOptions, plan, submit
 
     _logging(quiet)
-    ds = load_manifest(manifest, source)  # refuse a bad manifest here, not in 64 tasks
+    # refuse bad values and a bad manifest here, not in 64 tasks
+    options.embed_options(chunk_rows, None, precision, "auto")
+    options.knn_options(k, method, None, recall_target)
+    options.at_least("--embed-shards", embed_shards)
+    options.at_least("--knn-shards", knn_shards)
+    options.at_least("--max-parallel", max_parallel)
+    ds = load_manifest(manifest, source)
     opts = SbatchOptions(partition=partition, account=account, time=time_limit,
                          cpus_per_task=cpus_per_task, mem=mem, gpus_per_task=gpus_per_task,
                          max_parallel=max_parallel, extra=sbatch or [], setup=setup,

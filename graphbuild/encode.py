@@ -23,11 +23,11 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
+from graphbuild import options
 from graphbuild.errors import GraphbuildError
 
 log = logging.getLogger(__name__)
 
-PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 # Padded tokens per forward pass. On this class of CPU, 1-4k tokens keep the matrix
 # products efficient without spilling the caches; GPUs want far larger batches.
 DEFAULT_TOKEN_BUDGET = {"cpu": 2048, "cuda": 65536}
@@ -41,6 +41,7 @@ CPU_WORKERS = 4  # batches encoded at once on a CPU (see TextEncoder.encode)
 def pick_device(requested: str = "auto") -> str:
     import torch
 
+    options.device(requested)
     if requested == "auto":
         if torch.cuda.is_available():
             return "cuda"
@@ -61,8 +62,7 @@ def cpu_has_fast_bf16() -> bool:
 
 def pick_precision(requested: str, device: str) -> str:
     """auto: fp16 on CUDA, bf16 on CPUs with native bf16 (AVX-512 BF16 / AMX), else fp32."""
-    if requested not in PRECISIONS:
-        raise GraphbuildError(f"--precision must be one of {', '.join(PRECISIONS)}, got {requested!r}")
+    options.precision(requested)
     on_cuda = device.startswith("cuda")
     if requested == "auto":
         if on_cuda:

@@ -1,0 +1,76 @@
+"""Checks of the values a user passes, shared by the CLI and the library entry points.
+
+Each check raises a one-line GraphbuildError naming the flag, so a bad value stops a command
+before it reads a source or loads a model, and the Python API refuses the same values with the
+same words. Flags are named as the CLI spells them (`--chunk-rows`), the way users meet them.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+
+from graphbuild.errors import GraphbuildError
+
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+DEVICE_PATTERN = re.compile(r"auto|cpu|cuda(:\d+)?")
+METHODS = ("auto", "exact", "approximate")
+
+
+def at_least(flag: str, value: int | None, low: int = 1) -> None:
+    """An integer count or size: `value >= low` (None means "the default" and passes)."""
+    if value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise GraphbuildError(f"{flag} must be an integer >= {low}, got {value!r}")
+    if value < low:
+        raise GraphbuildError(f"{flag} must be >= {low}, got {value}")
+
+
+def recall_target(value: float) -> None:
+    """A recall in (0, 1]."""
+    if not (isinstance(value, (int, float)) and 0 < value <= 1):  # nan fails both compares
+        raise GraphbuildError(f"--recall-target must be in (0, 1], got {value}")
+
+
+def temperature(flag: str, value: float) -> None:
+    """A softmax temperature: finite and > 0."""
+    if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
+        raise GraphbuildError(f"{flag} must be a finite number > 0, got {value}")
+
+
+def one_of(flag: str, value: str, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise GraphbuildError(f"{flag} must be one of {', '.join(allowed)}, got {value!r}")
+
+
+def precision(value: str) -> None:
+    one_of("--precision", value, PRECISIONS)
+
+
+def device(value: str) -> None:
+    """auto, cpu, cuda or cuda:N; whether CUDA is there is checked when the device is used."""
+    if not isinstance(value, str) or not DEVICE_PATTERN.fullmatch(value):
+        raise GraphbuildError(f"--device must be auto, cpu, cuda or cuda:N, got {value!r}")
+
+
+def method(value: str) -> None:
+    one_of("--method", value, METHODS)
+
+
+def embed_options(chunk_rows: int | None, token_budget: int | None, precision_: str,
+                  device_: str) -> None:
+    """What `graphbuild embed` and `run` take, checked before the source is read (None: the
+    command has no such flag, its default is used)."""
+    at_least("--chunk-rows", chunk_rows)
+    at_least("--token-budget", token_budget)
+    precision(precision_)
+    device(device_)
+
+
+def knn_options(k: int, method_: str, block_rows: int | None, recall_target_: float) -> None:
+    """What `graphbuild knn` and `run` take, checked before the store is read."""
+    at_least("--k", k)
+    method(method_)
+    at_least("--block-rows", block_rows)
+    recall_target(recall_target_)
