@@ -22,6 +22,9 @@ from graphbuild.errors import GraphbuildError
 Format = Literal["parquet", "csv", "tsv", "jsonl"]
 _SUFFIX_FORMATS = {".parquet": "parquet", ".csv": "csv", ".tsv": "tsv", ".txt": "tsv",
                    ".jsonl": "jsonl", ".json": "jsonl", ".ndjson": "jsonl"}
+# A text file with one of these suffixes is read unpacked (graphbuild/sources.py); its format
+# is the suffix before, as in x.tsv.gz.
+COMPRESSIONS = {".gz": "gzip", ".bz2": "bz2", ".xz": "xz", ".zst": "zstd"}
 
 
 class _Strict(BaseModel):
@@ -110,7 +113,10 @@ class Dataset:
         fmt = self.manifest.source.format if self.manifest.source else None
         if fmt is not None:
             return fmt
-        fmt = _SUFFIX_FORMATS.get(file.suffix.lower())
+        suffix = file.suffix.lower()
+        if suffix in COMPRESSIONS:
+            suffix = Path(file.stem).suffix.lower()
+        fmt = _SUFFIX_FORMATS.get(suffix)
         if fmt is None:
             raise GraphbuildError(f"{self.path}: source.format: cannot infer the format of "
                                   f"{file.name}; set it to parquet, csv, tsv or jsonl")

@@ -8,8 +8,16 @@ Node numbering depends only on the source rows and their order, so every shard o
 stage computes the same numbering. Memory does not grow with the dataset: the source is read
 a block at a time (graphbuild/sources.py) and texts are deduplicated through hash-partitioned
 files in the run's .prepare-tmp/ (graphbuild/dedup.py). Held for the whole source are only a
-row offset per file and, under --skip-bad-rows, the row numbers of the rows dropped for a
-repeated sample id (8 bytes each).
+row offset per file, a row count per block of a text file (8 bytes per MiB, to find a bad
+row's line) and, under --skip-bad-rows, the row numbers of the rows dropped for a repeated
+sample id (8 bytes each).
+
+Bad rows, each counted once in the figures, in this order: a row lacking the text or label
+field (`skipped_missing`: too few fields in CSV or TSV, a JSON key absent or null, a Parquet
+null) or lacking a sample id (null, or an empty or blank string); a text that is there but
+empty or blank once whitespace is normalised (`skipped_empty`; for labels, a label not in the
+class list); then a sample id an earlier kept row had (`skipped_duplicate_ids`). Without
+--skip-bad-rows the earliest row of the first two kinds is an error, or else the first repeat.
 """
 
 from __future__ import annotations
@@ -17,6 +25,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import shutil
+from array import array
 from bisect import bisect_right
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
@@ -42,6 +51,7 @@ class TextFigures:
     samples: int
     nodes: int
     duplicates: int
+    skipped_missing: int = 0
     skipped_empty: int = 0
     skipped_duplicate_ids: int = 0
 
@@ -67,16 +77,6 @@ class Layout:
         return int(min(self.max_partitions, max(1, -(-source_bytes // self.partition_bytes))))
 
 
-def _position(ds: Dataset, files: list[Path], file_idx: int, row: int) -> str:
-    """Where a 0-based data row lives, as a user would look it up."""
-    file = files[file_idx]
-    fmt = ds.source_format(file)
-    if fmt == "parquet":
-        return f"{file}: row {row}"
-    header = 1 if fmt in ("csv", "tsv") and ds.manifest.source.has_header else 0
-    return f"{file}: line {row + 1 + header}"
-
-
 class _Rows:
     """The source's rows in order, a batch at a time: g (the row number over all files), id
     (the id column, or g without one) and value (the text or label column, as read)."""
@@ -88,26 +88,38 @@ class _Rows:
         wanted = list(dict.fromkeys([value_col] + ([m.id_column] if m.id_column else [])))
         self.types = [sources.column_types(ds, f, wanted, layout.block_bytes) for f in self.files]
         self.id_type = pl.Int64
-        if m.id_column:  # as a concatenation of the files would have it
+        if m.id_column:  # as a concatenation of the files would have it; integers or strings
             frames = [pl.DataFrame(schema={"id": t[m.id_column]}) for t in self.types]
             self.id_type = pl.concat(frames, how="vertical_relaxed").schema["id"]
+            if not self.id_type.is_integer():
+                self.id_type = pl.String
         self.source_bytes = sum(sources.data_bytes(ds, f) for f in self.files)
         self.starts: list[int] = []  # each file's first row number
+        self.block_rows = [array("q") for _ in self.files]  # rows per block of a text file
         self.count = 0
 
     def __iter__(self) -> Iterator[pl.DataFrame]:
-        for file, types in zip(self.files, self.types):
+        for file, types, block_rows in zip(self.files, self.types, self.block_rows):
             self.starts.append(self.count)
             for df in sources.batches(self.ds, file, types, self.layout.block_bytes,
-                                      self.layout.batch_rows):
+                                      self.layout.batch_rows, block_rows):
                 g = pl.int_range(self.count, self.count + df.height, dtype=pl.Int64)
                 ident = pl.col(self.id_col).cast(self.id_type) if self.id_col else g
                 yield df.select(g.alias("g"), ident.alias("id"), pl.col(self.value_col).alias("value"))
                 self.count += df.height
 
     def position(self, g: int) -> str:
+        """Where row g is, as a user looks it up: its file, and its line or row there."""
         i = bisect_right(self.starts, g) - 1
-        return _position(self.ds, self.files, i, g - self.starts[i])
+        place = sources.row_place(self.ds, self.files[i], g - self.starts[i], self.block_rows[i],
+                                  self.layout.block_bytes)
+        return f"{self.files[i]}: {place}"
+
+    def missing_id(self) -> pl.Expr:
+        """A row without a sample id: null, or a string that is empty or blank."""
+        if self.id_type == pl.String:
+            return pl.col("id").is_null() | (pl.col("id").str.strip_chars() == "")
+        return pl.col("id").is_null()
 
 
 class _BadRows:
@@ -131,6 +143,14 @@ class _BadRows:
                                   f"({self.count} such rows; --skip-bad-rows drops them)")
         log.warning("skipping %d rows: %s", self.count, self.what)
         return self.count
+
+
+def _check_or_skip_all(checks: list[_BadRows], skip: bool, rows: _Rows) -> list[int]:
+    """Raise for the earliest bad row of any check, or (skipping) each check's count."""
+    found = [c for c in checks if c.count]
+    if found and not skip:
+        min(found, key=lambda c: c.first["g"]).check_or_skip(False, rows)
+    return [c.check_or_skip(skip, rows) for c in checks]
 
 
 def build_tables(ds: Dataset, out: str | Path, skip_bad_rows: bool = False,
@@ -173,16 +193,25 @@ def _clean(text: pl.Expr) -> pl.Expr:
 
 
 def _read_checked(rows: _Rows, value: pl.Expr, what: str, kept: dedup.Spill, skip: bool,
-                  tmp: Path, layout: Layout) -> tuple[int, np.ndarray]:
-    """Stream the source into `kept` as (g, id, value); a row whose value is null is bad.
-    Raise for the first bad row, then for the first repeated sample id, unless skipping.
-    Return the count of bad rows and the sorted row numbers of repeated ids (dropped)."""
+                  tmp: Path, layout: Layout) -> tuple[int, int, np.ndarray]:
+    """Stream the source into `kept` as (g, id, value). Bad rows: a row lacking the field or
+    a sample id (missing), then a row whose `value` is null (`what`). Raise for the earliest
+    bad row, then for the first repeated sample id, unless skipping. Return the counts of
+    missing and of bad rows, and the sorted row numbers of repeated ids (dropped)."""
     name = value.meta.output_name()
     ids = None if rows.id_col is None else dedup.Spill(
         tmp / "ids", layout.partitions_for(rows.source_bytes), "id",
         {"g": pl.Int64, "id": rows.id_type}, layout.flush_rows)
+    no_field = _BadRows(f"missing field {rows.value_col!r}")
+    no_id = _BadRows(f"missing sample id in column {rows.id_col!r}")
     bad = _BadRows(what)
+    lacking = [(no_field, pl.col("value").is_null())]
+    if ids is not None:
+        lacking.append((no_id, rows.missing_id()))
     for df in rows:
+        for check, missing in lacking:
+            check.note(df.filter(missing))
+            df = df.filter(~missing)
         df = df.with_columns(value)
         bad.note(df.filter(pl.col(name).is_null()))
         df = df.filter(pl.col(name).is_not_null())
@@ -190,15 +219,15 @@ def _read_checked(rows: _Rows, value: pl.Expr, what: str, kept: dedup.Spill, ski
         if ids is not None:
             ids.append(df.select("g", "id"))
     kept.flush()
-    n_bad = bad.check_or_skip(skip, rows)
+    n_field, n_id, n_bad = _check_or_skip_all([no_field, no_id, bad], skip, rows)
     if ids is None:
-        return n_bad, np.empty(0, dtype=np.int64)
+        return n_field + n_id, n_bad, np.empty(0, dtype=np.int64)
     ids.flush()
     dropped = dedup.repeated_rows(ids)
     repeated = _BadRows(f"duplicate sample id in column {rows.id_col!r}")
     repeated.note(pl.DataFrame({"g": dropped}))
     repeated.check_or_skip(skip, rows)
-    return n_bad, dropped
+    return n_field + n_id, n_bad, dropped
 
 
 def _text_tables(ds: Dataset, out: Path, tmp: Path, skip: bool, layout: Layout) -> TextFigures:
@@ -206,10 +235,10 @@ def _text_tables(ds: Dataset, out: Path, tmp: Path, skip: bool, layout: Layout) 
     rows = _Rows(ds, m.text_column, layout)
     texts = dedup.Spill(tmp / "texts", layout.partitions_for(rows.source_bytes), "text",
                         {"g": pl.Int64, "id": rows.id_type, "text": pl.Utf8}, layout.flush_rows)
-    n_empty, dropped = _read_checked(rows, _clean(pl.col("value")).alias("text"),
-                                     f"empty text in column {m.text_column!r}", texts, skip, tmp,
-                                     layout)
-    n_samples = rows.count - n_empty - len(dropped)
+    n_missing, n_empty, dropped = _read_checked(
+        rows, _clean(pl.col("value")).alias("text"), f"empty text in column {m.text_column!r}",
+        texts, skip, tmp, layout)
+    n_samples = rows.count - n_missing - n_empty - len(dropped)
     if n_samples == 0:
         raise GraphbuildError(f"{ds.path}: the source holds no rows")
 
@@ -218,7 +247,8 @@ def _text_tables(ds: Dataset, out: Path, tmp: Path, skip: bool, layout: Layout) 
                                                write)
     _write_samples(out, dedup.in_row_order(numbered, layout.window_rows), rows.id_type)
     return TextFigures(samples=n_samples, nodes=n_nodes, duplicates=n_samples - n_nodes,
-                       skipped_empty=n_empty, skipped_duplicate_ids=len(dropped))
+                       skipped_missing=n_missing, skipped_empty=n_empty,
+                       skipped_duplicate_ids=len(dropped))
 
 
 def _write_samples(out: Path, frames: Iterator[pl.DataFrame], id_type) -> None:
@@ -260,8 +290,9 @@ def _label_tables(ds: Dataset, out: Path, tmp: Path, skip: bool, layout: Layout)
                        layout.flush_rows)
     node = (pl.col("value").cast(pl.Utf8).str.strip_chars()
             .replace_strict(lookup, default=None, return_dtype=pl.Int64).alias("node"))
-    n_bad, dropped = _read_checked(rows, node, f"label {{value}} in column {col!r} is not in the "
-                                   "class list", kept, skip, tmp, layout)
+    n_missing, n_bad, dropped = _read_checked(
+        rows, node, f"label {{value}} in column {col!r} is not in the class list", kept, skip,
+        tmp, layout)
 
     with _table(out / "nodes.parquet", nodes.schema) as write:
         write(nodes)
@@ -274,9 +305,9 @@ def _label_tables(ds: Dataset, out: Path, tmp: Path, skip: bool, layout: Layout)
             yield df
 
     _write_samples(out, kept_rows(), rows.id_type)
-    n_samples = rows.count - n_bad - len(dropped)
+    n_samples = rows.count - n_missing - n_bad - len(dropped)
     return TextFigures(samples=n_samples, nodes=nodes.height,
-                       duplicates=n_samples - int(used.sum()),
+                       duplicates=n_samples - int(used.sum()), skipped_missing=n_missing,
                        skipped_empty=n_bad, skipped_duplicate_ids=len(dropped))
 
 

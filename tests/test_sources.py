@@ -25,6 +25,8 @@ CASES = {  # name: (manifest, file name, bytes)
     "quotes are text in tsv": (TSV, "c.tsv", b'id\tcaption\n1\tsay "hi\n2\tok "x\n'),
     "header only": (TSV, "c.tsv", b"id\tcaption\n"),
     "byte order mark": (TSV, "c.tsv", b"\xef\xbb\xbfid\tcaption\n1\ta\n2\tb\n"),
+    "blank lines before the header": (TSV, "c.tsv", b"\n\r\nid\tcaption\n1\ta\n2\tb\n"),
+    "lone carriage return": (TSV, "c.tsv", b"id\tcaption\n1\ta\rb\n2\n"),
     "headerless": (HEADERLESS, "c.tsv", b"a\tu1\nb\tu2\nc\n"),
     "csv quoted newlines": (CSV, "c.csv", (b'id,caption\n1,"a, b"\n2,"two\nlines ""q"" x"\n'
                                            b'3,c\n4,"x\n\ny"\n')),
@@ -60,11 +62,12 @@ def test_blocks_read_as_the_whole_file(tmp_path, case):
 
 
 @pytest.mark.parametrize("manifest,name,data,message", [
-    (TSV, "c.tsv", b"id\tcaption\n1\tcaf\xe9\n", r"c\.tsv: cannot read as tsv"),
-    (TSV, "c.tsv", b"id\tcaption\n1\ta\tx\n", r"c\.tsv: cannot read as tsv: found more fields"),
+    (TSV, "c.tsv", b"id\tcaption\n1\tcaf\xe9\n", r"c\.tsv: line 2: not UTF-8 text \(byte 0xe9\)"),
+    (TSV, "c.tsv", b"id\tcaption\n1\ta\n2\ta\tx\n",
+     r"c\.tsv: line 3: cannot read as tsv: 3 fields, more than the 2 columns"),
     (TSV, "c.tsv", b"id\ttext\n1\ta\n", r"c\.tsv: no column 'caption' \(columns: id, text\)"),
     (JSONL, "c.jsonl", b'{"id": 1}\n', r"c\.jsonl: no column 'text' \(columns: id\)"),
-    (JSONL, "c.jsonl", b'{"id": 1, "text": "a"}\n{"id": 2, "te\n', r"c\.jsonl: cannot read as jsonl"),
+    (JSONL, "c.jsonl", b'{"id": 1, "text": "a"}\n{"id": 2, "te\n', r"c\.jsonl: line 2: cannot read as jsonl"),
 ])
 def test_unreadable_rows_are_one_line(tmp_path, manifest, name, data, message):
     (tmp_path / name).write_bytes(data)
