@@ -39,7 +39,8 @@ Precision = Annotated[str, typer.Option(
 TokenBudget = Annotated[Optional[int], typer.Option(
     help="Padded tokens per forward pass. Default: 2048 on CPU, 65536 on CUDA.")]
 SkipBad = Annotated[bool, typer.Option(
-    help="Drop rows with empty text, unknown labels or duplicate ids instead of failing.")]
+    help="Drop rows with a missing field or id, empty text, an unknown label or a repeated id "
+         "instead of failing; they are counted.")]
 ChunkRows = Annotated[int, typer.Option(
     help="Rows per Zarr chunk, the unit of work and of resume. Fixed when the store is created.")]
 TrustCode = Annotated[bool, typer.Option(help="Let the model run code shipped with it.")]
