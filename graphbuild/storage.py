@@ -167,6 +167,9 @@ def store_attrs(root: str | Path) -> dict | None:
 
 LOCK_TIMEOUT_ENV = "GRAPHBUILD_LOCK_TIMEOUT"  # seconds a lock is waited for; unset: for ever
 LOCK_REPORT_EVERY = 60.0  # seconds between a waiter's reports of who holds the lock
+# A waiter's first report comes after this many seconds: the run lock is held for short
+# metadata steps, and a wait that ends within a second is routine, not worth a warning.
+LOCK_REPORT_AFTER = 1.0
 _POLL_LONGEST = 0.5  # a waiter retries after 10 ms, doubling up to this
 
 
@@ -194,9 +197,10 @@ def file_lock(path: Path, timeout: float | None = None,
     """flock on `path`; released by the kernel if the holder dies, so never stale.
 
     The holder writes its pid, host and start time into the file. A process that finds the
-    lock taken polls for it, logs a warning naming the lock and its holder at once and again
-    every `report_every` seconds, and raises GraphbuildError after `timeout` seconds
-    (`lock_timeout`: default $GRAPHBUILD_LOCK_TIMEOUT, else no limit)."""
+    lock taken polls for it, logs a warning naming the lock and its holder once it has waited
+    LOCK_REPORT_AFTER seconds and again every `report_every` seconds, and raises
+    GraphbuildError after `timeout` seconds (`lock_timeout`: default
+    $GRAPHBUILD_LOCK_TIMEOUT, else no limit)."""
     timeout = lock_timeout(timeout)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
@@ -219,7 +223,7 @@ def _acquire(fd: int, path: Path, timeout: float | None, report_every: float) ->
     """Take the lock, waiting as `file_lock` says; False where the filesystem has no flock
     (some network filesystems), and then nothing is held."""
     start = time.monotonic()
-    next_report, pause = start, 0.01
+    next_report, pause = start + min(LOCK_REPORT_AFTER, report_every), 0.01
     while True:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
