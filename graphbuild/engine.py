@@ -10,6 +10,10 @@ The cluster is a LocalCluster on this machine by default (one single-threaded wo
 core, or one worker per visible GPU holding the resource {"GPU": 1}), or any running
 scheduler: an address (tcp://host:8786) or a scheduler file (JSON), for example from
 dask-jobqueue's SLURMCluster (pipeline/README.md).
+
+Every knn task loads all rows, so `knn` runs only as many at once as the workers' memory holds
+(the rule is in dask_memory.py): it checks the need against the workers before any task
+starts, and first resizes a LocalCluster that we started to fit it (`_fit_local_cluster`).
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import time
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
@@ -24,6 +29,7 @@ from pathlib import Path
 
 from graphbuild.errors import GraphbuildError
 from graphbuild.gpus import gpu_count, local_workers, worker_device
+from graphbuild.storage import RunDir, read_json
 
 log = logging.getLogger(__name__)
 
@@ -61,11 +67,26 @@ def _local_gpus() -> int:
     return gpu_count(os.environ, torch.cuda.device_count() if torch.cuda.is_available() else 0)
 
 
+@dataclass
+class _Local:
+    """A LocalCluster that dask_client started: what knn may resize it within."""
+    cluster: object
+    memory: int  # bytes its workers may have in all
+    most: int    # workers at most: one a core, or one a GPU
+
+
+_STARTED: dict[int, _Local] = {}  # by id(client), while dask_client's block runs
+
+
 @contextlib.contextmanager
-def dask_client(scheduler: str | None = None, workers: int | None = None) -> Iterator:
+def dask_client(scheduler: str | None = None, workers: int | None = None,
+                memory: int | None = None) -> Iterator:
     """A distributed.Client: to `scheduler` (address or scheduler file) if given, else to a
-    new LocalCluster that is closed afterwards."""
+    new LocalCluster that is closed afterwards, whose workers share `memory` bytes (default:
+    the memory available now) equally as their memory_limit."""
     from distributed import Client, LocalCluster
+
+    from graphbuild.knn import available_memory
 
     if scheduler:
         kw = ({"scheduler_file": scheduler} if scheduler.endswith(".json")
@@ -82,15 +103,21 @@ def dask_client(scheduler: str | None = None, workers: int | None = None) -> Ite
     n = workers or n
     env = {"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads),
            LOCAL_SLOTS_ENV: str(n)}
-    log.info("dask: LocalCluster of %d worker processes, %d torch thread(s) each%s", n, threads,
-             f", one GPU each of {n_gpus}" if n_gpus else "")
+    memory = memory or available_memory()
+    log.info("dask: LocalCluster of %d worker processes, %d torch thread(s) and a memory_limit "
+             "of %.2f GiB each (%.2f GiB available)%s", n, threads, memory // n / 2**30,
+             memory / 2**30, f", one GPU each of {n_gpus}" if n_gpus else "")
     with LocalCluster(n_workers=n, threads_per_worker=1, processes=True,
                       dashboard_address=":0", resources={"GPU": 1} if n_gpus else None,
-                      env=env) as cluster, Client(cluster) as client:
-        yield client
-        # torch's threads can keep a worker alive past the nanny's grace period at close;
-        # it is then killed, which is harmless here: every shard is done or marked.
-        logging.getLogger("distributed.nanny").setLevel(logging.ERROR)
+                      memory_limit=memory // n, env=env) as cluster, Client(cluster) as client:
+        _STARTED[id(client)] = _Local(cluster, memory, n)
+        try:
+            yield client
+        finally:
+            del _STARTED[id(client)]
+            # torch's threads can keep a worker alive past the nanny's grace period at close;
+            # it is then killed, which is harmless here: every shard is done or marked.
+            logging.getLogger("distributed.nanny").setLevel(logging.ERROR)
 
 
 def _device(requested: str) -> str:
@@ -129,14 +156,17 @@ def embed_task(manifest: str, source: str | None, out: str, config, shard: int,
 
 
 def knn_task(out: str, k: int, method: str, block_rows: int, recall_target: float,
-             overwrite: bool, shard: int, num_shards: int):
+             overwrite: bool, memory_budget: int, shard: int, num_shards: int):
+    """One knn shard on a worker, within the memory the client sized it for (not the free
+    memory the worker sees, which its sibling workers share)."""
     from graphbuild.knn import knn_shard
 
     _limit_threads()
     device = _device("auto")
     try:
         return knn_shard(out, k, method, shard, num_shards, block_rows, recall_target,
-                         overwrite=overwrite, device=None if device == "auto" else device)
+                         overwrite=overwrite, memory_budget=memory_budget,
+                         device=None if device == "auto" else device)
     except GraphbuildError as e:
         return Failed(str(e))
 
@@ -153,8 +183,9 @@ def default_shards(client) -> int:
 
 def map_shards(client, stage: str, fn: Callable, args: tuple, num_shards: int,
                shards: list[int] | None = None, retries: int = RETRIES,
-               on_result: Callable | None = None) -> list:
+               on_result: Callable | None = None, resources: dict | None = None) -> list:
     """Run fn(*args, shard, num_shards) for each shard as a Dask task; results by shard.
+    Each task holds `resources` (and a GPU when the workers have them) while it runs.
 
     Task keys are `graphbuild-{stage}-{shard:05d}-of-{num_shards:05d}-{token}`.
     """
@@ -162,7 +193,7 @@ def map_shards(client, stage: str, fn: Callable, args: tuple, num_shards: int,
 
     shards = list(range(num_shards)) if shards is None else shards
     token = uuid.uuid4().hex[:8]
-    resources = {"GPU": 1} if _uses_gpus(client) else None
+    resources = {**(resources or {}), **({"GPU": 1} if _uses_gpus(client) else {})} or None
     futures = {client.submit(fn, *args, s, num_shards, pure=False, retries=retries,
                              resources=resources,
                              key=f"graphbuild-{stage}-{s:05d}-of-{num_shards:05d}-{token}"): s
@@ -191,7 +222,105 @@ def embed(client, manifest: Path, source: str | None, out: Path, config,
 
 def knn(client, out: Path, k: int, method: str = "auto", num_shards: int | None = None,
         block_rows: int = 4096, recall_target: float = 0.95, overwrite: bool = False,
-        on_result: Callable | None = None) -> list:
-    n = num_shards or default_shards(client)
-    args = (str(Path(out).resolve()), k, method, block_rows, recall_target, overwrite)
-    return map_shards(client, "knn", knn_task, args, n, on_result=on_result)
+        on_result: Callable | None = None, task_memory: int | None = None) -> list:
+    """Every knn shard as a task, as many at once on a worker as its memory holds
+    (dask_memory.py). `task_memory`: the bytes a task needs, instead of the estimate."""
+    from graphbuild import dask_memory
+    from graphbuild.knn import METHODS, check_embeddings
+
+    out = Path(out).resolve()
+    if method not in METHODS:
+        raise GraphbuildError(f"{RunDir(out).graph}: method must be one of "
+                              f"{', '.join(METHODS)}, got {method!r}")
+    attrs = check_embeddings(out)  # unfinished embeddings: refused here, not in every task
+    num_shards = num_shards or default_shards(client)
+    shape = dask_memory.KnnShape.of(attrs["n_nodes"], attrs["dim"], k, num_shards, block_rows)
+    resumed = _resumed_method(out, shape.k)
+    chosen = None  # the method, when a LocalCluster of ours was sized for it
+    local = _STARTED.get(id(client))
+    if local is not None:
+        chosen = _fit_local_cluster(client, local, shape, method, resumed, task_memory)
+    offers = dask_memory.declare_offers(client)
+    budget = max((o.offer for o in offers), default=0)  # what one task may take
+    need = dask_memory.knn_need(shape, chosen.method if chosen else method, budget, resumed,
+                                task_memory)
+    if method == "auto":
+        log.info("knn on dask: %s", (chosen or need).reason)
+    log.info(dask_memory.rule(need, offers, _remedy(need, shape, budget)))
+    # the tasks get the method resolved here, and the budget it was resolved within
+    args = (str(out), k, need.method, block_rows, recall_target, overwrite, budget)
+    return map_shards(client, "knn", knn_task, args, num_shards, on_result=on_result,
+                      resources={dask_memory.MEMORY_RESOURCE: need.bytes})
+
+
+def _resumed_method(out: Path, k: int) -> str | None:
+    """The method of the graph being resumed, which auto keeps (as knn_shard does)."""
+    from graphbuild.knn import METHODS
+
+    have = read_json(RunDir(out).state("knn") / "params.json")
+    return have["method"] if have.get("k") == k and have.get("method") in METHODS[1:] else None
+
+
+def _remedy(need, shape, budget: int) -> str:
+    """What to change when no worker holds a task of `need`."""
+    from graphbuild import dask_memory
+
+    text = "start workers with a larger memory_limit (dask worker --memory-limit)"
+    if need.method == "exact":
+        other = dask_memory.knn_need(shape, "approximate", budget)
+        text += f", or use --method approximate (about {dask_memory.gib(other.bytes)} a task)"
+    return text + ", or run knn with --engine local on a machine that has the memory"
+
+
+def _fit_local_cluster(client, local: _Local, shape, method: str, resumed: str | None,
+                       given: int | None):
+    """Resize a LocalCluster that we started so that each worker holds one knn task: at most
+    min(workers it may have, memory // the memory a worker needs) workers, sharing its
+    memory. Returns the need (dask_memory.KnnNeed), the method resolved within the memory of
+    the whole cluster, as the local engine resolves it within the machine's."""
+    from graphbuild import dask_memory as dm
+
+    terminate = dm.terminate_fraction()
+    need = dm.knn_need(shape, method, dm.task_offer(local.memory, terminate), resumed, given)
+    workers, limit = dm.local_workers(need.bytes, local.memory, local.most, terminate)
+    if workers == 0:
+        raise GraphbuildError(
+            f"knn on dask: {need.method} needs {dm.gib(need.bytes)} a task ({need.how}), so a "
+            f"worker needs {dm.gib(dm.worker_memory(need.bytes, terminate))} (with its own "
+            f"{dm.gib(dm.WORKER_BASE)}, under Dask's kill threshold of {terminate:g} x its "
+            f"memory_limit); this machine has {dm.gib(local.memory)} for its workers; use "
+            "--method approximate, a machine with more memory, or --scheduler with bigger "
+            "workers")
+    cluster = local.cluster
+    options = cluster.new_spec["options"]
+    have = len(cluster.worker_spec)
+    if dm.task_offer(options["memory_limit"], terminate) >= need.bytes and have <= workers:
+        return need
+    log.info("dask: resizing the LocalCluster for knn, %d workers of %s each (was %d of %s): "
+             "min(%d, %s available // %s a worker needs)", workers, dm.gib(limit), have,
+             dm.gib(options["memory_limit"]), local.most, dm.gib(local.memory),
+             dm.gib(dm.worker_memory(need.bytes, terminate)))
+    nanny = logging.getLogger("distributed.nanny")
+    level = nanny.level
+    nanny.setLevel(logging.ERROR)  # "still alive after 4 s, killing": torch's threads, harmless
+    try:
+        _rescale(client, cluster, 0)
+    finally:
+        nanny.setLevel(level)
+    cluster.new_spec = {**cluster.new_spec, "options": {**options, "memory_limit": limit}}
+    _rescale(client, cluster, workers)
+    return need
+
+
+def _rescale(client, cluster, workers: int, timeout: float = 120.0) -> None:
+    """Scale a LocalCluster to `workers` and wait until the scheduler has exactly those."""
+    cluster.scale(workers)
+    deadline = time.monotonic() + timeout
+    while len(client.run_on_scheduler(_worker_names)) != workers:
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"the LocalCluster did not reach {workers} workers in {timeout} s")
+        time.sleep(0.1)
+
+
+def _worker_names(dask_scheduler) -> list:
+    return [ws.name for ws in dask_scheduler.workers.values()]
