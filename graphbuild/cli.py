@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import logging
+import os
 import sys
 from pathlib import Path
 from typing import Annotated, Optional
@@ -44,6 +45,22 @@ SkipBad = Annotated[bool, typer.Option(
 ChunkRows = Annotated[int, typer.Option(
     help="Rows per Zarr chunk, the unit of work and of resume. Fixed when the store is created.")]
 TrustCode = Annotated[bool, typer.Option(help="Let the model run code shipped with it.")]
+
+
+@app.callback()
+def _options(
+    lock_timeout: Annotated[Optional[float], typer.Option(
+        help="Seconds to wait for a lock held by another process (a run's metadata, or a shard "
+             "a duplicate task is running) before giving up with an error naming the holder. "
+             "Default: $GRAPHBUILD_LOCK_TIMEOUT, or wait as long as the holder lives.")] = None,
+) -> None:
+    """Embed texts once, offline; build top-k similarity graphs for X-CLR."""
+    if lock_timeout is not None:
+        from graphbuild.storage import LOCK_TIMEOUT_ENV
+
+        if not lock_timeout >= 0:  # also refuses nan
+            raise GraphbuildError(f"--lock-timeout must be seconds >= 0, got {lock_timeout}")
+        os.environ[LOCK_TIMEOUT_ENV] = str(lock_timeout)  # Dask workers we start inherit it
 
 
 def _logging(quiet: bool) -> None:

@@ -51,6 +51,7 @@ CASES = {
     "report-tau-negative": (["report", "{o}", "--tau-s", "-1"], "--tau-s"),
     "stats-batch-size-1": (["stats", "{o}", "--batch-size", "1"], "--batch-size"),
     "neighbors-k-0": (["neighbors", "{o}", "a dog", "--k", "0"], "--k"),
+    "lock-timeout-negative": (["--lock-timeout", "-1"] + KNN, "--lock-timeout"),
     "submit-shards-0": (["submit", "slurm", "{m}", "--out", "{o}", "--knn-shards", "0",
                          "--dry-run"], "--knn-shards"),
 }
@@ -74,3 +75,16 @@ def test_bad_flag_through_the_real_cli(tmp_path):
     error = one_error(graphbuild("embed", m, "--out", tmp_path / "run", "--chunk-rows", "0"))
     assert "--chunk-rows must be >= 1, got 0" in error
     assert not (tmp_path / "run").exists()
+
+
+def test_lock_timeout_flag_gives_up_naming_the_holder(coco3k, monkeypatch, capsys):
+    """--lock-timeout reaches the lock: with the run's lock held, knn gives up with one line."""
+    from graphbuild.storage import LOCK_TIMEOUT_ENV, RunDir
+
+    monkeypatch.setenv(LOCK_TIMEOUT_ENV, "")  # restored after the test, which the flag sets
+    with RunDir(coco3k).lock():  # another open file: flock makes it a second holder
+        code, _, err = cli_in_process(monkeypatch, capsys, "--lock-timeout", "0.5", "knn",
+                                      coco3k, "--k", "16", "-q")
+    errors = [line for line in err.splitlines() if line.startswith("error:")]
+    assert code == 2 and len(errors) == 1, err
+    assert ".lock: still held by pid" in errors[0], errors[0]
