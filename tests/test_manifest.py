@@ -68,10 +68,11 @@ def test_classes_file_reads_synset_mapping(tmp_path):
     assert [(e.key, e.name) for e in entries] == [("n01440764", "tench"), ("n01443537", "goldfish")]
 
 
-def test_fingerprint_follows_source_changes(tmp_path):
+def test_source_records_follow_content(tmp_path):
     src = write(tmp_path / "a.tsv", "id\tcaption\n1\tx\n")
     m = write(tmp_path / "m.yaml", "name: t\nsource: {path: a.tsv}\nid_column: id\ntext_column: caption\n")
-    before = load_manifest(m).fingerprint()
-    assert load_manifest(m).fingerprint() == before
-    src.write_text("id\tcaption\n1\tx\n2\ty\n")
-    assert load_manifest(Path(m)).fingerprint() != before
+    before = load_manifest(m).source_records()
+    src.write_text("id\tcaption\n1\ty\n")
+    after = load_manifest(Path(m)).source_records(before)
+    assert [r["bytes"] for r in after] == [r["bytes"] for r in before]
+    assert after[0]["sha256"] != before[0]["sha256"]
