@@ -37,14 +37,23 @@ def embed_layout(out: str | Path) -> dict | None:
     meta = read_json(RunDir(out).embeddings / "zarr.json")
     if not meta:
         return None
-    n = meta["shape"][0]
+    n, dim = meta["shape"]
     rows = meta["chunk_grid"]["configuration"]["chunk_shape"][0]
-    return {"n_nodes": n, "chunk_rows": rows, "n_chunks": -(-n // rows)}
+    return {"n_nodes": n, "dim": dim, "chunk_rows": rows, "n_chunks": -(-n // rows)}
 
 
 def _done_chunks(run: RunDir) -> set[int]:
-    return {int(p.stem) for p in (run.state("embed") / "chunks").glob("*.done")
-            if p.stem.isdigit()}
+    """Chunks marked done whose file is there at a chunk's size: a marker alone is not work
+    done (its file may have been deleted since), and embed redoes such a chunk."""
+    from graphbuild.embed import chunk_file_problem
+
+    layout = embed_layout(run.root)
+    if layout is None:
+        return set()
+    size = layout["chunk_rows"] * layout["dim"] * 2 + 4  # fp16 rows + crc32c
+    marked = {int(p.stem) for p in (run.state("embed") / "chunks").glob("*.done")
+              if p.stem.isdigit()}
+    return {c for c in marked if chunk_file_problem(run.embeddings, c, size) is None}
 
 
 def unfinished_embed_shards(out: str | Path, num_shards: int) -> list[int]:

@@ -22,6 +22,13 @@ def _touch(path: Path, stats: dict | None = None, age: float = 0.0) -> None:
     os.utime(path, (t, t))
 
 
+def _chunk_file(root: Path, c: int, size: int) -> None:
+    """A stored chunk as embed leaves it, by its size: fp16 rows + crc32c."""
+    chunk = root / "embeddings.zarr" / "c" / str(c) / "0"
+    chunk.parent.mkdir(parents=True)
+    chunk.write_bytes(bytes(size))
+
+
 def half_finished(root: Path) -> Path:
     """600 nodes in chunks of 100; embed as 3 shards: 0 done, 1 killed, 2 running; knn not
     started. Chunks finished 10 s apart, the last one 5 s ago."""
@@ -31,6 +38,7 @@ def half_finished(root: Path) -> Path:
         "shape": [600, 384], "chunk_grid": {"configuration": {"chunk_shape": [100, 384]}}})
     chunks = root / "_state" / "embed" / "chunks"
     for c, age in ((0, 35), (1, 25), (2, 15), (4, 5)):
+        _chunk_file(root, c, 100 * 384 * 2 + 4)
         _touch(chunks / f"{c:06d}.done", age=age)
     _touch(root / "_state" / "embed" / "shard-00000-of-00003.done",
            {"seconds": 20.0, "texts_encoded": 200, "texts_per_s": 10.0}, age=25)
@@ -60,6 +68,19 @@ def test_half_finished_run(tmp_path):
     assert e["rate"] == 10.0 and e["eta_seconds"] == 20.0
     assert (k["num_shards"], k["done"], k["pending"], k["failed"]) == (2, 0, [0, 1], [])
     assert k["eta_seconds"] is None and not k["complete"]
+
+
+def test_a_marked_chunk_whose_file_is_gone_is_not_done(tmp_path):
+    """A marker vouches for nothing once its chunk file is deleted: embed redoes that chunk,
+    so status (and submit slurm, which resubmits what status calls unfinished) count it."""
+    from graphbuild.status import unfinished_embed_shards
+
+    root = half_finished(tmp_path / "run")
+    assert unfinished_embed_shards(root, 3) == [1, 2]
+    (root / "embeddings.zarr" / "c" / "0" / "0").unlink()
+    st = run_status(root)
+    assert st["stages"]["embed"]["chunks_done"] == 3
+    assert unfinished_embed_shards(root, 3) == [0, 1, 2]
 
 
 def test_cli_prints_a_table_and_json(tmp_path):
@@ -102,6 +123,7 @@ def test_a_finished_dask_run_has_no_logs(tmp_path):
                                    "stages": {"knn": {"k": 3, "method": "exact"}}})
     write_json(root / "embeddings.zarr" / "zarr.json", {
         "shape": [10, 384], "chunk_grid": {"configuration": {"chunk_shape": [10, 384]}}})
+    _chunk_file(root, 0, 10 * 384 * 2 + 4)
     _touch(root / "_state" / "embed" / "chunks" / "000000.done")
     _touch(root / "_state" / "embed" / "shard-00000-of-00002.done",
            {"seconds": 1.0, "texts_encoded": 0})
