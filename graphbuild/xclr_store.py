@@ -1,9 +1,11 @@
 """Trainer-side readers of a run directory: embeddings, sample nodes and the graph.
 
-Imports only numpy and pyarrow (and graphbuild's light modules), never zarr: the embeddings
-are read chunk by chunk straight from embeddings.zarr/c/<i>/0, which holds rows*dim*2 raw
-little-endian fp16 bytes and then a 4-byte crc32c. Any other layout is refused, not guessed.
-The crc is not checked here: the knn stage read every chunk through zarr, which checks it.
+Imports only numpy, pyarrow and google_crc32c (zarr's own checksum library; and graphbuild's
+light modules), never zarr: the embeddings are read chunk by chunk straight from
+embeddings.zarr/c/<i>/0, which holds rows*dim*2 raw little-endian fp16 bytes and then the
+little-endian crc32c of those bytes. Any other layout is refused, not guessed. Each chunk's
+crc is checked once per process: at load in RAM mode, at a chunk's first read when
+memory-mapped; a chunk failing it is a one-line error naming its file.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import google_crc32c
 import numpy as np
 import pyarrow.parquet as pq
 
@@ -30,7 +33,7 @@ class ZarrRows:
     """Rows of embeddings.zarr as fp16 numpy, from RAM (default) or memory-mapped chunks.
 
     Picklable and lazy: nothing is read until the first call, and a pickled copy (e.g. in a
-    DataLoader worker) reopens the files itself.
+    DataLoader worker) reopens the files itself and checks their crcs again.
     """
 
     def __init__(self, path: str | Path, mmap: bool = False):
@@ -38,7 +41,7 @@ class ZarrRows:
         self.mmap = mmap
         self.shape, self.chunk_rows = self._read_meta()
         self._data: np.ndarray | None = None
-        self._chunks: list[np.ndarray] | None = None
+        self._chunks: list[np.ndarray | None] | None = None
 
     def _read_meta(self) -> tuple[tuple[int, int], int]:
         meta_file = self.path / "zarr.json"
@@ -73,8 +76,8 @@ class ZarrRows:
     def n_chunks(self) -> int:
         return -(-self.shape[0] // self.chunk_rows)
 
-    def _chunk(self, i: int) -> np.ndarray:
-        """Chunk i as (chunk_rows, dim) fp16; the file's last 4 bytes are its crc32c."""
+    def _chunk_file(self, i: int) -> Path:
+        """Chunk i's file, after checking it has the size of uncompressed fp16 + crc32c."""
         file = self.path / "c" / str(i) / "0"
         want = self.chunk_rows * self.shape[1] * 2 + CRC_BYTES
         try:
@@ -83,13 +86,30 @@ class ZarrRows:
             raise GraphbuildError(f"{file}: chunk missing; finish `graphbuild embed`") from None
         if size != want:
             raise _fail(file, f"{size} bytes, expected {want} (uncompressed fp16 + crc32c)")
-        shape = (self.chunk_rows, self.shape[1])
+        return file
+
+    def _checked(self, i: int, raw: np.ndarray) -> np.ndarray:
+        """The (chunk_rows, dim) fp16 rows of chunk i's bytes `raw`, once their crc32c
+        matches the one stored in the file's last 4 bytes."""
+        data = raw[:-CRC_BYTES]
+        if google_crc32c.value(data) != int.from_bytes(raw[-CRC_BYTES:].tobytes(), "little"):
+            raise GraphbuildError(
+                f"{self.path / 'c' / str(i) / '0'}: chunk {i} fails its crc32c check, it is "
+                f"corrupt; delete _state/embed/chunks/{i:06d}.done and rerun `graphbuild embed`")
+        return data.view("<f2").reshape(self.chunk_rows, self.shape[1])
+
+    def _chunk(self, i: int) -> np.ndarray:
+        """Chunk i as (chunk_rows, dim) fp16, its crc checked: read into RAM, or mapped."""
+        file = self._chunk_file(i)
         if self.mmap:
-            return np.memmap(file, dtype="<f2", mode="r", shape=shape)
-        return np.fromfile(file, dtype="<f2", count=shape[0] * shape[1]).reshape(shape)
+            raw = np.memmap(file, dtype=np.uint8, mode="r")
+        else:
+            raw = np.fromfile(file, dtype=np.uint8)
+            raw.flags.writeable = False  # google_crc32c reads read-only buffers only
+        return self._checked(i, raw)
 
     def load(self) -> np.ndarray:
-        """All rows, (n, dim) fp16, in RAM."""
+        """All rows, (n, dim) fp16, in RAM; every chunk's crc checked."""
         if self._data is None:
             n, d = self.shape
             out = np.empty((n, d), np.float16)
@@ -106,10 +126,12 @@ class ZarrRows:
         if not self.mmap:
             return self.load()[nodes]
         if self._chunks is None:
-            self._chunks = [self._chunk(i) for i in range(self.n_chunks)]
+            self._chunks = [None] * self.n_chunks
         out = np.empty((len(nodes), self.shape[1]), np.float16)
         which, offset = np.divmod(nodes, self.chunk_rows)
-        for c in np.unique(which):
+        for c in np.unique(which).tolist():
+            if self._chunks[c] is None:  # first touch: map the chunk and check its crc
+                self._chunks[c] = self._chunk(c)
             sel = np.flatnonzero(which == c)
             out[sel] = self._chunks[c][offset[sel]]
         return out
