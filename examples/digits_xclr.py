@@ -22,8 +22,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
+from torch import nn
 from torch.utils.data import DataLoader, Subset, TensorDataset
 
 from graphbuild.xclr import SoftTargets, WithNodes, simclr_targets, supcon_targets, xclr_loss
@@ -48,7 +48,8 @@ def load_digits_split(seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, np.nda
 
 
 def build_run(out: Path, labels: torch.Tensor) -> Path:
-    """Embed the class names for every image (sample i = image i) and build the graph."""
+    """Embed the class names for every image (sample id: the image's index) and build the
+    graph."""
     from graphbuild.embed import EmbedConfig, embed_shard
     from graphbuild.knn import knn_shard
     from graphbuild.manifest import load_manifest
@@ -109,19 +110,22 @@ def train(objective: str, x: torch.Tensor, y: torch.Tensor, train_idx: np.ndarra
     gen = torch.Generator().manual_seed(seed)
     model = Encoder()
     opt = torch.optim.Adam(model.parameters(), lr=2e-3)
-    data = Subset(WithNodes(TensorDataset(x, y)), train_idx)  # items: (image, label, sample)
-    loader = DataLoader(data, batch_size=batch_size, shuffle=True, drop_last=True,
-                        generator=torch.Generator().manual_seed(seed))
+    images = TensorDataset(x, y)
+    if targets is not None:  # items: (image, label, sample), joined by the run's image ids
+        # build_run's TSV holds each image's index as its id; a TSV's ids are text
+        images = WithNodes(images, run=targets.run, ids=[str(i) for i in range(len(y))])
+    loader = DataLoader(Subset(images, train_idx), batch_size=batch_size, shuffle=True,
+                        drop_last=True, generator=torch.Generator().manual_seed(seed))
     for _ in range(epochs):
         model.train()
-        for img, label, idx in loader:
+        for img, label, *sample in loader:
             z = model(torch.cat([augment(img, gen), augment(img, gen)]))
             if objective == "simclr":
                 t = simclr_targets(len(img))
             elif objective == "supcon":
                 t = supcon_targets(label, views=2)
             else:
-                t = targets(idx, views=2)
+                t = targets(sample[0], views=2)
             loss = xclr_loss(z, t, tau=tau)
             opt.zero_grad()
             loss.backward()

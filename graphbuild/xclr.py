@@ -6,26 +6,50 @@ DataLoader workers and under DDP.
 
 Targets. Sample i's target over samples j of a batch is softmax_j(cos(t_i, t_j) / tau_s),
 where t is the text embedding of the sample's node; samples sharing a node have cos = 1.
+A batch is given as the run's samples (0..S-1), as WithNodes returns them (xclr_data.py
+joins dataset items to samples by id); an integer tensor, array or list.
 
 - mode="exact": gather the batch's node rows from embeddings.zarr (fp16, in RAM or
-  memory-mapped), renormalise them in fp32, one (B, B) product, row softmax.
+  memory-mapped, each chunk's crc32c checked once), renormalise them in fp32, one (B, B)
+  product, row softmax. The samples table must fit the store: every node a row of it, and
+  as many rows as nodes.parquet has nodes.
 - mode="graph": cosines from the top-k graph alone, for when the embeddings cannot sit beside
-  the trainer. Rule for the pairs: a pair held by either row's top-k gets its stored sim (the
-  two directions are symmetrised by taking the larger); a pair of the same node gets 1; a pair
-  held by neither row gets a floor: rule="floor" a constant (`floor`, default 0.0, i.e. treated
-  as unrelated); rule="kth" min(s_k(i), s_k(j)), the rows' k-th stored sims, which bound from
-  above every sim the rows do not hold; rule="tail" row i's soft mean of the sims it does not
-  hold, tau_s * log(mean exp(s/tau_s)), extrapolated from its stored sims by rank
-  (Graph.tail_floors). benchmarks/graph_targets_kl.py measures all three: "kth" is worse than
-  a 0.0 floor, "tail" a little better.
+  the trainer. The graph must have been built from the run's current embeddings (checked at
+  construction: a stale graph is refused). Rule for the pairs: a pair held by either row's
+  top-k gets its stored sim (the two directions are symmetrised by taking the larger); a pair
+  of the same node gets 1; a pair held by neither row gets a floor: rule="floor" a constant
+  (`floor`, default 0.0, i.e. treated as unrelated); rule="kth" min(s_k(i), s_k(j)), the
+  rows' k-th stored sims, which bound from above every sim the rows do not hold; rule="tail"
+  row i's soft mean of the sims it does not hold, tau_s * log(mean exp(s/tau_s)),
+  extrapolated from its stored sims by rank (Graph.tail_floors).
+  benchmarks/graph_targets_kl.py measures all three: "kth" is worse than a 0.0 floor,
+  "tail" a little better.
+
+No target. Sample index -1 marks a dataset item the run holds no sample for (WithNodes
+returns it for an id the run skipped). Its targets row is all zero and so is its column:
+the other rows' targets are those of the batch without it, and no row puts mass on it.
+A row with no other sample to put mass on (a batch of one under diagonal="mask", or one
+whose other samples all lack a target) is a zero row too, never NaN. xclr_loss leaves zero
+rows out of its mean; in its softmax over the model's logits every batch item still
+competes, so an item without a target acts as a plain negative. NeighborBatchSampler never
+yields an item without a target, nor a batch of one.
 
 Diagonal. diagonal="mask" (default) leaves j = i out of the target softmax and of the loss's
 softmax, as NT-Xent and SupCon do, so SimCLR and SupCon are exact special cases.
 diagonal="keep" softmaxes over every j including i (the X-CLR formula read literally); then
-the loss keeps the self logit too. Targets and loss must use the same choice.
+the loss keeps the self logit too. Targets and loss must use the same choice, and xclr_loss
+checks it: "mask" targets have a zero diagonal, "keep" targets put mass on the diagonal of
+every row that has any (cos(t_i, t_i) = 1 is the row's largest); either mismatch is an error.
 
 Two views. targets(idx, views=2) is (2B, 2B) for embeddings stacked [view 1; view 2]: each
 sample's other view is a same-node pair (cos = 1).
+
+Loss dtype. xclr_loss computes in float64 for float64 embeddings (torch.autograd.gradcheck
+holds) and in float32 otherwise, bf16 and fp16 included (under autocast too).
+
+Errors (one-line GraphbuildError): sample indices that are float, bool, out of range or
+empty; views < 1; k < 1 in graph mode; tau_s or tau <= 0; an empty batch, targets of
+another shape, or targets with NaN, inf or negative entries in xclr_loss.
 """
 
 from __future__ import annotations
@@ -37,13 +61,32 @@ import torch
 import torch.nn.functional as F
 
 from graphbuild.errors import GraphbuildError
+from graphbuild.graph import meta_path
 from graphbuild.storage import RunDir
-from graphbuild.xclr_data import GraphRows, NeighborBatchSampler, WithNodes
-from graphbuild.xclr_store import Graph, ZarrRows, read_sample_nodes
+from graphbuild.xclr_data import NO_TARGET, GraphRows, NeighborBatchSampler, SampleJoin, WithNodes
+from graphbuild.xclr_store import (
+    Graph,
+    ZarrRows,
+    check_nodes_fit,
+    check_store_matches_tables,
+    read_sample_nodes,
+)
 
-__all__ = ["SoftTargets", "xclr_loss", "simclr_targets", "supcon_targets", "soft_targets",
-           "NeighborBatchSampler", "WithNodes", "GraphRows", "ZarrRows", "Graph",
-           "read_sample_nodes"]
+__all__ = [
+    "NO_TARGET",
+    "Graph",
+    "GraphRows",
+    "NeighborBatchSampler",
+    "SampleJoin",
+    "SoftTargets",
+    "WithNodes",
+    "ZarrRows",
+    "read_sample_nodes",
+    "simclr_targets",
+    "soft_targets",
+    "supcon_targets",
+    "xclr_loss",
+]
 
 MODES = ("exact", "graph")
 RULES = ("floor", "kth", "tail")
@@ -53,6 +96,12 @@ DIAGONALS = ("mask", "keep")
 def _check(name: str, value: str, allowed: tuple[str, ...]) -> None:
     if value not in allowed:
         raise GraphbuildError(f"{name} must be one of {', '.join(allowed)}, got {value!r}")
+
+
+def _views(views) -> int:
+    if isinstance(views, bool) or not isinstance(views, (int, np.integer)) or views < 1:
+        raise GraphbuildError(f"views must be an int >= 1, got {views!r}")
+    return int(views)
 
 
 def gram(x: torch.Tensor, blocks: int = 4) -> torch.Tensor:
@@ -92,14 +141,16 @@ def shared_pairs(inv: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 
 class SoftTargets:
-    """X-CLR targets for batches of dataset indices (the `sample` column of the run).
+    """X-CLR targets for batches of the run's samples (what WithNodes returns; -1: none).
 
     `SoftTargets.from_run(run)(idx)` -> (B, B) float32; `(idx, views=2)` -> (2B, 2B).
-    `dtype` is the matmul dtype of mode="exact". Against a float64 formula on real captions
-    at tau_s=0.1 (8 random batches each at B=256 and 1024), targets differ by at most:
-    float32 (default) 2.5e-6, the float32 floor: logits reach 1/tau_s = 10, where one ulp is
-    9.5e-7, and a plain float32 torch formula is as far off (1.9e-6); float64 5.4e-7, for
-    about 2x the product time; bfloat16 ~1e-3, faster on CPUs with native bf16.
+    `dtype` is the matmul dtype of mode="exact". At tau_s=0.1 targets stay within these bounds
+    of a float64 formula (tests/test_xclr.py holds them to the same): float32 (default) 3e-6,
+    the float32 floor: logits reach 1/tau_s = 10, where one ulp is 9.5e-7; float64 1e-6 (its
+    logits are float32 before the softmax), for about 2x the product time; bfloat16 ~1e-3,
+    faster on CPUs with native bf16. Measured on real captions (the 3,000- and 65,474-caption
+    runs, 32 random batches each at B=256 and 1024, diagonal mask and keep): at most 2.6e-6
+    for float32, where a plain float32 torch formula is 2.1e-6 off, and 9.2e-7 for float64.
     """
 
     def __init__(self, run: str | Path, mode: str = "exact", tau_s: float = 0.1,
@@ -109,7 +160,7 @@ class SoftTargets:
         _check("mode", mode, MODES)
         _check("rule", rule, RULES)
         _check("diagonal", diagonal, DIAGONALS)
-        if tau_s <= 0:
+        if not tau_s > 0:
             raise GraphbuildError(f"tau_s must be > 0, got {tau_s}")
         self.run = Path(run)
         self.mode, self.tau_s, self.diagonal = mode, tau_s, diagonal
@@ -121,6 +172,9 @@ class SoftTargets:
         self._nodes: np.ndarray | None = None
         self._table: torch.Tensor | None = None
         self._tail: np.ndarray | None = None
+        if self.rows is not None:
+            check_store_matches_tables(run, self.rows)
+        self.sample_nodes  # noqa: B018  read and checked now, before any training step
 
     @classmethod
     def from_run(cls, run: str | Path, **options) -> SoftTargets:
@@ -132,33 +186,70 @@ class SoftTargets:
 
     @property
     def sample_nodes(self) -> np.ndarray:
+        """Each sample's node, checked to be a row of the store (exact) or graph (graph)."""
         if self._nodes is None:
-            self._nodes = read_sample_nodes(self.run)
+            nodes = read_sample_nodes(self.run)
+            if self.rows is not None:
+                check_nodes_fit(self.run, nodes, self.rows.shape[0], self.rows.path)
+            else:  # reads graph/_meta.json, which refuses a graph of other embeddings
+                where = meta_path(self.run) if self.graph.run is not None else "the graph"
+                check_nodes_fit(self.run, nodes, self.graph.n_nodes, where)
+            self._nodes = nodes
         return self._nodes
 
     def __call__(self, idx, views: int = 1) -> torch.Tensor:
-        logits = self._scaled_sims(idx, 1.0 / self.tau_s)  # a fresh tensor: ours to change
+        idx = self._samples(idx, allow_no_target=True)
+        views = _views(views)
+        have = np.flatnonzero(idx != NO_TARGET)
+        if len(have) == len(idx):
+            return self._softmax(self._scaled_sims(idx, 1.0 / self.tau_s), views)
+        # items without a target: zero rows and columns around the others' targets
+        n = len(idx)
+        out = torch.zeros(views * n, views * n, device=self.device)
+        if len(have):
+            at = torch.from_numpy((have + n * np.arange(views)[:, None]).reshape(-1))
+            at = at.to(self.device)
+            sub = self._softmax(self._scaled_sims(idx[have], 1.0 / self.tau_s), views)
+            out[at[:, None], at[None, :]] = sub
+        return out
+
+    def _softmax(self, logits: torch.Tensor, views: int) -> torch.Tensor:
+        """Row softmax of (B, B) logits (a fresh tensor: ours to change), tiled for views; a
+        row with no other sample under diagonal='mask' (a batch of one) is all zero."""
         if views > 1:
             logits = logits.repeat(views, views)
         if self.diagonal == "mask":
+            if len(logits) == 1:
+                return torch.zeros_like(logits)
             logits.fill_diagonal_(float("-inf"))
         return torch.softmax(logits, dim=1)
 
     def sample_sims(self, idx) -> torch.Tensor:
         """(B, B) cosines between the texts of the given samples, float32 on `device`."""
-        return self._scaled_sims(idx, 1.0)
+        return self._scaled_sims(self._samples(idx, allow_no_target=False), 1.0)
 
-    def _scaled_sims(self, idx, scale: float) -> torch.Tensor:
-        """scale * cosines. Exact mode folds the scale into the rows (sqrt(scale) each), which
-        saves a pass over the (B, B) matrix."""
+    def _samples(self, idx, allow_no_target: bool) -> np.ndarray:
+        """The batch as int64 samples, refusing float, bool and out-of-range indices."""
         if isinstance(idx, torch.Tensor):
             idx = idx.detach().cpu().numpy()
-        idx = np.asarray(idx, np.int64).reshape(-1)
-        nodes_all = self.sample_nodes
-        if len(idx) and (idx.min() < 0 or idx.max() >= len(nodes_all)):
-            raise GraphbuildError(f"{RunDir(self.run).samples}: sample index out of range "
-                                  f"0..{len(nodes_all) - 1}")
-        nodes = nodes_all[idx]
+        arr = np.asarray(idx)
+        if arr.size == 0:
+            raise GraphbuildError("SoftTargets: empty batch (no sample indices)")
+        if arr.dtype.kind not in "iu":
+            raise GraphbuildError(f"SoftTargets: sample indices must be integers, got "
+                                  f"{arr.dtype}")
+        arr = arr.reshape(-1).astype(np.int64, copy=False)
+        lo, n = (NO_TARGET if allow_no_target else 0), len(self.sample_nodes)
+        if arr.min() < lo or arr.max() >= n:
+            bad = int(arr[(arr < lo) | (arr >= n)][0])
+            raise GraphbuildError(f"{RunDir(self.run).samples}: sample index {bad} is out of "
+                                  f"range {lo}..{n - 1}" + (" (-1: no target)" if lo else ""))
+        return arr
+
+    def _scaled_sims(self, idx: np.ndarray, scale: float) -> torch.Tensor:
+        """scale * cosines of samples `idx` (checked). Exact mode folds the scale into the rows
+        (sqrt(scale) each), which saves a pass over the (B, B) matrix."""
+        nodes = self.sample_nodes[idx]
         uniq, inv = np.unique(nodes, return_inverse=True)
         if len(uniq) == len(nodes):  # no shared node: work in batch order, no expansion
             uniq, inv = nodes, None
@@ -216,27 +307,49 @@ def xclr_loss(z: torch.Tensor, targets: torch.Tensor, tau: float = 0.1,
               diagonal: str = "mask") -> torch.Tensor:
     """Mean over rows of the cross-entropy between `targets` (rows sum to 1) and
     softmax_j(z_i . z_j / tau), z L2-normalised here. Rows whose targets are all zero (e.g. a
-    SupCon anchor with no positive) are left out of the mean. Works under bf16 autocast:
-    the logits are taken to float32 before the softmax."""
+    SupCon anchor with no positive, an item without a target) are left out of the mean; with
+    none left the loss is 0 (zero gradients), not NaN. float64 z gives float64 math and
+    loss; any other dtype float32 (bf16 autocast: the logits are taken to float32 before the
+    softmax)."""
     _check("diagonal", diagonal, DIAGONALS)
+    if not tau > 0:
+        raise GraphbuildError(f"tau must be > 0, got {tau}")
     if z.ndim != 2 or targets.shape != (len(z), len(z)):
         raise GraphbuildError(f"targets must be ({len(z)}, {len(z)}) for z of shape "
                               f"{tuple(z.shape)}, got {tuple(targets.shape)}")
+    if len(z) == 0:
+        raise GraphbuildError("xclr_loss: empty batch (z has 0 rows)")
+    dtype = torch.float64 if z.dtype == torch.float64 else torch.float32
+    targets = targets.to(z.device, dtype)
+    _check_targets(targets, diagonal)
+    valid = targets.sum(dim=1) > 0
     z = F.normalize(z, dim=1)
-    logits = (z @ z.T).float() / tau
-    targets = targets.to(logits.device, torch.float32)
+    logits = (z @ z.T).to(dtype) / tau
+    if not valid.any():  # nothing to learn from; log_softmax of a lone masked row is NaN
+        return logits.sum() * 0.0
     if diagonal == "mask":
         eye = torch.eye(len(z), dtype=torch.bool, device=logits.device)
-        if targets.diagonal().abs().max() > 0:
-            raise GraphbuildError("diagonal='mask' needs targets with a zero diagonal; build "
-                                  "them with diagonal='mask' too")
         logp = torch.log_softmax(logits.masked_fill(eye, float("-inf")), dim=1)
         logp = logp.masked_fill(eye, 0.0)
     else:
         logp = torch.log_softmax(logits, dim=1)
     rows = -(targets * logp).sum(dim=1)
-    valid = targets.sum(dim=1) > 0
-    return rows[valid].mean()
+    return rows[valid].sum() / valid.sum()
+
+
+def _check_targets(targets: torch.Tensor, diagonal: str) -> None:
+    """Refuse targets with NaN, inf or negative entries, or built with the other diagonal."""
+    if not bool((torch.isfinite(targets) & (targets >= 0)).all()):
+        raise GraphbuildError("targets hold NaN, inf or negative entries")
+    if diagonal == "mask" and bool(targets.diagonal().abs().max() > 0):
+        raise GraphbuildError("diagonal='mask' needs targets with a zero diagonal; build "
+                              "them with diagonal='mask' too")
+    if diagonal == "keep":
+        massless_self = (targets.sum(dim=1) > 0) & (targets.diagonal() <= 0)
+        if bool(massless_self.any()):
+            raise GraphbuildError("diagonal='keep' needs targets with mass on the diagonal; "
+                                  "these have a zero one (built with diagonal='mask'): give "
+                                  "xclr_loss diagonal='mask'")
 
 
 def simclr_targets(batch_size: int, device: str | torch.device = "cpu") -> torch.Tensor:

@@ -1,24 +1,35 @@
-"""Trainer-side readers of a run directory: embeddings, sample nodes and the graph.
+"""Trainer-side readers of a run directory: embeddings, samples and the graph.
 
-Imports only numpy and pyarrow (and graphbuild's light modules), never zarr: the embeddings
-are read chunk by chunk straight from embeddings.zarr/c/<i>/0, which holds rows*dim*2 raw
-little-endian fp16 bytes and then a 4-byte crc32c. Any other layout is refused, not guessed.
-The crc is not checked here: the knn stage read every chunk through zarr, which checks it.
+Imports only numpy, pyarrow and google_crc32c (zarr's own checksum library; and graphbuild's
+light modules), never zarr: the embeddings are read chunk by chunk straight from
+embeddings.zarr/c/<i>/0, which holds rows*dim*2 raw little-endian fp16 bytes and then the
+little-endian crc32c of those bytes. Any other layout is refused, not guessed. Each chunk's
+crc is checked once per process: at load in RAM mode, at a chunk's first read when
+memory-mapped; a chunk failing it is a one-line error naming its file.
+
+The samples table is checked as it is read: `sample` is 0..S-1, `sample_id` has no nulls and
+no repeats, and every node is a row of what it indexes (the store's rows, the graph's nodes).
 """
 
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
+import google_crc32c
 import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from graphbuild.errors import GraphbuildError
-from graphbuild.graph import read_graph_csr
-from graphbuild.storage import RunDir
+from graphbuild.graph import read_graph_csr, read_meta
+from graphbuild.storage import RunDir, read_json
 
 CRC_BYTES = 4
+# run.json's dataset entry: true when sample ids are the source's row numbers (no id_column)
+ROW_NUMBER_IDS = "ids_are_row_numbers"
 _CODECS = [{"name": "bytes", "configuration": {"endian": "little"}}, {"name": "crc32c"}]
 
 
@@ -30,7 +41,7 @@ class ZarrRows:
     """Rows of embeddings.zarr as fp16 numpy, from RAM (default) or memory-mapped chunks.
 
     Picklable and lazy: nothing is read until the first call, and a pickled copy (e.g. in a
-    DataLoader worker) reopens the files itself.
+    DataLoader worker) reopens the files itself and checks their crcs again.
     """
 
     def __init__(self, path: str | Path, mmap: bool = False):
@@ -38,7 +49,7 @@ class ZarrRows:
         self.mmap = mmap
         self.shape, self.chunk_rows = self._read_meta()
         self._data: np.ndarray | None = None
-        self._chunks: list[np.ndarray] | None = None
+        self._chunks: list[np.ndarray | None] | None = None
 
     def _read_meta(self) -> tuple[tuple[int, int], int]:
         meta_file = self.path / "zarr.json"
@@ -73,8 +84,8 @@ class ZarrRows:
     def n_chunks(self) -> int:
         return -(-self.shape[0] // self.chunk_rows)
 
-    def _chunk(self, i: int) -> np.ndarray:
-        """Chunk i as (chunk_rows, dim) fp16; the file's last 4 bytes are its crc32c."""
+    def _chunk_file(self, i: int) -> Path:
+        """Chunk i's file, after checking it has the size of uncompressed fp16 + crc32c."""
         file = self.path / "c" / str(i) / "0"
         want = self.chunk_rows * self.shape[1] * 2 + CRC_BYTES
         try:
@@ -83,13 +94,30 @@ class ZarrRows:
             raise GraphbuildError(f"{file}: chunk missing; finish `graphbuild embed`") from None
         if size != want:
             raise _fail(file, f"{size} bytes, expected {want} (uncompressed fp16 + crc32c)")
-        shape = (self.chunk_rows, self.shape[1])
+        return file
+
+    def _checked(self, i: int, raw: np.ndarray) -> np.ndarray:
+        """The (chunk_rows, dim) fp16 rows of chunk i's bytes `raw`, once their crc32c
+        matches the one stored in the file's last 4 bytes."""
+        data = raw[:-CRC_BYTES]
+        if google_crc32c.value(data) != int.from_bytes(raw[-CRC_BYTES:].tobytes(), "little"):
+            raise GraphbuildError(
+                f"{self.path / 'c' / str(i) / '0'}: chunk {i} fails its crc32c check, it is "
+                f"corrupt; delete _state/embed/chunks/{i:06d}.done and rerun `graphbuild embed`")
+        return data.view("<f2").reshape(self.chunk_rows, self.shape[1])
+
+    def _chunk(self, i: int) -> np.ndarray:
+        """Chunk i as (chunk_rows, dim) fp16, its crc checked: read into RAM, or mapped."""
+        file = self._chunk_file(i)
         if self.mmap:
-            return np.memmap(file, dtype="<f2", mode="r", shape=shape)
-        return np.fromfile(file, dtype="<f2", count=shape[0] * shape[1]).reshape(shape)
+            raw = np.memmap(file, dtype=np.uint8, mode="r")
+        else:
+            raw = np.fromfile(file, dtype=np.uint8)
+            raw.flags.writeable = False  # google_crc32c reads read-only buffers only
+        return self._checked(i, raw)
 
     def load(self) -> np.ndarray:
-        """All rows, (n, dim) fp16, in RAM."""
+        """All rows, (n, dim) fp16, in RAM; every chunk's crc checked."""
         if self._data is None:
             n, d = self.shape
             out = np.empty((n, d), np.float16)
@@ -106,36 +134,118 @@ class ZarrRows:
         if not self.mmap:
             return self.load()[nodes]
         if self._chunks is None:
-            self._chunks = [self._chunk(i) for i in range(self.n_chunks)]
+            self._chunks = [None] * self.n_chunks
         out = np.empty((len(nodes), self.shape[1]), np.float16)
         which, offset = np.divmod(nodes, self.chunk_rows)
-        for c in np.unique(which):
+        for c in np.unique(which).tolist():
+            if self._chunks[c] is None:  # first touch: map the chunk and check its crc
+                self._chunks[c] = self._chunk(c)
             sel = np.flatnonzero(which == c)
             out[sel] = self._chunks[c][offset[sel]]
         return out
 
 
-def read_sample_nodes(run: str | Path) -> np.ndarray:
-    """node of each dataset index (the `sample` column, 0..S-1), as int64."""
+def read_samples(run: str | Path, ids: bool = False) -> tuple[np.ndarray, pa.Array | None]:
+    """Each sample's node (the `node` column in `sample` order 0..S-1, int64) and, with
+    ids=True, its `sample_id` (checked: no nulls, no repeats); else None for the ids."""
     path = RunDir(run).samples
     try:
-        table = pq.read_table(path, columns=["sample", "node"])
-    except (OSError, ValueError) as e:
+        table = pq.read_table(path, columns=["sample", "node"] + (["sample_id"] if ids else []))
+    except (OSError, ValueError, pa.ArrowException) as e:
         raise GraphbuildError(f"{path}: cannot read samples table: {e}") from None
     sample = table.column("sample").to_numpy()
-    node = table.column("node").to_numpy().astype(np.int64)
     if not np.array_equal(sample, np.arange(len(sample))):
         order = np.argsort(sample, kind="stable")
         if not np.array_equal(sample[order], np.arange(len(sample))):
             raise GraphbuildError(f"{path}: sample column is not 0..{len(sample) - 1}")
-        node = node[order]
-    return node
+        table = table.take(order)
+    node = table.column("node").to_numpy().astype(np.int64)
+    if len(node) and node.min() < 0:
+        raise GraphbuildError(f"{path}: node {node.min()} in column 'node' is negative")
+    if not ids:
+        return node, None
+    sample_ids = table.column("sample_id").combine_chunks()
+    check_unique_ids(sample_ids, f"{path}: column 'sample_id'", "sample")
+    return node, sample_ids
+
+
+def read_sample_nodes(run: str | Path) -> np.ndarray:
+    """node of each dataset index (the `sample` column, 0..S-1), as int64."""
+    return read_samples(run)[0]
+
+
+def check_unique_ids(ids: pa.Array, where: str, what: str) -> None:
+    """Refuse ids with a null or a repeat, naming the first one and its position."""
+    if ids.null_count:
+        first = int(np.flatnonzero(ids.is_null().to_numpy(zero_copy_only=False))[0])
+        raise GraphbuildError(f"{where}: {what} {first} has no id (null)")
+    first_seen = pc.index_in(ids, value_set=ids).to_numpy(zero_copy_only=False)
+    again = np.flatnonzero(first_seen != np.arange(len(ids)))
+    if len(again):
+        at = int(again[0])
+        raise GraphbuildError(f"{where}: {what}s {first_seen[at]} and {at} have the same id "
+                              f"{ids[at].as_py()!r}; ids must be unique")
+
+
+def check_nodes_fit(run: str | Path, nodes: np.ndarray, n_rows: int, rows_of: Path) -> None:
+    """Refuse sample nodes that are not rows of what they index (the store, the graph): the
+    samples table and that file are then of different runs."""
+    if len(nodes) and nodes.max() >= n_rows:
+        raise GraphbuildError(f"{RunDir(run).samples}: node {nodes.max()} is not one of the "
+                              f"{n_rows} rows of {rows_of}; the samples table and it are of "
+                              "different runs: rerun `graphbuild embed` and `graphbuild knn`")
+
+
+def check_store_matches_tables(run: str | Path, rows: ZarrRows) -> None:
+    """Refuse a store whose row count differs from nodes.parquet's: one node, one row."""
+    path = RunDir(run).nodes
+    try:
+        n = pq.ParquetFile(path).metadata.num_rows
+    except (OSError, pa.ArrowException) as e:
+        raise GraphbuildError(f"{path}: cannot read nodes table: {e}") from None
+    if n != rows.shape[0]:
+        raise GraphbuildError(f"{rows.path}: holds {rows.shape[0]} rows, {path} {n} nodes; "
+                              "the store is of another run: rerun `graphbuild embed`")
+
+
+@dataclass(frozen=True)
+class SourceRows:
+    """What run.json says about the source's rows and the run's sample ids.
+
+    row_numbers: True when the sample ids are the source's row numbers (the manifest has no
+    id_column), False when they are an id column's values or class keys, None when run.json
+    does not say (runs written before the builder recorded it). skipped: rows the run dropped
+    under --skip-bad-rows (empty texts, unknown labels, repeated ids); None if not recorded."""
+    row_numbers: bool | None
+    skipped: int | None
+    samples: int | None
+
+    @property
+    def total(self) -> int | None:
+        """The source's row count: samples kept plus rows skipped."""
+        if self.samples is None or self.skipped is None:
+            return None
+        return self.samples + self.skipped
+
+
+def read_source_rows(run: str | Path) -> SourceRows:
+    dataset = read_json(RunDir(run).run_json).get("dataset") or {}
+    figures = dataset.get("figures") or {}
+    row_numbers = dataset.get(ROW_NUMBER_IDS)
+    skips = [figures.get(k) for k in ("skipped_empty", "skipped_duplicate_ids")]
+    skipped = sum(skips) if all(isinstance(k, int) for k in skips) else None
+    samples = figures.get("samples") if isinstance(figures.get("samples"), int) else None
+    return SourceRows(row_numbers if isinstance(row_numbers, bool) else None, skipped, samples)
 
 
 class Graph:
     """The CSR graph with helpers to find the pairs of a batch it holds. Lazy and picklable."""
 
     def __init__(self, run: str | Path | None, k: int | None = None):
+        if k is not None and (isinstance(k, bool) or not isinstance(k, (int, np.integer))
+                              or k < 1):
+            raise GraphbuildError(f"k must be an int >= 1 (or None: every stored neighbour), "
+                                  f"got {k!r}")
         self.run = Path(run) if run is not None else None
         self.k = k  # keep only each row's best k (rows are stored best first)
         self._csr: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None
@@ -153,6 +263,14 @@ class Graph:
 
     def __getstate__(self) -> dict:
         return {**self.__dict__, "_csr": None} if self.run is not None else self.__dict__
+
+    @property
+    def n_nodes(self) -> int:
+        """Rows of the graph. For a run's graph this reads graph/_meta.json, which refuses a
+        graph built from other embeddings than the run's current store."""
+        if self._csr is None and self.run is not None:
+            return int(read_meta(self.run)["n_nodes"])
+        return len(self.csr[0]) - 1
 
     @property
     def csr(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

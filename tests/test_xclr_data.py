@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
-from tests.test_xclr_runs import COCO, coco_run
+from tests.test_xclr_runs import coco_run
 
 
 @pytest.fixture(scope="module")
@@ -74,22 +74,51 @@ def test_sampler_puts_neighbours_together_on_a_toy_graph():
     assert report.sampler > 3 * report.random
 
 
+def test_sampler_yields_dataset_positions_of_present_samples():
+    """positions maps samples to dataset positions; a sample the dataset lacks (-1) is left
+    out, and the batches are the sample batches, mapped."""
+    from graphbuild.xclr import NeighborBatchSampler
+
+    nodes, graph = toy()
+    rng = np.random.default_rng(5)
+    positions = rng.permutation(len(nodes)) + 7  # the dataset holds 7 other items first
+    positions[rng.choice(len(nodes), 50, replace=False)] = -1
+    s = NeighborBatchSampler(nodes, graph, 64, rank=0, world_size=1, positions=positions)
+    batches = list(s)
+    flat = np.concatenate(batches)
+    assert np.array_equal(np.sort(flat), np.sort(positions[positions >= 0]))
+    assert batches == [positions[b].tolist() for b in s.global_batches()]
+    assert len(s) == len(batches) == -(-950 // 64)
+
+
+def test_a_lone_last_sample_joins_the_batch_before_it():
+    s = sampler(batch_size=333, rank=0, world_size=1)  # 1000 = 3 * 333 + 1
+    assert [len(b) for b in s] == [333, 333, 334] and len(s) == 3
+    s = sampler(batch_size=333, rank=0, world_size=1, drop_last=True)
+    assert [len(b) for b in s] == [333, 333, 333] and len(s) == 3
+
+
 def test_with_nodes_and_dataloader(run):
+    """A dataset in its own order, joined by caption id: every item's node is its caption's,
+    and the sampler's positions reach the right items through a multi-worker DataLoader."""
     import polars as pl
 
     from graphbuild.xclr import NeighborBatchSampler, SoftTargets, WithNodes
 
-    nodes = pl.read_parquet(run / "samples.parquet").sort("sample")["node"].to_numpy()
-    images = TensorDataset(torch.randn(len(nodes), 3), torch.arange(len(nodes)) % 5)
-    ds = WithNodes(images, run=run, with_node=True)
-    x, y, i, node = ds[17]
-    assert i == 17 and node == nodes[17] and torch.equal(x, images[17][0])
-    assert WithNodes(list(range(10)))[4] == (4, 4)
-    batches = NeighborBatchSampler.from_run(run, batch_size=128, seed=0, rank=0, world_size=1)
+    samples = pl.read_parquet(run / "samples.parquet").sort("sample")
+    ids, nodes = samples["sample_id"].to_list(), samples["node"].to_numpy()
+    order = np.random.default_rng(1).permutation(len(ids))  # item p is sample order[p]
+    images = TensorDataset(torch.from_numpy(order), torch.from_numpy(order) % 5)
+    ds = WithNodes(images, run=run, ids=[ids[s] for s in order], with_node=True)
+    s, y, i, node = ds[17]
+    assert s == i == order[17] and node == nodes[order[17]] and y == order[17] % 5
+    batches = NeighborBatchSampler.from_run(run, batch_size=128, seed=0, rank=0, world_size=1,
+                                            dataset=ds)
     loader = DataLoader(ds, batch_sampler=batches, num_workers=2)
     targets = SoftTargets.from_run(run)
     seen = []
-    for x, y, idx, node in loader:
+    for payload, _y, idx, node in loader:
+        assert torch.equal(payload, idx)  # the item the sampler chose is the sample it names
         t = targets(idx, views=2)
         assert t.shape == (2 * len(idx), 2 * len(idx))
         assert torch.equal(node, torch.from_numpy(nodes[idx.numpy()]))
@@ -98,17 +127,23 @@ def test_with_nodes_and_dataloader(run):
 
 
 def test_with_nodes_refuses_a_dataset_of_another_length(run):
+    import polars as pl
+
     from graphbuild.errors import GraphbuildError
     from graphbuild.xclr import WithNodes
 
-    with pytest.raises(GraphbuildError, match="samples"):
-        WithNodes(list(range(5)), run=run, with_node=True)[0]
+    ids = pl.read_parquet(run / "samples.parquet").sort("sample")["sample_id"].to_list()
+    with pytest.raises(GraphbuildError, match="2995 samples have no dataset item"):
+        WithNodes(list(range(5)), run=run, ids=ids[:5])
+    with pytest.raises(GraphbuildError, match="needs run="):
+        WithNodes(list(range(5)), run=None)
 
 
 def test_neighbour_batches_hold_many_more_graph_edges(run):
-    from graphbuild.xclr import NeighborBatchSampler
+    from graphbuild.xclr import Graph, NeighborBatchSampler, read_sample_nodes
 
-    report = NeighborBatchSampler.from_run(run, 256, rank=0, world_size=1).edge_report()
+    s = NeighborBatchSampler(read_sample_nodes(run), Graph(run, 16), 256, rank=0, world_size=1)
+    report = s.edge_report()
     assert report.batches == 3000 // 256
     assert report.sampler > 2.5 * report.random  # k*B/N is already 1.4 here: N is small
 

@@ -77,3 +77,42 @@ def test_zarr_rows_refuse_other_layouts(run, tmp_path):
     chunk.write_bytes(chunk.read_bytes()[:-10])
     with pytest.raises(GraphbuildError, match=r"c/1/0: .*bytes"):
         ZarrRows(store).load()
+
+
+@pytest.mark.parametrize("mmap", [False, True])
+def test_zarr_rows_check_each_chunks_crc_as_zarr_does(run, tmp_path, mmap):
+    """A flipped bit in chunk 0's data or in chunk 2's stored crc: ZarrRows refuses exactly
+    the chunks zarr's own reader refuses, with one line naming the chunk's file."""
+    import zarr
+
+    from graphbuild.errors import GraphbuildError
+    from graphbuild.xclr import ZarrRows
+
+    store = tmp_path / "embeddings.zarr"
+    shutil.copytree(run / "embeddings.zarr", store)
+    for chunk, at in [(0, 5000), (2, -2)]:
+        path = store / "c" / str(chunk) / "0"
+        data = bytearray(path.read_bytes())
+        data[at] ^= 0x10
+        path.write_bytes(bytes(data))
+    arr = zarr.open_array(str(store), mode="r")
+    rows = ZarrRows(store, mmap=mmap)
+    refused = []
+    for c in range(rows.n_chunks):
+        lo = c * rows.chunk_rows
+        try:
+            want = arr[lo:lo + 1]
+        except ValueError:
+            refused.append(c)
+            want = None
+        if not mmap:  # RAM mode: every chunk is checked at load, the first failing one named
+            continue
+        if want is None:
+            with pytest.raises(GraphbuildError, match=rf"c/{c}/0: chunk {c} fails its crc32c"):
+                rows.rows(np.array([lo]))
+        else:
+            assert np.array_equal(rows.rows(np.array([lo])), want)
+    assert refused == [0, 2]
+    if not mmap:
+        with pytest.raises(GraphbuildError, match=r"c/0/0: chunk 0 fails its crc32c"):
+            rows.load()
