@@ -67,6 +67,7 @@ from graphbuild.storage import (
     write_json,
 )
 from graphbuild.texts import build_tables, read_node_texts
+from graphbuild.xclr_store import ROW_NUMBER_IDS
 
 log = logging.getLogger(__name__)
 
@@ -138,7 +139,10 @@ def _prepare(ds: Dataset, run: RunDir, skip_bad_rows: bool) -> tuple[dict, dict]
 
 def _dataset_entry(ds: Dataset, files: list[dict], figures: dict) -> dict:
     entry = {"name": ds.name, "manifest": str(ds.path), "reading": ds.reading(),
-             "source_files": files, "templates": ds.manifest.templates, "figures": figures}
+             "source_files": files, "templates": ds.manifest.templates, "figures": figures,
+             # the trainer joins dataset items to samples by id; by default by row number,
+             # which only a run without an id column has as its ids
+             ROW_NUMBER_IDS: ds.manifest.id_column is None and ds.manifest.source is not None}
     if ds.manifest.examples:
         entry["examples"] = ds.manifest.examples
     return entry

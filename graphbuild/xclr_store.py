@@ -232,7 +232,8 @@ def read_source_rows(run: str | Path) -> SourceRows:
     dataset = read_json(RunDir(run).run_json).get("dataset") or {}
     figures = dataset.get("figures") or {}
     row_numbers = dataset.get(ROW_NUMBER_IDS)
-    skips = [figures.get(k) for k in ("skipped_empty", "skipped_duplicate_ids")]
+    skips = [figures.get("skipped_missing", 0), figures.get("skipped_empty"),
+             figures.get("skipped_duplicate_ids")]
     skipped = sum(skips) if all(isinstance(k, int) for k in skips) else None
     samples = figures.get("samples") if isinstance(figures.get("samples"), int) else None
     return SourceRows(row_numbers if isinstance(row_numbers, bool) else None, skipped, samples)

@@ -97,14 +97,14 @@ def node_texts(run: Path) -> np.ndarray:
     return pl.read_parquet(run / "nodes.parquet").sort("node")["text"].to_numpy()
 
 
-def with_row_number_record(run: Path, dest: Path) -> Path:
-    """A copy of a run whose run.json says its sample ids are row numbers (the builder's
-    record, graphbuild.xclr_store.ROW_NUMBER_IDS; kept if the builder wrote it already)."""
+def without_row_number_record(run: Path, dest: Path) -> Path:
+    """A copy of a run as the builder left it before it recorded whether the sample ids are
+    row numbers (graphbuild.xclr_store.ROW_NUMBER_IDS)."""
     from graphbuild.xclr_store import ROW_NUMBER_IDS
 
     shutil.copytree(run, dest)
     info = json.loads((dest / "run.json").read_text())
-    info["dataset"].setdefault(ROW_NUMBER_IDS, True)
+    del info["dataset"][ROW_NUMBER_IDS]
     (dest / "run.json").write_text(json.dumps(info))
     return dest
 
@@ -140,10 +140,14 @@ def test_skipped_row_is_no_target_when_ids_are_row_numbers(by_row, source, tmp_p
     from graphbuild.xclr import SoftTargets, WithNodes
 
     _, captions = source_rows(source)
-    # run.json from before the builder recorded the id kind: the default ids are refused
+    from graphbuild.xclr_store import ROW_NUMBER_IDS
+
+    # a run.json from before the builder recorded the id kind: the default ids are refused
+    old = without_row_number_record(by_row, tmp_path / "old")
     with pytest.raises(GraphbuildError, match="run.json: does not say whether the sample ids"):
-        WithNodes(images(ROWS), run=by_row)
-    run = with_row_number_record(by_row, tmp_path / "run")
+        WithNodes(images(ROWS), run=old)
+    run = by_row
+    assert json.loads((run / "run.json").read_text())["dataset"][ROW_NUMBER_IDS] is True
     data = WithNodes(images(ROWS), run=run, with_node=True)
     assert data[BLANK] == (BLANK, -1, -1)
     texts = node_texts(run)
@@ -210,7 +214,7 @@ def test_id_and_length_mismatches_are_errors(by_id, by_row, source, tmp_path):
     batches = list(NeighborBatchSampler.from_run(by_id, 32, rank=0, world_size=1, dataset=part))
     assert sorted(np.concatenate(batches).tolist()) == [p for p in range(200) if p != BLANK]
     # row-number ids: a position past the source's 300 rows is not a skipped row
-    run = with_row_number_record(by_row, tmp_path / "run")
+    run = by_row
     with pytest.raises(GraphbuildError, match="item 300 has id 300, not a row number of the "
                                               "source's 300 rows"):
         WithNodes(images(ROWS + 1), run=run)
