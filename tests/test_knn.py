@@ -11,7 +11,6 @@ import numpy as np
 import pytest
 
 from graphbuild.errors import GraphbuildError
-
 from tests.conftest import COCO
 
 N_CAPTIONS = 3000  # all of tests/data's COCO captions
