@@ -1,8 +1,16 @@
 """The knn stage: OUT/embeddings.zarr to a top-k cosine graph in OUT/graph/.
 
 Shard s of n owns a contiguous range of query rows (every row is a candidate neighbour), and
-writes graph/part-{s:05d}.parquet, then its done marker. A rerun skips a done shard. The
-shard that completes the layout writes graph/_meta.json and the stage's entry in run.json.
+writes graph/part-{s:05d}.parquet, then its done marker (its stats: rows, k, method,
+provenance). A rerun skips a shard whose marker vouches for its part: the marker records this
+graph and the part's footer holds the marker's rows and edges. Any other marker is removed and
+the shard done again. The shard that finds every shard of the layout vouched for writes
+graph/_meta.json; one that finds a shard not done removes it. Then run.json's stage entry.
+
+What graph a run holds is what every file that vouches for it says: graph/_meta.json,
+_state/knn/params.json and each shard marker. A request that differs from any of them (k,
+method, shard layout, recall target, or the store's provenance: a stale graph) is refused,
+whichever of them are missing; --overwrite replaces the graph.
 
 Methods: exact (exact.py; the same bytes for any shard count) or approximate (ann.py; faiss
 IVF with nprobe tuned to a recall target). auto picks one from N, d, k and free memory.
@@ -23,10 +31,10 @@ import numpy as np
 from graphbuild.errors import GraphbuildError
 from graphbuild.exact import DEFAULT_BLOCK_ROWS, default_capacity
 from graphbuild.faults import kill_point
-from graphbuild.graph import FORMAT_VERSION, meta_path, part_path, write_part
+from graphbuild.graph import FORMAT_VERSION, meta_path, part_path, part_problem, write_part
 from graphbuild.progress import Reporter
 from graphbuild.shards import shard_name, shard_range
-from graphbuild.storage import RunDir, atomic_path, is_done, mark_done, read_json, write_json
+from graphbuild.storage import RunDir, atomic_path, mark_done, marker, read_json, write_json
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +45,8 @@ EXACT_MAX_SECONDS = 3600.0
 # on CPU this is the conservative case for estimating exact time.
 CPU_HALF_FLOPS = 300e9
 NORM_TOLERANCE = 1e-2
+# What a graph is, as params.json, _meta.json and the shard markers record it (with provenance).
+SETTINGS = ("k", "method", "num_shards", "recall_target")
 
 
 @dataclass
@@ -138,10 +148,32 @@ def _missing_embed_shards(run: RunDir, missing: list[int], n_chunks: int | None)
     return "; " + ", ".join(text)
 
 
-def _open(out: str | Path):
+class ChunkReads:
+    """The store with every row slice read one chunk per zarr call (`neighbors.read_rows`):
+    a chunk whose file is missing is an error, not zeros, and a chunk failing its crc32c
+    leaves no concurrent reads of other chunks pending in zarr's event loop (asyncio would
+    report each at exit, many lines after the one-line error). exact.py, ann.py and
+    ivf_scan.py read the store only as `arr[lo:hi]`."""
+
+    def __init__(self, store, where: Path):
+        self.store, self.where = store, where
+        self.shape, self.chunks, self.dtype = store.shape, store.chunks, store.dtype
+        self.attrs = store.attrs
+
+    def __getitem__(self, key):
+        from graphbuild.neighbors import read_rows
+
+        if not (isinstance(key, slice) and key.step in (None, 1)):
+            raise TypeError(f"the store is read by row slices, not {key!r}")
+        lo, hi, _ = key.indices(self.shape[0])
+        return read_rows(self.store, self.where, lo, hi)
+
+
+def _open(out: str | Path) -> ChunkReads:
     from graphbuild.embed import CheckedStore
 
-    return CheckedStore(RunDir(out).embeddings)
+    where = RunDir(out).embeddings
+    return ChunkReads(CheckedStore(where), where)
 
 
 def _read_blocks(arr, rows: range, block_rows: int):
@@ -176,22 +208,70 @@ def _params(k: int, method: str, num_shards: int, recall_target: float, attrs: d
     return params
 
 
+def _params_file(run: RunDir) -> Path:
+    return run.state("knn") / "params.json"
+
+
+def _recorded(run: RunDir) -> list[tuple[Path, dict]]:
+    """Each file that vouches for a graph in the run, with what it records: graph/_meta.json,
+    _state/knn/params.json, then every shard marker (its layout taken from its name). Any of
+    them may be missing. A marker that does not read vouches for nothing and is left out;
+    _meta.json or params.json that does not read is recorded as such."""
+    found = []
+    for path in (meta_path(run.root), _params_file(run)):
+        try:
+            have = read_json(path)
+        except GraphbuildError as e:
+            have = {"unreadable": str(e)}
+        if have:
+            found.append((path, have))
+    for path in sorted(run.state("knn").glob("shard-*-of-*.done")):
+        layout = path.stem.rsplit("-of-", 1)[1]
+        try:
+            stats = read_json(path)
+        except GraphbuildError:
+            continue
+        if layout.isdigit() and isinstance(stats, dict):
+            found.append((path, {**stats, "num_shards": int(layout)}))
+    return found
+
+
+def _disagreement(run: RunDir, recorded: list[tuple[Path, dict]], params: dict) -> str | None:
+    """How the first recorded file that disagrees with the graph asked for differs, as a
+    one-line error; None if none does. A setting a file does not record is not compared."""
+    for path, have in recorded:
+        if "unreadable" in have:
+            return f"{have['unreadable']}; pass --overwrite to replace the graph"
+        for key in SETTINGS:
+            if key in have and key in params and have[key] != params[key]:
+                return (f"{path}: holds a graph with {key}={have[key]!r} (now {params[key]!r}); "
+                        "pass --overwrite or use another --out")
+        recorded_from = have.get("provenance")
+        if recorded_from is None:
+            continue
+        for key, now in params["provenance"].items():
+            then = recorded_from.get(key) if isinstance(recorded_from, dict) else None
+            if then != now:
+                return (f"{path}: records a graph built from embeddings with {key}={then!r}, "
+                        f"but {run.embeddings} now has {key}={now!r}; the graph is stale: pass "
+                        "--overwrite to rebuild it")
+    return None
+
+
 def _claim(run: RunDir, params: dict, overwrite: bool) -> None:
-    """Record this graph's parameters, or refuse a run directory that holds another graph."""
-    path = run.state("knn") / "params.json"
+    """Record this graph's parameters in params.json, or refuse a run whose graph, as any file
+    that vouches for it records it, is another one (other settings, or built from other
+    embeddings); with `overwrite`, remove that graph first."""
+    path = _params_file(run)
     with run.lock():
-        have = read_json(path)
-        if have and have != params:
-            if not overwrite:
-                where = meta_path(run.root) if meta_path(run.root).exists() else path
-                diff = ", ".join(f"{key}={have.get(key)!r} (now {params[key]!r})"
-                                 for key in params if have.get(key) != params[key])
-                raise GraphbuildError(f"{where}: holds a graph with {diff}; pass --overwrite "
-                                      "or use another --out")
-            log.warning("replacing the graph in %s (%s)", run.graph, "overwrite")
+        problem = _disagreement(run, _recorded(run), params)
+        if problem and not overwrite:
+            raise GraphbuildError(problem)
+        if problem:
+            log.warning("replacing the graph in %s (--overwrite): %s", run.graph, problem)
             shutil.rmtree(run.graph, ignore_errors=True)
             shutil.rmtree(run.state("knn"), ignore_errors=True)
-        if have != params:
+        if read_json(path) != params:
             write_json(path, params)
 
 
@@ -209,9 +289,9 @@ def _resolve(out: Path, k: int, method: str, n: int, d: int, block_rows: int,
                               f"{', '.join(METHODS)}, got {method!r}")
     if method != "auto":
         return k, method, f"{method}: as asked"
-    have = read_json(RunDir(out).state("knn") / "params.json")
-    if have.get("k") == k and have.get("method") in METHODS[1:]:
-        return k, have["method"], f"{have['method']}: the method of the graph being resumed"
+    for _, have in _recorded(RunDir(out)):
+        if have.get("k") == k and have.get("method") in METHODS[1:]:
+            return k, have["method"], f"{have['method']}: the method of the graph being resumed"
     method, reason = choose_method(n, d, k, budget, block_rows)
     return k, method, reason
 
@@ -234,27 +314,78 @@ def knn_shard(out: str | Path, k: int, method: str = "auto", shard: int = 0,
     budget = memory_budget or available_memory()
     k, method, reason = _resolve(out, k, method, n, d, block_rows, budget)
     log.info("knn %s: %s", shard_name(shard, num_shards), reason)
-    _claim(run, _params(k, method, num_shards, recall_target, attrs), overwrite)
+    params = _params(k, method, num_shards, recall_target, attrs)
+    _claim(run, params, overwrite)
     kill_point("knn.claimed")
 
     name = shard_name(shard, num_shards)
     rows = shard_range(n, shard, num_shards)
     result = KnnResult(shard, num_shards, k, method, reason, rows=len(rows))
     with run.shard_lock("knn", name):  # a duplicate of this array task waits, then skips
-        if is_done(run.state("knn"), name) and part_path(out, shard).exists():
+        stats, why_not = _vouched(run, shard, params, n)
+        if stats is not None:
             log.info("knn %s: already done, skipping", name)
             result.skipped = True
+            result.edges, result.recall = stats["edges"], stats.get("recall")
+            result.nprobe, result.probe_gap = stats.get("nprobe"), stats.get("probe_gap")
         else:
-            _search_shard(run, arr, attrs, result, rows, block_rows, recall_target, budget,
-                          device, reporter)
-    _finalize(run, attrs, k, method, num_shards, result)
+            _unvouch(run, name, why_not)
+            _search_shard(run, arr, attrs, params, result, rows, block_rows, budget, device,
+                          reporter)
+    _finalize(run, attrs, params, n, result)
     return result
 
 
-def _search_shard(run: RunDir, arr, attrs: dict, result: KnnResult, rows: range,
-                  block_rows: int, recall_target: float, budget: int, device: str | None,
+def _vouched(run: RunDir, shard: int, params: dict, n: int) -> tuple[dict | None, str | None]:
+    """(the marker's stats, None) when shard's marker vouches for its part: it reads, records
+    this graph (k, method, provenance, recall target) and the shard's rows and edges, and the
+    part's footer holds those rows and edges. Otherwise (None, why not); why not is None when
+    there is no marker at all."""
+    num_shards = params["num_shards"]
+    path = marker(run.state("knn"), shard_name(shard, num_shards))
+    if not path.exists():
+        return None, None
+    try:
+        stats = read_json(path)
+    except GraphbuildError as e:
+        return None, str(e)
+    rows = shard_range(n, shard, num_shards)
+    want = {key: params[key] for key in ("k", "method", "provenance", "recall_target")
+            if key in params}
+    want.update(first=rows.start, stop=rows.stop, rows=len(rows), edges=len(rows) * params["k"])
+    for key, value in want.items():
+        if stats.get(key) == value:
+            continue
+        if key == "provenance":
+            return None, (f"{path}: records {'no' if key not in stats else 'another'} "
+                          "store's provenance")
+        return None, f"{path}: records {key}={stats.get(key)!r}, this graph's is {value!r}"
+    part = part_path(run.root, shard)
+    problem = part_problem(part, rows.start, rows.stop, want["edges"], n)
+    if problem:
+        return None, f"{part}: {problem}, not what {path.name} records"
+    return stats, None
+
+
+def _unvouch(run: RunDir, name: str, why_not: str | None) -> None:
+    """Before a shard is (re)done: remove graph/_meta.json, which vouches for every part, and
+    the shard's marker that does not vouch for its part (`why_not`)."""
+    with run.lock():
+        meta = meta_path(run.root)
+        if meta.exists():
+            log.warning("%s: removed until every shard is done (%s is being done)",
+                        meta, name)
+            meta.unlink()
+        if why_not is not None:
+            log.warning("knn %s: %s; doing the shard again", name, why_not)
+            marker(run.state("knn"), name).unlink(missing_ok=True)
+
+
+def _search_shard(run: RunDir, arr, attrs: dict, params: dict, result: KnnResult, rows: range,
+                  block_rows: int, budget: int, device: str | None,
                   reporter: Reporter) -> None:
-    """Search `rows`, write the shard's part, then its done marker with its stats."""
+    """Search `rows`, write the shard's part, then its done marker with its stats (and what
+    graph it belongs to: k, method, provenance, recall target)."""
     out, k, method, shard, name = (run.root, result.k, result.method, result.shard,
                                    shard_name(result.shard, result.num_shards))
     t0 = time.perf_counter()
@@ -265,7 +396,7 @@ def _search_shard(run: RunDir, arr, attrs: dict, result: KnnResult, rows: range,
             result.recall = 1.0
         else:
             result.edges, tuning = _approximate_part(out, arr, attrs, k, rows, shard, block_rows,
-                                                     recall_target, budget, reporter)
+                                                     params["recall_target"], budget, reporter)
             result.recall, result.nprobe = tuning["recall"], tuning["nprobe"]
             result.probe_gap = tuning.get("probe_gap")
     finally:
@@ -274,7 +405,8 @@ def _search_shard(run: RunDir, arr, attrs: dict, result: KnnResult, rows: range,
     stats = {"rows": len(rows), "first": rows.start, "stop": rows.stop, "k": k,
              "method": method, "edges": result.edges, "seconds": round(result.seconds, 3),
              "queries_per_s": round(result.queries_per_s, 1), "recall": result.recall,
-             "nprobe": result.nprobe, "probe_gap": result.probe_gap}
+             "nprobe": result.nprobe, "probe_gap": result.probe_gap,
+             **{key: params[key] for key in ("provenance", "recall_target") if key in params}}
     kill_point("knn.part_written")  # part in place, marker not yet
     mark_done(run.state("knn"), name, stats)
     kill_point("knn.shard_marked")
@@ -400,35 +532,33 @@ def _approximate_part(out: Path, arr, attrs: dict, k: int, rows: range, shard: i
     return write_part(out, shard, rows, arr.shape[0], blocks()), tuning
 
 
-def _finalize(run: RunDir, attrs: dict, k: int, method: str, num_shards: int,
-              result: KnnResult) -> None:
-    """Once every shard is done: _meta.json, then the stage's figures in run.json."""
-    from graphbuild.storage import PROVENANCE_KEYS
-
-    state = run.state("knn")
+def _finalize(run: RunDir, attrs: dict, params: dict, n: int, result: KnnResult) -> None:
+    """Once every shard's marker vouches for its part: _meta.json (written when absent or
+    different); while any does not, no _meta.json. Then the stage's figures in run.json."""
+    k, method, num_shards = params["k"], params["method"], params["num_shards"]
     with run.lock():
-        stats = {s: read_json(state / f"{shard_name(s, num_shards)}.done")
-                 for s in range(num_shards) if is_done(state, shard_name(s, num_shards))}
+        stats = {}
+        for s in range(num_shards):
+            shard_stats, why_not = _vouched(run, s, params, n)
+            if shard_stats is not None:
+                stats[s] = shard_stats
+            elif why_not is not None:
+                log.warning("knn %s: %s; its rerun does it again", shard_name(s, num_shards),
+                            why_not)
         result.missing_shards = [s for s in range(num_shards) if s not in stats]
         result.complete = not result.missing_shards
         seconds = sum(st.get("seconds", 0.0) for st in stats.values())
         queries = sum(st.get("rows", 0) for st in stats.values())
         first = next(iter(stats.values()), {})
-        if result.complete and not meta_path(run.root).exists():
-            meta = {
-                "format_version": FORMAT_VERSION, "k": k, "metric": "cosine", "method": method,
-                "recall": first.get("recall"), "nprobe": first.get("nprobe"),
-                "probe_gap": first.get("probe_gap"), "n_nodes": attrs["n_nodes"], "edges": sum(st["edges"] for st in stats.values()),
-                "num_shards": num_shards,
-                "parts": [{"file": part_path(run.root, s).name, "first": st["first"],
-                           "stop": st["stop"], "edges": st["edges"]}
-                          for s, st in sorted(stats.items())],
-                "sims": ("exact: fp32 rounding of the dot product of the stored fp16 vectors"
-                         if method == "exact" else "faiss index scores"),
-                "provenance": {key: attrs[key] for key in PROVENANCE_KEYS},
-            }
-            write_json(meta_path(run.root), meta)
-            kill_point("knn.meta_written")
+        path = meta_path(run.root)
+        if result.complete:
+            meta = _meta(run, attrs, params, stats)
+            if read_json(path) != meta:
+                write_json(path, meta)
+                kill_point("knn.meta_written")
+        elif path.exists():
+            log.warning("%s: removed: shards %s are not done", path, _ranges(result.missing_shards))
+            path.unlink()
 
     def change(info: dict) -> None:
         info.setdefault("stages", {})["knn"] = {
@@ -440,3 +570,25 @@ def _finalize(run: RunDir, attrs: dict, k: int, method: str, num_shards: int,
         }
 
     run.update_run(change)
+
+
+def _meta(run: RunDir, attrs: dict, params: dict, stats: dict[int, dict]) -> dict:
+    """graph/_meta.json of a complete graph, from its parameters and its shards' markers."""
+    from graphbuild.storage import PROVENANCE_KEYS
+
+    method, first = params["method"], stats[0]
+    meta = {
+        "format_version": FORMAT_VERSION, "k": params["k"], "metric": "cosine",
+        "method": method, "recall": first.get("recall"), "nprobe": first.get("nprobe"),
+        "probe_gap": first.get("probe_gap"), "n_nodes": attrs["n_nodes"],
+        "edges": sum(st["edges"] for st in stats.values()),
+        "num_shards": params["num_shards"],
+        "parts": [{"file": part_path(run.root, s).name, "first": st["first"],
+                   "stop": st["stop"], "edges": st["edges"]} for s, st in sorted(stats.items())],
+        "sims": ("exact: fp32 rounding of the dot product of the stored fp16 vectors"
+                 if method == "exact" else "faiss index scores"),
+        "provenance": {key: attrs[key] for key in PROVENANCE_KEYS},
+    }
+    if "recall_target" in params:
+        meta["recall_target"] = params["recall_target"]
+    return meta

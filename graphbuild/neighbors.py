@@ -5,7 +5,8 @@ node; any other text is embedded with the run's own model, precision and templat
 the embeddings.zarr attributes, the weights checked against the recorded revision), rounded to
 fp16 as a stored row would be, and searched exactly against every stored row: scores are the
 fp64 dot products of the fp16 values rounded to fp32, as the exact graph stores them, and equal
-scores go to the smaller node id.
+scores go to the smaller node id. Stored rows are read one chunk at a time (`read_rows`): a
+chunk whose file is missing or that fails its crc32c is an error naming the file.
 """
 
 from __future__ import annotations
@@ -109,15 +110,21 @@ def _check_node(out: str | Path, node: int, n_nodes: int) -> None:
 
 def graph_row(out: str | Path, meta: dict, node: int) -> tuple[np.ndarray, np.ndarray]:
     """(neighbour ids, sims) of one node, read from the one part (and row group) holding it."""
+    import pyarrow as pa
     import pyarrow.parquet as pq
 
-    part = next(p for p in meta["parts"] if p["first"] <= node < p["stop"])
+    from graphbuild.graph import PAGE_CHECKS, meta_path
+
+    part = next((p for p in meta["parts"] if p["first"] <= node < p["stop"]), None)
+    if part is None:
+        raise GraphbuildError(f"{meta_path(out)}: no part holds node {node}")
     path = RunDir(out).graph / part["file"]
     try:
         t = pq.read_table(path, columns=["node", "neighbors", "sims"],
-                          filters=[("node", "=", node)])
-    except (OSError, ValueError) as e:
-        raise GraphbuildError(f"{path}: cannot read graph part: {e}") from None
+                          filters=[("node", "=", node)], **PAGE_CHECKS)
+    except (OSError, ValueError, pa.ArrowException) as e:
+        raise GraphbuildError(f"{path}: cannot read graph part: "
+                              f"{str(e).strip().splitlines()[0]}") from None
     if t.num_rows != 1:
         raise GraphbuildError(f"{path}: holds {t.num_rows} rows for node {node}, not one")
     ids = np.asarray(t.column("neighbors")[0].as_py(), np.int64)
@@ -204,13 +211,36 @@ def embed_query(out: str | Path, text: str, attrs: dict, device: str = "auto",
     return vec.astype(np.float16), precision
 
 
+def chunk_file(arr, where: Path, c: int) -> Path:
+    """The file of row chunk `c` of the store at `where` (a zarr array, or a view of one as
+    `.arr`), named by the store's own chunk key encoding."""
+    metadata = getattr(arr, "arr", arr).metadata
+    return where / metadata.chunk_key_encoding.encode_chunk_key((c, 0))
+
+
 def read_rows(arr, where: Path, lo: int, hi: int) -> np.ndarray:
-    """Rows [lo, hi) of the store; a chunk failing its crc32c is a one-line error."""
-    try:
-        return np.asarray(arr[lo:hi])
-    except ValueError as e:
-        raise GraphbuildError(f"{where}: rows {lo}-{min(hi, arr.shape[0]) - 1} cannot be read "
-                              f"({e}); `graphbuild validate` names the chunk") from None
+    """Rows [lo, hi) of the store, read one chunk per zarr call. A chunk whose file is missing
+    (zarr would return its fill value, zeros) or that fails its crc32c is a one-line error
+    naming the file. One chunk per call also means a failed read leaves no concurrent reads of
+    other chunks pending in zarr's event loop, which asyncio reports at exit, many lines long."""
+    n, (step, d) = arr.shape[0], arr.chunks
+    lo, hi = max(lo, 0), min(hi, n)
+    rows = np.empty((max(hi - lo, 0), d), arr.dtype)
+    for c in range(lo // step, -(-hi // step)):
+        a, b = max(lo, c * step), min(hi, (c + 1) * step)
+        path = chunk_file(arr, where, c)
+        if not path.is_file():
+            raise GraphbuildError(f"{path}: chunk {c} (rows {c * step}-{min((c + 1) * step, n) - 1}"
+                                  f") is missing; delete _state/embed/chunks/{c:06d}.done and "
+                                  "rerun `graphbuild embed`")
+        try:
+            rows[a - lo:b - lo] = arr[a:b]
+        except ValueError as e:
+            raise GraphbuildError(
+                f"{path}: chunk {c} cannot be read ({str(e).strip().splitlines()[0]}); "
+                f"delete _state/embed/chunks/{c:06d}.done and rerun `graphbuild embed`"
+            ) from None
+    return rows
 
 
 def exact_search(out: str | Path, vector: np.ndarray, k: int,
@@ -222,7 +252,7 @@ def exact_search(out: str | Path, vector: np.ndarray, k: int,
     q = np.asarray(vector, np.float16).astype(np.float64)
     sims = np.empty(n, np.float32)
     step = max(1, block_rows // arr.chunks[0]) * arr.chunks[0]
-    for lo in range(0, n, step):
+    for lo in range(0, n, step):  # the store is read one chunk per zarr call (read_rows)
         block = read_rows(arr, RunDir(out).embeddings, lo, lo + step).astype(np.float64)
         sims[lo:lo + len(block)] = block @ q
     k = min(k, n)

@@ -10,17 +10,19 @@ names (`CHECKS` holds the names):
   embed-done         every chunk of embeddings.zarr has its marker in _state/embed/chunks, and
                      run.json's embed stage is done
   knn-done           graph/_meta.json exists; every shard of its layout has its marker in
-                     _state/knn and its part file; run.json's knn stage is done
+                     _state/knn, recording _meta.json's k, method, provenance and the part's
+                     rows and edges, and its part file; run.json's knn stage is done
   emb-shape          embeddings.zarr is float16 (n_nodes, dim), n_nodes = rows of nodes.parquet,
                      dim and n_nodes as its attrs say, chunks of whole rows
   emb-chunks         every chunk file exists and passes its crc32c check (the codec is there)
   emb-finite         no NaN or inf in any row
   emb-norms          every row has norm 1 +- 0.01
   provenance         graph/_meta.json and _state/knn/params.json carry the embeddings.zarr
-                     attrs; run.json's dataset and stages agree with them
+                     attrs (every key, recorded on both sides); run.json's dataset and stages
+                     agree with them
   graph-meta         graph/_meta.json: n_nodes, k, edges, and parts that cover 0..n-1 in order
-  graph-schema       each part reads, with columns node int64, neighbors list<int>,
-                     sims list<float32>
+  graph-schema       each part reads (every page passing its checksum, where it has one), with
+                     columns node int64, neighbors list<int>, sims list<float32>
   rows-sorted        each part's node column is its row range, ascending, no gaps or repeats
   row-length         every row holds k neighbours and as many sims
   ids-in-range       every neighbour id is in 0..n_nodes-1
@@ -249,6 +251,7 @@ def _graph_layout(v: Validation, run: RunDir, info: dict | None,
     if missing:
         v.fail("knn-done", state, f"{len(missing)} of {_n(layout, 'shard')} without a "
                f"done marker (first: {shard_name(missing[0], layout)}.done)")
+    _markers_record_meta(v, state, meta, layout)
     for p in parts:
         if not (run.graph / p.get("file", "?")).is_file():
             v.fail("knn-done", run.graph / p.get("file", "?"), "part file missing")
@@ -268,6 +271,36 @@ def _graph_layout(v: Validation, run: RunDir, info: dict | None,
     return meta
 
 
+def _markers_record_meta(v: Validation, state: Path, meta: dict, layout: int) -> None:
+    """Each shard marker must record the graph _meta.json describes (k, method, provenance)
+    and its part's rows and edges as _meta.json lists them: `graphbuild knn` trusts no other
+    marker and does its shard again."""
+    from graphbuild.shards import shard_name
+    from graphbuild.storage import marker
+
+    parts = meta["parts"]
+    for s in range(layout):
+        path = marker(state, shard_name(s, layout))
+        if not path.is_file():
+            continue
+        try:
+            stats = read_json(path)
+        except GraphbuildError as e:
+            v.fail("knn-done", path, str(e).split(": ", 1)[-1])
+            continue
+        part = parts[s] if s < len(parts) and isinstance(parts[s], dict) else {}
+        want = {"k": meta.get("k"), "method": meta.get("method"), "first": part.get("first"),
+                "stop": part.get("stop"), "edges": part.get("edges")}
+        wrong = [key for key, value in want.items() if stats.get(key) != value]
+        if wrong:
+            key = wrong[0]
+            v.fail("knn-done", path, f"records {key}={stats.get(key)!r}, _meta.json says "
+                   f"{want[key]!r}")
+        elif stats.get("provenance") != meta.get("provenance"):
+            v.fail("knn-done", path, f"records {'no' if 'provenance' not in stats else 'other'} "
+                   "provenance than _meta.json")
+
+
 def _provenance(v: Validation, run: RunDir, info: dict | None, attrs: dict,
                 meta: dict) -> None:
     from graphbuild.storage import PROVENANCE_KEYS
@@ -280,12 +313,13 @@ def _provenance(v: Validation, run: RunDir, info: dict | None, attrs: dict,
         if path == params_path and not params:
             v.fail("provenance", path, "missing: the graph's parameters are not recorded")
             continue
-        diff = [k for k in PROVENANCE_KEYS if prov.get(k) != attrs.get(k)]
+        diff = [k for k in PROVENANCE_KEYS
+                if k not in prov or k not in attrs or prov[k] != attrs[k]]
         if diff:
             key = diff[0]
-            v.fail("provenance", path, f"{key}={prov.get(key)!r} but {where} has "
-                   f"{key}={attrs.get(key)!r}" + (f" (and {len(diff) - 1} more keys differ)"
-                                                  if len(diff) > 1 else ""))
+            v.fail("provenance", path, f"{_recorded(prov, key)} but {where} has "
+                   f"{_recorded(attrs, key)}" + (f" (and {len(diff) - 1} more keys differ)"
+                                                 if len(diff) > 1 else ""))
     if params and (params.get("k"), params.get("method")) != (meta.get("k"), meta.get("method")):
         v.fail("provenance", params_path, f"k={params.get('k')} method={params.get('method')}, "
                f"_meta.json says k={meta.get('k')} method={meta.get('method')}")
@@ -304,6 +338,11 @@ def _provenance(v: Validation, run: RunDir, info: dict | None, attrs: dict,
     if templates is not None and templates != attrs.get("templates"):
         v.fail("provenance", run.run_json, f"dataset.templates={templates!r} but {where} has "
                f"{attrs.get('templates')!r}")
+
+
+def _recorded(record: dict, key: str) -> str:
+    """'precision='bf16'', or 'no precision' when the key is absent."""
+    return f"{key}={record[key]!r}" if key in record else f"no {key}"
 
 
 class _PartChecks:
@@ -341,6 +380,8 @@ def _parts(v: Validation, run: RunDir, meta: dict, n_nodes: int | None) -> dict 
     import pyarrow as pa
     import pyarrow.parquet as pq
 
+    from graphbuild.graph import PAGE_CHECKS
+
     n = n_nodes if n_nodes is not None else int(meta["n_nodes"])
     k = int(meta["k"])
     rng = np.random.default_rng(SEED)
@@ -351,7 +392,7 @@ def _parts(v: Validation, run: RunDir, meta: dict, n_nodes: int | None) -> dict 
         if not path.is_file():
             continue  # knn-done said so
         try:
-            pf = pq.ParquetFile(path)
+            pf = pq.ParquetFile(path, **PAGE_CHECKS)
             names = pf.schema_arrow.names
             types = {f.name: f.type for f in pf.schema_arrow}
         except (OSError, pa.ArrowException) as e:

@@ -11,12 +11,9 @@ import numpy as np
 import pytest
 
 from graphbuild.errors import GraphbuildError
+from tests.conftest import COCO
 
-REPO = Path(__file__).resolve().parents[1]
-CAPTIONS = REPO.parent / "shared" / "data" / "captions" / "coco_val2017_captions.tsv"
-N_CAPTIONS = 3000
-
-pytestmark = pytest.mark.skipif(not CAPTIONS.exists(), reason="../shared/data is absent")
+N_CAPTIONS = 3000  # all of tests/data's COCO captions
 
 
 @pytest.fixture(scope="session")
@@ -27,7 +24,7 @@ def embedded(tmp_path_factory) -> Path:
 
     root = tmp_path_factory.mktemp("knn")
     src = root / "captions.tsv"
-    with open(CAPTIONS, encoding="utf-8") as f:
+    with open(COCO, encoding="utf-8") as f:
         src.write_text("".join(next(f) for _ in range(N_CAPTIONS + 1)), encoding="utf-8")
     manifest = root / "coco.yaml"
     manifest.write_text("name: coco-test\nsource: {path: captions.tsv, format: tsv}\n"
