@@ -2,8 +2,10 @@
 
 Per stage: the shard layout, shards done / pending / failed, throughput and an ETA.
 
-- **Done** is the marker: an embed shard is done when every chunk it owns is marked (so a
-  shard finished under another layout still counts), a knn shard when its part is marked.
+- **Done** is a marker with its data: an embed shard is done when every chunk it owns is
+  marked and its file is there at a chunk's size (so a shard finished under another layout
+  still counts), a knn shard when its marker vouches for
+  its part (the part's footer holds the rows and edges the marker records).
 - **Failed** is a shard that is not done and whose newest SLURM log (OUT/logs/STAGE-JOB_SHARD
   .out, by modification time) last says it failed: its last `graphbuild: exit RC` line has
   RC != 0, or a `slurmstepd: error:` line (cancelled, time limit, out of memory, node failure)
@@ -23,6 +25,7 @@ import re
 import time
 from pathlib import Path
 
+from graphbuild.errors import GraphbuildError
 from graphbuild.shards import shard_name, shard_range
 from graphbuild.storage import RunDir, read_json
 
@@ -66,9 +69,23 @@ def unfinished_embed_shards(out: str | Path, num_shards: int) -> list[int]:
 
 
 def unfinished_knn_shards(out: str | Path, num_shards: int) -> list[int]:
-    state = RunDir(out).state("knn")
-    return [s for s in range(num_shards)
-            if not (state / f"{shard_name(s, num_shards)}.done").exists()]
+    """Shards without a marker that vouches for their part: the part's footer holds the rows
+    and edges the marker records (knn redoes any other shard)."""
+    from graphbuild.graph import part_path, part_problem
+
+    run = RunDir(out)
+    layout = embed_layout(out)
+    todo = []
+    for s in range(num_shards):
+        try:
+            stats = read_json(run.state("knn") / f"{shard_name(s, num_shards)}.done")
+        except GraphbuildError:
+            stats = {}
+        recorded = [stats.get(key) for key in ("first", "stop", "edges")]
+        if (layout is None or not all(isinstance(v, int) for v in recorded)
+                or part_problem(part_path(out, s), *recorded, layout["n_nodes"])):
+            todo.append(s)
+    return todo
 
 
 def log_state(path: Path) -> tuple[str, str]:

@@ -19,6 +19,7 @@ from graphbuild.storage import write_json
 from tests import scaleout
 from tests.conftest import graphbuild, write
 from tests.slurm_cluster import SlurmCluster, why_not_available
+from tests.test_status import write_chunk_file, write_graph_part
 
 COMMAND = f"{sys.executable} -m graphbuild"
 
@@ -69,14 +70,18 @@ def test_resubmission_lists_only_unfinished_shards(tmp_path):
     write_json(out / "embeddings.zarr" / "zarr.json", {
         "shape": [600, 384], "chunk_grid": {"configuration": {"chunk_shape": [100, 384]}}})
     for c in (0, 1, 4, 5):  # shards 0 and 2 of 3 finished, shard 1 not started
+        write_chunk_file(out, c, 100 * 384 * 2 + 4)
         write_json(out / "_state" / "embed" / "chunks" / f"{c:06d}.done", {})
-    write_json(out / "_state" / "knn" / "shard-00001-of-00003.done", {})
+    write_graph_part(out, 1, range(200, 400), n_nodes=600, k=4)
+    write_json(out / "_state" / "knn" / "shard-00001-of-00003.done",
+               {"first": 200, "stop": 400, "edges": 800})
     jobs = plan(m, out, SbatchOptions(), 3, 3, [], [])
     assert [(j.stage, j.shards, j.command[2]) for j in jobs] == [
         ("embed", [1], "--array=1"), ("knn", [0, 2], "--array=0,2")]
     # the same chunks under another layout: 6 shards of one chunk, 2 and 3 are missing
     assert plan(m, out, SbatchOptions(), 6, 3, [], [])[0].shards == [2, 3]
     for c in (2, 3):
+        write_chunk_file(out, c, 100 * 384 * 2 + 4)
         write_json(out / "_state" / "embed" / "chunks" / f"{c:06d}.done", {})
     assert [j.stage for j in plan(m, out, SbatchOptions(), 3, 3, [], [])] == ["knn"]
 

@@ -22,11 +22,22 @@ def _touch(path: Path, stats: dict | None = None, age: float = 0.0) -> None:
     os.utime(path, (t, t))
 
 
-def _chunk_file(root: Path, c: int, size: int) -> None:
+def write_chunk_file(root: Path, c: int, size: int) -> None:
     """A stored chunk as embed leaves it, by its size: fp16 rows + crc32c."""
     chunk = root / "embeddings.zarr" / "c" / str(c) / "0"
     chunk.parent.mkdir(parents=True)
     chunk.write_bytes(bytes(size))
+
+
+def write_graph_part(root: Path, shard: int, rows: range, n_nodes: int, k: int) -> None:
+    """A graph part as knn writes it (the neighbours themselves do not matter to status)."""
+    import numpy as np
+
+    from graphbuild.graph import write_part
+
+    ids = (np.arange(len(rows))[:, None] + np.arange(1, k + 1)[None, :]) % n_nodes
+    write_part(root, shard, rows, n_nodes,
+               [(rows.start, ids.astype(np.int32), np.zeros(ids.shape, np.float32))])
 
 
 def half_finished(root: Path) -> Path:
@@ -38,7 +49,7 @@ def half_finished(root: Path) -> Path:
         "shape": [600, 384], "chunk_grid": {"configuration": {"chunk_shape": [100, 384]}}})
     chunks = root / "_state" / "embed" / "chunks"
     for c, age in ((0, 35), (1, 25), (2, 15), (4, 5)):
-        _chunk_file(root, c, 100 * 384 * 2 + 4)
+        write_chunk_file(root, c, 100 * 384 * 2 + 4)
         _touch(chunks / f"{c:06d}.done", age=age)
     _touch(root / "_state" / "embed" / "shard-00000-of-00003.done",
            {"seconds": 20.0, "texts_encoded": 200, "texts_per_s": 10.0}, age=25)
@@ -83,6 +94,22 @@ def test_a_marked_chunk_whose_file_is_gone_is_not_done(tmp_path):
     assert unfinished_embed_shards(root, 3) == [0, 1, 2]
 
 
+def test_a_knn_marker_without_its_part_is_not_done(tmp_path):
+    """knn redoes a shard whose part is missing or is not what its marker records, so status
+    and submit slurm count it as still to do."""
+    from graphbuild.graph import part_path
+    from graphbuild.status import unfinished_knn_shards
+
+    root = tmp_path / "run"
+    test_a_finished_dask_run_has_no_logs(tmp_path)
+    assert unfinished_knn_shards(root, 2) == []
+    part_path(root, 1).write_bytes(part_path(root, 1).read_bytes()[:100])  # truncated
+    assert unfinished_knn_shards(root, 2) == [1]
+    part_path(root, 0).unlink()
+    assert unfinished_knn_shards(root, 2) == [0, 1]
+    assert run_status(root)["stages"]["knn"]["pending"] == [0, 1]
+
+
 def test_cli_prints_a_table_and_json(tmp_path):
     run = half_finished(tmp_path / "run")
     r = graphbuild("status", run)
@@ -123,7 +150,7 @@ def test_a_finished_dask_run_has_no_logs(tmp_path):
                                    "stages": {"knn": {"k": 3, "method": "exact"}}})
     write_json(root / "embeddings.zarr" / "zarr.json", {
         "shape": [10, 384], "chunk_grid": {"configuration": {"chunk_shape": [10, 384]}}})
-    _chunk_file(root, 0, 10 * 384 * 2 + 4)
+    write_chunk_file(root, 0, 10 * 384 * 2 + 4)
     _touch(root / "_state" / "embed" / "chunks" / "000000.done")
     _touch(root / "_state" / "embed" / "shard-00000-of-00002.done",
            {"seconds": 1.0, "texts_encoded": 0})
@@ -131,8 +158,9 @@ def test_a_finished_dask_run_has_no_logs(tmp_path):
            {"seconds": 2.0, "texts_encoded": 10})
     write_json(root / "_state" / "knn" / "params.json", {"num_shards": 2, "k": 3})
     for s in (0, 1):
+        write_graph_part(root, s, range(5 * s, 5 * s + 5), n_nodes=10, k=3)
         _touch(root / "_state" / "knn" / f"shard-0000{s}-of-00002.done",
-               {"seconds": 0.5, "rows": 5})
+               {"seconds": 0.5, "rows": 5, "first": 5 * s, "stop": 5 * s + 5, "edges": 15})
     write_json(root / "graph" / "_meta.json", {"k": 3})
     st = run_status(root)
     for stage in ("embed", "knn"):
