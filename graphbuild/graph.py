@@ -238,9 +238,21 @@ def read_graph_csr(out: str | Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]
 def _row_groups(path: Path) -> Iterator[pa.Table]:
     """The row groups of a part, one at a time, page checksums verified; a part that cannot
     be read (missing, truncated, a page failing its checksum) is a one-line error naming it."""
+    for g in range(row_group_count(path)):
+        yield read_row_group(path, g)
+
+
+def row_group_count(path: Path) -> int:
     try:
-        pf = pq.ParquetFile(path, **PAGE_CHECKS)
-        for g in range(pf.num_row_groups):
-            yield pf.read_row_group(g, columns=["node", "neighbors", "sims"])
+        return pq.ParquetFile(path).num_row_groups
+    except (OSError, pa.ArrowException) as e:
+        raise GraphbuildError(f"{path}: cannot read graph part: {_first_line(e)}") from None
+
+
+def read_row_group(path: Path, g: int) -> pa.Table:
+    """Row group g of a part (node, neighbors, sims), its page checksums verified."""
+    try:
+        return pq.ParquetFile(path, **PAGE_CHECKS).read_row_group(
+            g, columns=["node", "neighbors", "sims"])
     except (OSError, pa.ArrowException, KeyError) as e:
         raise GraphbuildError(f"{path}: cannot read graph part: {_first_line(e)}") from None

@@ -40,13 +40,12 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 import torch
 import torch.distributed as dist
 from torch.utils.data import Dataset, IterableDataset, Sampler, get_worker_info
 
 from graphbuild.errors import GraphbuildError
-from graphbuild.graph import meta_path, read_meta
+from graphbuild.graph import meta_path, read_meta, read_row_group, row_group_count
 from graphbuild.storage import RunDir
 from graphbuild.xclr_store import (
     Graph,
@@ -370,7 +369,7 @@ class GraphRows(IterableDataset):
         out = []
         for part in meta["parts"]:
             path = RunDir(self.run).graph / part["file"]
-            out += [(path, g) for g in range(pq.ParquetFile(path).num_row_groups)]
+            out += [(path, g) for g in range(row_group_count(path))]
         return out
 
     def __iter__(self) -> Iterator[tuple[int, np.ndarray, np.ndarray]]:
@@ -378,7 +377,7 @@ class GraphRows(IterableDataset):
         workers, worker = (info.num_workers, info.id) if info else (1, 0)
         mine = self._groups()[self.rank * workers + worker::self.world_size * workers]
         for path, g in mine:
-            t = pq.ParquetFile(path).read_row_group(g)
+            t = read_row_group(path, g)
             nb, sm = t.column("neighbors").combine_chunks(), t.column("sims").combine_chunks()
             offsets = nb.offsets.to_numpy()
             ids = nb.flatten().to_numpy().astype(np.int64)

@@ -177,6 +177,20 @@ def test_readers_of_a_damaged_part_give_one_line(coco3k, tmp_path, damage, comma
     assert line.startswith(f"error: {run / PART}: cannot read graph part"), line
 
 
+@pytest.mark.parametrize("damage", [truncate, corrupt_pages], ids=["truncated", "corrupt"])
+def test_the_trainers_graph_readers_refuse_a_damaged_part(coco3k, tmp_path, damage):
+    """GraphRows streams parts in a DataLoader; Graph (SoftTargets' graph mode, the sampler)
+    builds the CSR: both check the parts' page checksums."""
+    from graphbuild.xclr import Graph, GraphRows
+
+    run = copy(coco3k, tmp_path)
+    damage(run / PART)
+    with pytest.raises(GraphbuildError, match="cannot read graph part"):
+        list(GraphRows(run, rank=0, world_size=1))
+    with pytest.raises(GraphbuildError, match="cannot read graph part"):
+        Graph(run).csr
+
+
 # ------------------------------------------------------------------ 9: a stale graph
 
 
