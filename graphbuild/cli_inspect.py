@@ -61,7 +61,7 @@ def stats(
 
     from graphbuild.stats import format_stats, run_stats
 
-    _entropy_options(tau_s, batch_size, batches)
+    options.entropy_options(tau_s, batch_size, batches)
     s = run_stats(run_dir, tau_s, batch_size, batches, seed)
     typer.echo(json.dumps(s, indent=2) if as_json else format_stats(s))
 
@@ -93,12 +93,6 @@ def report(
     """A self-contained HTML report with plots: similarities, in-degree, entropy, examples."""
     from graphbuild.report import write_report
 
-    _entropy_options(tau_s, batch_size, batches)
+    options.entropy_options(tau_s, batch_size, batches)
     r = write_report(run_dir, out or run_dir / "report.html", tau_s, batch_size, batches, seed)
     typer.echo(f"report: {r.html} (images: {', '.join(p.name for p in r.images)})")
-
-
-def _entropy_options(tau_s: float, batch_size: int, batches: int) -> None:
-    options.temperature("--tau-s", tau_s)
-    options.at_least("--batch-size", batch_size, 2)
-    options.at_least("--batches", batches)

@@ -50,6 +50,7 @@ from pathlib import Path
 
 import numpy as np
 
+from graphbuild import options
 from graphbuild.errors import GraphbuildError
 from graphbuild.faults import kill_point
 from graphbuild.manifest import HASH, Dataset, settle_records
@@ -493,6 +494,8 @@ def embed_shard(ds: Dataset, out: str | Path, shard: int = 0, num_shards: int = 
     from graphbuild.models import load_sentence_transformer, resolve_model
 
     config = config or EmbedConfig()
+    options.embed_options(config.chunk_rows, config.token_budget, config.precision,
+                          config.device)
     reporter = reporter or Reporter()
     run = RunDir(out)
     figures, refreshed = _prepare(ds, run, config.skip_bad_rows)

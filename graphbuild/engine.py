@@ -27,9 +27,9 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+from graphbuild import options
 from graphbuild.errors import GraphbuildError
 from graphbuild.gpus import gpu_count, local_workers, worker_device
-from graphbuild.storage import RunDir, read_json
 
 log = logging.getLogger(__name__)
 
@@ -226,16 +226,14 @@ def knn(client, out: Path, k: int, method: str = "auto", num_shards: int | None 
     """Every knn shard as a task, as many at once on a worker as its memory holds
     (dask_memory.py). `task_memory`: the bytes a task needs, instead of the estimate."""
     from graphbuild import dask_memory
-    from graphbuild.knn import METHODS, check_embeddings
+    from graphbuild.knn import check_embeddings, resumed_method
 
     out = Path(out).resolve()
-    if method not in METHODS:
-        raise GraphbuildError(f"{RunDir(out).graph}: method must be one of "
-                              f"{', '.join(METHODS)}, got {method!r}")
+    options.knn_options(k, method, block_rows, recall_target)
     attrs = check_embeddings(out)  # unfinished embeddings: refused here, not in every task
     num_shards = num_shards or default_shards(client)
     shape = dask_memory.KnnShape.of(attrs["n_nodes"], attrs["dim"], k, num_shards, block_rows)
-    resumed = _resumed_method(out, shape.k)
+    resumed = resumed_method(out, shape.k)
     chosen = None  # the method, when a LocalCluster of ours was sized for it
     local = _STARTED.get(id(client))
     if local is not None:
@@ -251,14 +249,6 @@ def knn(client, out: Path, k: int, method: str = "auto", num_shards: int | None 
     args = (str(out), k, need.method, block_rows, recall_target, overwrite, budget)
     return map_shards(client, "knn", knn_task, args, num_shards, on_result=on_result,
                       resources={dask_memory.MEMORY_RESOURCE: need.bytes})
-
-
-def _resumed_method(out: Path, k: int) -> str | None:
-    """The method of the graph being resumed, which auto keeps (as knn_shard does)."""
-    from graphbuild.knn import METHODS
-
-    have = read_json(RunDir(out).state("knn") / "params.json")
-    return have["method"] if have.get("k") == k and have.get("method") in METHODS[1:] else None
 
 
 def _remedy(need, shape, budget: int) -> str:

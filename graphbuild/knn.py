@@ -28,6 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
+from graphbuild import options
 from graphbuild.errors import GraphbuildError
 from graphbuild.exact import DEFAULT_BLOCK_ROWS, default_capacity
 from graphbuild.faults import kill_point
@@ -38,7 +39,6 @@ from graphbuild.storage import RunDir, atomic_path, mark_done, marker, read_json
 
 log = logging.getLogger(__name__)
 
-METHODS = ("auto", "exact", "approximate")
 EXACT_MAX_NODES = 2_000_000
 EXACT_MAX_SECONDS = 3600.0
 # bf16 matrix products on a 2-core AVX-512 BF16 CPU (DESIGN.md); a GPU is far faster, so
@@ -85,8 +85,9 @@ def exact_memory(n: int, d: int, rows: int, k: int, block_rows: int) -> int:
     precision (a shard's; all rows' replace the fp16 ones while they multiply: exact.py's
     `reload`), candidate buffers (half-precision score + int32 id per slot), results (id +
     sim), and a few block-pair score matrices."""
+    block = min(block_rows, n)  # a search over fewer rows than a block has smaller blocks
     return (n * d * 2 + (rows * d * 2 if rows < n else 0)
-            + rows * (default_capacity(k) * 6 + k * 8) + 4 * block_rows ** 2 * 4)
+            + rows * (default_capacity(k) * 6 + k * 8) + 4 * block ** 2 * 4)
 
 
 def choose_method(n: int, d: int, k: int, budget: int,
@@ -277,23 +278,27 @@ def _claim(run: RunDir, params: dict, overwrite: bool) -> None:
 
 def _resolve(out: Path, k: int, method: str, n: int, d: int, block_rows: int,
              budget: int) -> tuple[int, str, str]:
-    if k <= 0:
-        raise GraphbuildError(f"{RunDir(out).graph}: k must be >= 1, got {k}")
     if n < 2:
         raise GraphbuildError(f"{RunDir(out).embeddings}: {n} node(s); a graph needs two")
     if k >= n:
         log.warning("k=%d >= %d nodes: using k=%d, the dense graph", k, n, n - 1)
         k = n - 1
-    if method not in METHODS:
-        raise GraphbuildError(f"{RunDir(out).graph}: method must be one of "
-                              f"{', '.join(METHODS)}, got {method!r}")
     if method != "auto":
         return k, method, f"{method}: as asked"
-    for _, have in _recorded(RunDir(out)):
-        if have.get("k") == k and have.get("method") in METHODS[1:]:
-            return k, have["method"], f"{have['method']}: the method of the graph being resumed"
+    resumed = resumed_method(out, k)
+    if resumed:
+        return k, resumed, f"{resumed}: the method of the graph being resumed"
     method, reason = choose_method(n, d, k, budget, block_rows)
     return k, method, reason
+
+
+def resumed_method(out: str | Path, k: int) -> str | None:
+    """The method of the graph on disk when it has this k (auto keeps it), from what vouches
+    for the graph: _meta.json, params.json, the shard markers."""
+    for _, have in _recorded(RunDir(out)):
+        if have.get("k") == k and have.get("method") in options.METHODS[1:]:
+            return have["method"]
+    return None
 
 
 def knn_shard(out: str | Path, k: int, method: str = "auto", shard: int = 0,
@@ -302,6 +307,7 @@ def knn_shard(out: str | Path, k: int, method: str = "auto", shard: int = 0,
               overwrite: bool = False, memory_budget: int | None = None,
               device: str | None = None) -> KnnResult:
     """Build shard `shard` of `num_shards` of the top-k graph. Safe to rerun."""
+    options.knn_options(k, method, block_rows, recall_target)
     out = Path(out)
     run = RunDir(out)
     reporter = reporter or Reporter()

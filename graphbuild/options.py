@@ -68,6 +68,13 @@ def embed_options(chunk_rows: int | None, token_budget: int | None, precision_: 
     device(device_)
 
 
+def entropy_options(tau_s: float, batch_size: int, batches: int) -> None:
+    """The soft-target entropy of `stats` and `report`: random batches at temperature tau_s."""
+    temperature("--tau-s", tau_s)
+    at_least("--batch-size", batch_size, 2)
+    at_least("--batches", batches)
+
+
 def knn_options(k: int, method_: str, block_rows: int | None, recall_target_: float) -> None:
     """What `graphbuild knn` and `run` take, checked before the store is read."""
     at_least("--k", k)

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
+from graphbuild import options
 from graphbuild.errors import GraphbuildError
 from graphbuild.stats import (
     BATCH_SIZE,
@@ -69,8 +70,7 @@ def write_report(out: str | Path, html_path: str | Path, tau_s: float = 0.1,
                  batch_size: int = BATCH_SIZE, batches: int = BATCHES,
                  seed: int = SEED) -> Report:
     """Write the report of run `out` to `html_path` and its PNGs beside it."""
-    if tau_s <= 0:
-        raise GraphbuildError(f"--tau-s must be > 0, got {tau_s}")
+    options.entropy_options(tau_s, batch_size, batches)
     html_path = Path(html_path)
     if html_path.suffix.lower() not in (".html", ".htm"):
         raise GraphbuildError(f"{html_path}: the report is an .html file")

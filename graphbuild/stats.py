@@ -205,13 +205,9 @@ def figures(data: RunArrays, tau_s: float = 0.1, batch_size: int = BATCH_SIZE,
 def run_stats(out: str | Path, tau_s: float = 0.1, batch_size: int = BATCH_SIZE,
               batches: int = BATCHES, seed: int = SEED) -> dict:
     """The figures `graphbuild stats` prints (and writes with --json)."""
-    from graphbuild.errors import GraphbuildError
+    from graphbuild import options
 
-    if tau_s <= 0:
-        raise GraphbuildError(f"--tau-s must be > 0, got {tau_s}")
-    if batch_size < 2 or batches < 1:
-        raise GraphbuildError(f"--batch-size must be >= 2 and --batches >= 1, got {batch_size} "
-                              f"and {batches}")
+    options.entropy_options(tau_s, batch_size, batches)
     return figures(load(out), tau_s, batch_size, batches, seed)
 
 

@@ -3,8 +3,7 @@ the rule; a task that fits no worker is one error line before any task starts. A
 LocalCluster that graphbuild starts is sized to the need.
 
 The workers declare memory limits of a few GiB while using far less, and the tests pass the
-need in (`task_memory`) or ask for one the estimate makes large (--block-rows), so nothing
-needs GiBs of real memory. How many knn tasks a worker ran at once is replayed from its own
+need in (`task_memory`), so nothing needs GiBs of real memory. How many knn tasks a worker ran at once is replayed from its own
 state machine's log (Dask's task stream shifts its times by a clock offset that changes
 between tasks, so it cannot order back-to-back tasks); that no task started, from the task
 stream."""
@@ -117,22 +116,24 @@ def test_a_worker_runs_only_the_knn_tasks_its_memory_holds(runs, cluster, tmp_pa
 
 
 def test_a_task_that_fits_no_worker_is_one_error_before_any_task(runs, cluster, tmp_path):
-    """The real CLI on the same workers: exact search with blocks of 16,384 rows needs
-    4 x 16,384^2 x 4 B = 4 GiB of block scores alone, more than any worker offers. (Shards:
-    one a thread, 4, of 75 rows.)"""
+    """On the same workers, a task that needs 4 GiB (given, as a large run would need it)
+    fits none of them: one error naming the need, the largest worker and what to change,
+    before any task starts."""
     from distributed import get_task_stream
+
+    from graphbuild import engine
+    from graphbuild.errors import GraphbuildError
 
     run, _ = runs
     lc, client = cluster
     out = tmp_path / "run"
     shutil.copytree(run, out)
-    with get_task_stream(client) as stream:
-        r = graphbuild("knn", out, "--k", K, "--method", "exact", "--block-rows", 16384,
-                       "--engine", "dask", "--scheduler", lc.scheduler_address, timeout=300)
-    error = one_error(r)
-    assert error.startswith("error: knn on dask: exact needs 4.00 GiB a task (knn.exact_memory: "
-                            "N=300, d=384, 75 rows a shard, k=8, block_rows=16384), more "
-                            "than any worker gives: the largest, tcp://"), error
+    with get_task_stream(client) as stream, pytest.raises(GraphbuildError) as e:
+        engine.knn(client, out, K, "exact", SHARDS, task_memory=4 * GiB)
+    error = str(e.value)
+    assert "\n" not in error
+    assert error.startswith("knn on dask: exact needs 4.00 GiB a task (as given), more than "
+                            "any worker gives: the largest, tcp://"), error
     assert "has memory_limit 3.00 GiB and gives tasks 2.10 GiB" in error
     assert "start workers with a larger memory_limit" in error
     assert "or use --method approximate (about " in error
