@@ -3,8 +3,8 @@ the rule; a task that fits no worker is one error line before any task starts. A
 LocalCluster that graphbuild starts is sized to the need.
 
 The workers declare memory limits of a few GiB while using far less, and the tests pass the
-need in (`task_memory`), so nothing needs GiBs of real memory. How many knn tasks a worker ran at once is replayed from its own
-state machine's log (Dask's task stream shifts its times by a clock offset that changes
+need in (`task_memory`), so nothing needs GiBs of real memory. How many knn tasks a worker
+ran at once is replayed from its own state machine's log (Dask's task stream shifts its times by a clock offset that changes
 between tasks, so it cannot order back-to-back tasks); that no task started, from the task
 stream."""
 
@@ -16,7 +16,7 @@ from collections import defaultdict
 
 import pytest
 
-from tests.conftest import caption_manifest, coco_subset, graphbuild, one_error
+from tests.conftest import caption_manifest, coco_subset
 
 distributed = pytest.importorskip("distributed")
 
@@ -121,11 +121,8 @@ def test_a_task_that_fits_no_worker_is_one_error_before_any_task(runs, cluster, 
     before any task starts."""
     from distributed import get_task_stream
 
-    from graphbuild import engine
-    from graphbuild.errors import GraphbuildError
-
     run, _ = runs
-    lc, client = cluster
+    _, client = cluster
     out = tmp_path / "run"
     shutil.copytree(run, out)
     with get_task_stream(client) as stream, pytest.raises(GraphbuildError) as e:
