@@ -4,9 +4,9 @@ LocalCluster that graphbuild starts is sized to the need.
 
 The workers declare memory limits of a few GiB while using far less, and the tests pass the
 need in (`task_memory`), so nothing needs GiBs of real memory. How many knn tasks a worker
-ran at once is replayed from its own state machine's log (Dask's task stream shifts its times by a clock offset that changes
-between tasks, so it cannot order back-to-back tasks); that no task started, from the task
-stream."""
+ran at once is replayed from its own state machine's log (Dask's task stream shifts its
+times by a clock offset that changes between tasks, so it cannot order back-to-back tasks);
+that no task started, from the task stream."""
 
 from __future__ import annotations
 
