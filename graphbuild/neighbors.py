@@ -231,14 +231,13 @@ def read_rows(arr, where: Path, lo: int, hi: int) -> np.ndarray:
         path = chunk_file(arr, where, c)
         if not path.is_file():
             raise GraphbuildError(f"{path}: chunk {c} (rows {c * step}-{min((c + 1) * step, n) - 1}"
-                                  f") is missing; delete _state/embed/chunks/{c:06d}.done and "
-                                  "rerun `graphbuild embed`")
+                                  ") is missing; rerun `graphbuild embed` to redo it")
         try:
             rows[a - lo:b - lo] = arr[a:b]
         except ValueError as e:
             raise GraphbuildError(
                 f"{path}: chunk {c} cannot be read ({str(e).strip().splitlines()[0]}); "
-                f"delete _state/embed/chunks/{c:06d}.done and rerun `graphbuild embed`"
+                "rerun `graphbuild embed` to redo it"
             ) from None
     return rows
 

@@ -103,7 +103,7 @@ class ZarrRows:
         if google_crc32c.value(data) != int.from_bytes(raw[-CRC_BYTES:].tobytes(), "little"):
             raise GraphbuildError(
                 f"{self.path / 'c' / str(i) / '0'}: chunk {i} fails its crc32c check, it is "
-                f"corrupt; delete _state/embed/chunks/{i:06d}.done and rerun `graphbuild embed`")
+                "corrupt; rerun `graphbuild embed` to redo it")
         return data.view("<f2").reshape(self.chunk_rows, self.shape[1])
 
     def _chunk(self, i: int) -> np.ndarray:

@@ -151,7 +151,8 @@ def corrupt_chunk(tmp, run):
     raw = bytearray(chunk.read_bytes())
     raw[100] ^= 0xFF
     chunk.write_bytes(bytes(raw))
-    shutil.rmtree(run / "graph")
+    shutil.rmtree(run / "graph")  # a graph not built yet: its shard is to do
+    (run / "_state" / "knn" / "shard-00000-of-00001.done").unlink()
     return ["knn", run, "--k", "8"], "c/1/0"
 
 
