@@ -20,7 +20,6 @@ from tests.conftest import (
     write,
 )
 
-
 MANIFEST = "name: {name}\nsource: {{path: {src}}}\nid_column: id\ntext_column: caption\n"
 
 

@@ -16,7 +16,6 @@ import zarr
 
 from tests.conftest import REPO, caption_manifest, coco_subset, graphbuild
 
-
 # Runs the CLI with an audit hook that logs every file opened for writing, renamed or removed.
 AUDITED = """
 import json, runpy, sys

@@ -15,7 +15,6 @@ from graphbuild.knn import knn_shard
 from graphbuild.manifest import load_manifest
 from tests.conftest import caption_manifest, coco_subset
 
-
 SHARDS = (1, 3, 7)
 
 

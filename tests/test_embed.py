@@ -18,7 +18,6 @@ from graphbuild.manifest import load_manifest
 from tests.conftest import REPO, caption_manifest, coco_subset, graphbuild, write
 
 
-
 def store_bytes(out: Path) -> dict[str, bytes]:
     """Every chunk file of a store, by name: equal dicts mean bit-identical embeddings."""
     root = out / "embeddings.zarr"

@@ -21,7 +21,6 @@ import pytest
 
 from tests.conftest import REPO, caption_manifest, coco_subset
 
-
 CAPTIONS = 320
 CHUNK_ROWS = 64  # 5 chunks, so kills land between chunks as well as inside them
 EMBED = ["embed", "{manifest}", "--out", "{out}", "--chunk-rows", str(CHUNK_ROWS), "-q"]
