@@ -106,8 +106,8 @@ def peak_rss_of_embed(manifest: Path, out: Path, root: Path = REPO) -> float:
 
 
 def peak_rss_of_prepare(manifest: Path, out: Path, root: Path = REPO) -> float:
-    return peak_rss("from graphbuild.embed import prepare; from graphbuild.manifest import "
-                    "load_manifest; from graphbuild.storage import RunDir; "
+    return peak_rss("from graphbuild.prepare.stage import prepare; from graphbuild.prepare.manifest "
+                    "import load_manifest; from graphbuild.rundir.paths import RunDir; "
                     f"prepare(load_manifest({str(manifest)!r}), RunDir({str(out)!r}))", root)
 
 
@@ -140,8 +140,8 @@ def main() -> None:
 
     import torch
 
-    from graphbuild.encode import TextEncoder
-    from graphbuild.models import load_sentence_transformer, resolve_model
+    from graphbuild.embedding.encode import TextEncoder
+    from graphbuild.embedding.models import load_sentence_transformer, resolve_model
 
     texts = coco_captions(args.limit)
     model = load_sentence_transformer(resolve_model("all-MiniLM-L6-v2"), "cpu")

@@ -27,8 +27,8 @@ def main() -> None:
     import torch
     import zarr
 
-    from graphbuild.exact import blocked_topk, exact_dots
-    from graphbuild.faiss_loader import load_faiss
+    from graphbuild.graph.exact import blocked_topk, exact_dots
+    from graphbuild.graph.faiss_loader import load_faiss
 
     faiss = load_faiss()
 

@@ -2,7 +2,7 @@
 
     python benchmarks/fingerprint.py [--rows N] [--repeats R] [--data DIR]
 
-1. Source content hashes (graphbuild/embed.py, prepare). A TSV of N (default 2,000,000) real
+1. Source content hashes (graphbuild/prepare/stage.py). A TSV of N (default 2,000,000) real
    captions, built in a temp dir as benchmarks/embed.py builds its sources (the 91,307
    captions of ../shared/data, then the same again suffixed " 1", " 2", ...). Times, with the
    file in the page cache: sha256 and blake2b over it; prepare's own work on it (the tables,
@@ -57,10 +57,10 @@ def timed(fn) -> float:
 
 
 def source_hashes(rows: int, repeats: int, tmp: Path) -> None:
-    from graphbuild.embed import prepare
-    from graphbuild.manifest import load_manifest
-    from graphbuild.storage import RunDir
-    from graphbuild.texts import build_tables
+    from graphbuild.prepare.manifest import load_manifest
+    from graphbuild.prepare.stage import prepare
+    from graphbuild.prepare.texts import build_tables
+    from graphbuild.rundir.paths import RunDir
 
     manifest = caption_source(rows, caption_pool(), tmp)
     ds = load_manifest(manifest)
@@ -88,7 +88,7 @@ def chunk_checks(tmp: Path, repeats: int) -> None:
     import zarr
     from zarr.codecs import Crc32cCodec
 
-    from graphbuild.embed import _crc_fails, chunk_file
+    from graphbuild.rundir.store import _crc_fails, chunk_file
 
     rows, dim, n_chunks = 8192, 384, 16
     store = tmp / "embeddings.zarr"

@@ -53,9 +53,9 @@ def write_captions(tsv: Path) -> int:
 
 def build(workdir: Path, k: int = K_MAX) -> Path:
     """The run directory, embedded and knn'd (idempotent)."""
-    from graphbuild.embed import EmbedConfig, embed_shard
-    from graphbuild.knn import knn_shard
-    from graphbuild.manifest import load_manifest
+    from graphbuild.embedding.stage import EmbedConfig, embed_shard
+    from graphbuild.graph.stage import knn_shard
+    from graphbuild.prepare.manifest import load_manifest
 
     tsv, out = workdir / "captions.tsv", workdir / "captions-run"
     if (out / "graph" / "_meta.json").exists():
@@ -87,7 +87,7 @@ def main() -> None:
     run = build(args.workdir)
 
     from graphbuild.xclr import Graph, NeighborBatchSampler, SoftTargets, read_sample_nodes
-    from graphbuild.xclr_data import random_batches
+    from graphbuild.xclr.data import random_batches
 
     t0 = time.perf_counter()
     nodes = read_sample_nodes(run)

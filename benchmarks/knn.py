@@ -49,8 +49,8 @@ def _caption_lines(path: Path, kind: str):
 
 def embedded_run(workdir: Path) -> Path:
     """Embed the four caption sets once into workdir/run; reruns reuse it."""
-    from graphbuild.embed import embed_shard
-    from graphbuild.manifest import load_manifest
+    from graphbuild.embedding.stage import embed_shard
+    from graphbuild.prepare.manifest import load_manifest
 
     workdir.mkdir(parents=True, exist_ok=True)
     tsv = workdir / "captions.tsv"
@@ -70,7 +70,7 @@ def embedded_run(workdir: Path) -> Path:
                             "has_header: true}\ntext_column: caption\n")
     run = workdir / "run"
     if (run / "embeddings.zarr").exists():
-        from graphbuild.embed import embeddings_status
+        from graphbuild.embedding.stage import embeddings_status
 
         if not embeddings_status(run)[1]:
             return run  # finished earlier; the manifest code may have changed since
@@ -92,7 +92,7 @@ def load_x16(run: Path) -> np.ndarray:
 
 def faiss_flat(x32: np.ndarray, k: int) -> tuple[float, np.ndarray, np.ndarray]:
     """The plain baseline: every row against every row, fp32, self dropped afterwards."""
-    from graphbuild.faiss_loader import load_faiss
+    from graphbuild.graph.faiss_loader import load_faiss
 
     faiss = load_faiss()
     index = faiss.IndexFlatIP(x32.shape[1])
@@ -110,7 +110,7 @@ def compare_ids(x16: np.ndarray, ours: np.ndarray, ours_s: np.ndarray,
                 theirs: np.ndarray) -> tuple[int, int, int]:
     """(identical rows, rows differing only at exact ties, rows really different). A tie-only
     difference: the exact sims of faiss's ids, sorted, equal ours."""
-    from graphbuild.exact import exact_dots
+    from graphbuild.graph.exact import exact_dots
 
     same = (ours == theirs).all(axis=1)
     bad = np.flatnonzero(~same)
@@ -122,7 +122,7 @@ def compare_ids(x16: np.ndarray, ours: np.ndarray, ours_s: np.ndarray,
 
 
 def read_graph(run: Path) -> tuple[np.ndarray, np.ndarray]:
-    from graphbuild.graph import read_graph_csr
+    from graphbuild.rundir.graph import read_graph_csr
 
     indptr, ind, sims = read_graph_csr(run)
     n = len(indptr) - 1
@@ -131,7 +131,7 @@ def read_graph(run: Path) -> tuple[np.ndarray, np.ndarray]:
 
 def time_knn(run: Path, method: str, **kw) -> tuple[float, object]:
     """One knn run from scratch (a finished graph of the same parameters would be skipped)."""
-    from graphbuild.knn import knn_shard
+    from graphbuild.graph.stage import knn_shard
 
     shutil.rmtree(run / "graph", ignore_errors=True)
     shutil.rmtree(run / "_state" / "knn", ignore_errors=True)
@@ -164,7 +164,8 @@ def write_store(run: Path, x16: np.ndarray, attrs: dict) -> None:
     """An embeddings.zarr as the embed stage leaves it (chunks marked done)."""
     import zarr
 
-    from graphbuild.storage import RunDir, mark_done
+    from graphbuild.rundir.files import mark_done
+    from graphbuild.rundir.paths import RunDir
 
     if run.exists():
         shutil.rmtree(run)
@@ -214,8 +215,8 @@ def list_scan_vs_faiss(run: Path, nprobe: int, queries: int = 32768) -> None:
     probing: faiss has none)."""
     import zarr
 
-    from graphbuild.ann import index_from_lists, search
-    from graphbuild.ivf_scan import ListScan, load_lists
+    from graphbuild.graph.ann import index_from_lists, search
+    from graphbuild.graph.ivf_scan import ListScan, load_lists
 
     arr = zarr.open_array(str(run / "embeddings.zarr"), mode="r")
     lists = load_lists(run / "graph" / "_index" / "lists.npz", *arr.shape)
@@ -241,7 +242,7 @@ def held_out_recall(run: Path, nprobe: int, queries: int = 1000) -> float:
     force."""
     import zarr
 
-    from graphbuild.ann import ground_truth, recall_at_k
+    from graphbuild.graph.ann import ground_truth, recall_at_k
 
     arr = zarr.open_array(str(run / "embeddings.zarr"), mode="r")
     rows = np.sort(np.random.default_rng(99).choice(arr.shape[0], queries, replace=False))
@@ -263,7 +264,7 @@ def print_curve(run: Path) -> None:
 def main() -> None:
     import torch
 
-    from graphbuild.faiss_loader import load_faiss
+    from graphbuild.graph.faiss_loader import load_faiss
 
     faiss = load_faiss()
 

@@ -73,7 +73,7 @@ def main() -> None:
 
     import pyarrow.parquet as pq
 
-    from graphbuild.models import load_sentence_transformer, resolve_model
+    from graphbuild.embedding.models import load_sentence_transformer, resolve_model
 
     texts = pq.read_table(run / "nodes.parquet", columns=["text"]).column("text").to_pylist()
     model = load_sentence_transformer(resolve_model("all-MiniLM-L6-v2"), "cpu")

@@ -50,9 +50,9 @@ def load_digits_split(seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, np.nda
 def build_run(out: Path, labels: torch.Tensor) -> Path:
     """Embed the class names for every image (sample id: the image's index) and build the
     graph."""
-    from graphbuild.embed import EmbedConfig, embed_shard
-    from graphbuild.knn import knn_shard
-    from graphbuild.manifest import load_manifest
+    from graphbuild.embedding.stage import EmbedConfig, embed_shard
+    from graphbuild.graph.stage import knn_shard
+    from graphbuild.prepare.manifest import load_manifest
 
     if (out / "graph" / "_meta.json").exists():
         return out

@@ -48,7 +48,7 @@ def graphbuild(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:
 @pytest.fixture(scope="session")
 def st_model():
     """The default model as plain sentence-transformers, for independent comparisons."""
-    from graphbuild.models import load_sentence_transformer, resolve_model
+    from graphbuild.embedding.models import load_sentence_transformer, resolve_model
 
     return load_sentence_transformer(resolve_model("all-MiniLM-L6-v2"), "cpu")
 

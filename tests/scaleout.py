@@ -32,9 +32,9 @@ def manifest(tmp: Path) -> Path:
 @functools.lru_cache(maxsize=None)
 def reference() -> Path:
     """The local single-process run, built once per test session."""
-    from graphbuild.embed import EmbedConfig, embed_shard
-    from graphbuild.knn import knn_shard
-    from graphbuild.manifest import load_manifest
+    from graphbuild.embedding.stage import EmbedConfig, embed_shard
+    from graphbuild.graph.stage import knn_shard
+    from graphbuild.prepare.manifest import load_manifest
 
     tmp = Path(tempfile.mkdtemp(prefix="graphbuild-reference-"))
     atexit.register(shutil.rmtree, tmp, ignore_errors=True)
@@ -58,7 +58,7 @@ def part_tables(out: Path) -> dict[str, object]:
 
 def assert_same_run(out: Path, ref: Path) -> None:
     """Bit-identical embeddings and graph; every node exactly once in the graph."""
-    from graphbuild.graph import read_graph_csr, read_meta
+    from graphbuild.rundir.graph import read_graph_csr, read_meta
 
     assert store_bytes(out) == store_bytes(ref)
     ours, theirs = part_tables(out), part_tables(ref)

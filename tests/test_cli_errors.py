@@ -79,7 +79,8 @@ def test_bad_flag_through_the_real_cli(tmp_path):
 
 def test_lock_timeout_flag_gives_up_naming_the_holder(coco3k, monkeypatch, capsys):
     """--lock-timeout reaches the lock: with the run's lock held, knn gives up with one line."""
-    from graphbuild.storage import LOCK_TIMEOUT_ENV, RunDir
+    from graphbuild.rundir.locks import LOCK_TIMEOUT_ENV
+    from graphbuild.rundir.paths import RunDir
 
     monkeypatch.setenv(LOCK_TIMEOUT_ENV, "")  # restored after the test, which the flag sets
     with RunDir(coco3k).lock():  # another open file: flock makes it a second holder

@@ -89,7 +89,7 @@ def test_run_on_a_default_local_cluster_equals_a_local_run(tmp_path):
     assert "shards on dask" in dask.stderr
     assert dask.stdout == local.stdout and dask.stdout.startswith("tabby cat  ->")
     assert scaleout.store_bytes(tmp_path / "dask") == scaleout.store_bytes(tmp_path / "local")
-    from graphbuild.graph import read_graph_csr
+    from graphbuild.rundir.graph import read_graph_csr
 
     for a, b in zip(read_graph_csr(tmp_path / "dask"), read_graph_csr(tmp_path / "local")):
         assert (a == b).all()

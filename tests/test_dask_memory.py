@@ -20,9 +20,9 @@ from tests.conftest import caption_manifest, coco_subset
 
 distributed = pytest.importorskip("distributed")
 
-from graphbuild import engine
-from graphbuild.dask_memory import WORKER_BASE, terminate_fraction
 from graphbuild.errors import GraphbuildError
+from graphbuild.scale import engine
+from graphbuild.scale.dask_memory import WORKER_BASE, terminate_fraction
 
 GiB = 2**30
 SHARDS = 4
@@ -32,9 +32,9 @@ K = 8
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     """300 COCO captions embedded, and the local engine's graph of them in 4 shards."""
-    from graphbuild.embed import EmbedConfig, embed_shard
-    from graphbuild.knn import knn_shard
-    from graphbuild.manifest import load_manifest
+    from graphbuild.embedding.stage import EmbedConfig, embed_shard
+    from graphbuild.graph.stage import knn_shard
+    from graphbuild.prepare.manifest import load_manifest
 
     tmp = tmp_path_factory.mktemp("dask-memory")
     run = tmp / "run"

@@ -11,8 +11,8 @@ import polars as pl
 import pytest
 
 from graphbuild.errors import GraphbuildError
-from graphbuild.manifest import load_manifest
-from graphbuild.texts import TMP, Layout, build_tables
+from graphbuild.prepare.manifest import load_manifest
+from graphbuild.prepare.texts import TMP, Layout, build_tables
 from tests.conftest import COCO, write
 
 # Many tiny partitions, windows, blocks and batches, so every boundary is crossed often.

@@ -10,9 +10,9 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
-from graphbuild.embed import EmbedConfig, embed_shard
-from graphbuild.knn import knn_shard
-from graphbuild.manifest import load_manifest
+from graphbuild.embedding.stage import EmbedConfig, embed_shard
+from graphbuild.graph.stage import knn_shard
+from graphbuild.prepare.manifest import load_manifest
 from tests.conftest import caption_manifest, coco_subset
 
 SHARDS = (1, 3, 7)

@@ -12,9 +12,9 @@ import polars as pl
 import pytest
 import zarr
 
-from graphbuild.embed import EmbedConfig, embed_shard
+from graphbuild.embedding.stage import EmbedConfig, embed_shard
 from graphbuild.errors import GraphbuildError
-from graphbuild.manifest import load_manifest
+from graphbuild.prepare.manifest import load_manifest
 from tests.conftest import REPO, caption_manifest, coco_subset, graphbuild, write
 
 
@@ -182,8 +182,8 @@ def test_ctrl_c_exits_130_keeps_finished_chunks_and_resumes(tmp_path):
 
 def test_rerun_of_a_finished_shard_does_not_load_the_model(tmp_path, coco600):
     embed_shard(load_manifest(coco600), tmp_path, config=EmbedConfig(chunk_rows=256))
-    code = ("import sys; from graphbuild.manifest import load_manifest; "
-            "from graphbuild.embed import embed_shard; "
+    code = ("import sys; from graphbuild.prepare.manifest import load_manifest; "
+            "from graphbuild.embedding.stage import embed_shard; "
             f"r = embed_shard(load_manifest({str(coco600)!r}), {str(tmp_path)!r}); "
             "print(r.texts_encoded, r.complete, 'sentence_transformers' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from graphbuild.encode import (
+from graphbuild.embedding.encode import (
     EXACT_LENGTHS,
     ROW_MULTIPLE,
     TextEncoder,

@@ -7,7 +7,7 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from graphbuild.exact import blocked_topk, error_bound, exact_dots
+from graphbuild.graph.exact import blocked_topk, error_bound, exact_dots
 
 
 def brute_force(x16: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
@@ -35,7 +35,7 @@ def clustered(n: int, d: int, seed: int = 0) -> np.ndarray:
 def candidates(request, monkeypatch):
     """Every search test runs with the compiled candidate buffers (CPU) and with the torch
     ones (CUDA's, here on the CPU)."""
-    from graphbuild import exact
+    from graphbuild.graph import exact
 
     monkeypatch.setattr(exact, "COMPILED_ON_CPU", request.param == "compiled")
     return request.param
@@ -125,7 +125,7 @@ def test_exact_dots_are_exact():
 def test_compiled_rerank_dots_are_exact():
     """The re-rank's compiled dots (fp16 through a table, fp64 sums) against fp64, bit for
     bit, with zeros, -0 and fp16 subnormals among the values."""
-    from graphbuild.exact import _exact_dots_of_rows
+    from graphbuild.graph.exact import _exact_dots_of_rows
 
     x16 = clustered(200, 384, seed=6)
     x16[:, :7] = np.float16(0)
@@ -153,7 +153,7 @@ def test_rejects_bad_k():
 def test_int16_keys_never_drop_a_score(dtype):
     """Filtering compares half-precision bit patterns as int16: v >= thr must imply
     bits(v) >= key, for thresholds of any sign (and the +inf padding sentinel)."""
-    from graphbuild.exact import _int16_key
+    from graphbuild.graph.exact import _int16_key
 
     g = torch.Generator().manual_seed(0)
     thr = torch.cat([torch.rand(4000, generator=g) * 2.2 - 1.1,
@@ -166,7 +166,7 @@ def test_int16_keys_never_drop_a_score(dtype):
 
 
 def test_locality_order_groups_similar_rows():
-    from graphbuild.exact import locality_order
+    from graphbuild.graph.exact import locality_order
 
     x16 = clustered(2000, 32, seed=3)[np.random.default_rng(3).permutation(2000)]
     x = torch.from_numpy(x16).float().bfloat16()
@@ -185,8 +185,8 @@ def test_locality_order_groups_similar_rows():
 def test_filter_keys_never_above_the_threshold():
     """The compiled buffers' filter key of each k-th best is a bf16 value at most the fp32
     keep threshold that the re-rank applies, and the next key is above it (less margin)."""
-    from graphbuild.exact import SCORE_FLOOR, filter_keys
-    from graphbuild.kernels import KEY_AS_F32
+    from graphbuild.graph.exact import SCORE_FLOOR, filter_keys
+    from graphbuild.graph.kernels import KEY_AS_F32
 
     bound = error_bound(clustered(300, 384, seed=7), "bf16")
     keys = filter_keys(bound).astype(np.int64)
@@ -203,7 +203,7 @@ def test_filter_keys_never_above_the_threshold():
 def test_kth_of_row_and_selection_against_numpy():
     """A dense row's k-th best key by counting passes, and the buffers' quickselect, equal a
     sort: rows with negative scores, -0, ties, k-th best outside the search window."""
-    from graphbuild.kernels import EMPTY_KEY, _kth_of_row, _ordered, _select_best
+    from graphbuild.graph.kernels import EMPTY_KEY, _kth_of_row, _ordered, _select_best
 
     rng = np.random.default_rng(0)
     rows = [rng.uniform(-1, 1, 300), rng.uniform(-1, -0.1, 300), np.full(300, 0.5),

@@ -5,7 +5,7 @@ from __future__ import annotations
 import subprocess
 import sys
 
-from graphbuild.faiss_loader import coretype
+from graphbuild.graph.faiss_loader import coretype
 
 SKYLAKE_X = "flags\t\t: fpu sse2 avx avx2 fma avx512f avx512dq avx512cd avx512bw avx512vl\n"
 

@@ -2,7 +2,7 @@
 
 import pytest
 
-from graphbuild.gpus import (
+from graphbuild.scale.gpus import (
     device_for_slot,
     gpu_count,
     local_workers,

@@ -69,7 +69,7 @@ def test_neighbors_of_a_node(run, monkeypatch, capsys):
 
 
 def test_neighbors_of_a_new_text_equal_brute_force(run, st_model, monkeypatch, capsys):
-    from graphbuild.neighbors import find_nodes, text_neighbors
+    from graphbuild.inspect.neighbors import find_nodes, text_neighbors
 
     assert not find_nodes(run, [QUERY])  # a new text, not a node
     x, _, _, sample_nodes, texts = stored(run)
@@ -97,7 +97,7 @@ def test_neighbors_of_a_new_text_equal_brute_force(run, st_model, monkeypatch, c
 
 
 def test_a_text_that_is_a_node_uses_the_graph(run):
-    from graphbuild.neighbors import text_neighbors
+    from graphbuild.inspect.neighbors import text_neighbors
 
     x, ids, _, _, texts = stored(run)
     r = text_neighbors(run, "  " + texts[42].replace(" ", "   ") + " ", k=4)
@@ -163,7 +163,7 @@ def test_entropy_matches_the_trainer_targets(run):
     """The stats' entropy equals that of xclr.SoftTargets rows on the same random batches."""
     import torch
 
-    from graphbuild.stats import random_batches, run_stats
+    from graphbuild.inspect.stats import random_batches, run_stats
     from graphbuild.xclr import SoftTargets, read_sample_nodes
 
     tau = 0.1

@@ -95,7 +95,7 @@ def check_markers_vouch(run: Path, ref: dict[str, bytes]) -> None:
 
 
 def check_same_and_whole(run: Path, ref: dict[str, bytes]) -> None:
-    from graphbuild.graph import read_graph_csr
+    from graphbuild.rundir.graph import read_graph_csr
 
     got = tree_bytes(run)
     if not (run / "graph").exists():  # an embed-only run: compare what embed writes

@@ -19,8 +19,8 @@ N_CAPTIONS = 3000  # all of tests/data's COCO captions
 @pytest.fixture(scope="session")
 def embedded(tmp_path_factory) -> Path:
     """3,000 real COCO captions embedded once (chunks of 1,024 rows: three chunks)."""
-    from graphbuild.embed import EmbedConfig, embed_shard
-    from graphbuild.manifest import load_manifest
+    from graphbuild.embedding.stage import EmbedConfig, embed_shard
+    from graphbuild.prepare.manifest import load_manifest
 
     root = tmp_path_factory.mktemp("knn")
     src = root / "captions.tsv"
@@ -63,13 +63,13 @@ def graph_table(out: Path):
 
 
 def knn(out, k, **kw):
-    from graphbuild.knn import knn_shard
+    from graphbuild.graph.stage import knn_shard
 
     return knn_shard(out, k, **kw)
 
 
 def test_exact_equals_brute_force_and_csr_round_trip(run):
-    from graphbuild.graph import read_graph_csr
+    from graphbuild.rundir.graph import read_graph_csr
 
     r = knn(run, 10, method="exact", block_rows=512)
     assert r.complete and r.recall == 1.0 and r.edges == 10 * r.rows
@@ -127,7 +127,7 @@ def test_parts_read_as_is_by_polars_and_pyarrow(run):
 
 
 def test_resume_skips_done_shard_and_redoes_crashed_one(run, caplog):
-    from graphbuild.storage import RunDir
+    from graphbuild.rundir.paths import RunDir
 
     first = knn(run, 6, method="exact", shard=0, num_shards=2)
     assert not first.complete and first.missing_shards == [1]
@@ -167,7 +167,7 @@ def test_k_errors_and_clamping(run, caplog):
 
 
 def test_refuses_unfinished_embeddings(run):
-    from graphbuild.storage import RunDir
+    from graphbuild.rundir.paths import RunDir
 
     (RunDir(run).state("embed") / "chunks" / "000001.done").unlink()
     with pytest.raises(GraphbuildError, match=r"chunks 1\b.*embed shards 0 of 1"):
@@ -188,7 +188,7 @@ def test_refuses_incomplete_provenance(run):
 
 
 def test_approximate_reaches_recall_target(run):
-    from graphbuild.graph import read_graph_csr
+    from graphbuild.rundir.graph import read_graph_csr
 
     r = knn(run, 10, method="approximate", recall_target=0.95)
     assert r.complete and r.recall >= 0.95 and r.nprobe >= 1
@@ -206,7 +206,7 @@ def test_approximate_keeps_only_lists_and_rebuilds_bad_ones(run, caplog):
     """On a CPU the saved index is its lists, not codes that would copy the store; a rerun
     reuses them (no build) and gives the same graph; a damaged lists file is built again
     with a warning, and a stale faiss index beside it is removed."""
-    from graphbuild.graph import read_graph_csr
+    from graphbuild.rundir.graph import read_graph_csr
 
     folder = run / "graph" / "_index"
 
@@ -239,7 +239,7 @@ def test_approximate_pq_when_over_budget(run):
 
 
 def test_auto_gives_a_reason():
-    from graphbuild.knn import choose_method
+    from graphbuild.graph.stage import choose_method
 
     method, reason = choose_method(3000, 384, 10, 2 ** 34)
     assert method == "exact" and "N=3,000" in reason
@@ -273,7 +273,7 @@ def test_ground_truth_by_bf16_candidates_is_proven_exact(embedded):
     against brute force on real captions; with no candidates beyond k, few are proven."""
     import zarr
 
-    from graphbuild.ann import _fp32_truth, _rescored_truth, ground_truth
+    from graphbuild.graph.ann import _fp32_truth, _rescored_truth, ground_truth
 
     arr = zarr.open_array(str(embedded / "embeddings.zarr"), mode="r")
     x = np.asarray(arr[:], np.float64)
@@ -296,8 +296,8 @@ def test_list_scan_equals_faiss_and_brute_force(embedded):
     list probed it is exact search, and at a small nprobe it finds what faiss's IVF finds."""
     import zarr
 
-    from graphbuild.ann import build_lists, ground_truth, index_from_lists, search
-    from graphbuild.ivf_scan import ListScan, lists_of
+    from graphbuild.graph.ann import build_lists, ground_truth, index_from_lists, search
+    from graphbuild.graph.ivf_scan import ListScan, lists_of
 
     arr = zarr.open_array(str(embedded / "embeddings.zarr"), mode="r")
     x32 = np.asarray(arr[:], np.float32)
@@ -326,8 +326,8 @@ def test_adaptive_probes_search_the_lists_within_the_gap(embedded):
     import torch
     import zarr
 
-    from graphbuild.ann import build_lists, search
-    from graphbuild.ivf_scan import (
+    from graphbuild.graph.ann import build_lists, search
+    from graphbuild.graph.ivf_scan import (
         PROBE_CAP,
         PROBE_MIN,
         ListScan,
@@ -371,8 +371,8 @@ def test_list_scan_reads_rows_in_store_order(embedded):
     """Tuning's exact search reads the scan's in-memory rows as store slices: the same bytes."""
     import zarr
 
-    from graphbuild.ann import build_index
-    from graphbuild.ivf_scan import ListScan, lists_of
+    from graphbuild.graph.ann import build_index
+    from graphbuild.graph.ivf_scan import ListScan, lists_of
 
     arr = zarr.open_array(str(embedded / "embeddings.zarr"), mode="r")
     view = ListScan.from_lists(*lists_of(build_index(arr, "ivf-sq16", 16, 1024)), arr,
@@ -388,7 +388,7 @@ def test_nearest_list_is_the_fp32_nearest_up_to_bf16_rounding(embedded):
     import torch
     import zarr
 
-    from graphbuild.ivf_scan import nearest_list
+    from graphbuild.graph.ivf_scan import nearest_list
 
     x = torch.from_numpy(np.asarray(zarr.open_array(str(embedded / "embeddings.zarr"),
                                                     mode="r")[:], np.float32))
@@ -404,7 +404,7 @@ def test_heaps_keep_each_querys_best_in_any_order():
     """kernels.offer and sort_heaps against numpy: each query's kk best (score, id),
     best first, equal scores by smaller id, empty slots -inf and -1, whatever the order and
     grouping of the score blocks offered."""
-    from graphbuild.kernels import empty_heaps, offer, sort_heaps
+    from graphbuild.graph.kernels import empty_heaps, offer, sort_heaps
 
     rng = np.random.default_rng(5)
     m, n, kk = 40, 300, 10
@@ -435,7 +435,7 @@ def test_probe_lists_within_the_gap_and_bounds():
     best `least` or `most` of them when outside), ties by smaller list number."""
     import torch
 
-    from graphbuild.kernels import probe_lists
+    from graphbuild.graph.kernels import probe_lists
 
     rng = np.random.default_rng(3)
     scores = torch.from_numpy(rng.integers(0, 64, (300, 50)).astype(np.float32) / 64)
@@ -457,7 +457,7 @@ def test_probe_lists_within_the_gap_and_bounds():
 def test_search_results_best_first_self_dropped_ties_by_id():
     """ann._best_first against numpy's lexsort: self and empty slots (-1) drop to -inf, then
     sims descend, equal sims by smaller id."""
-    from graphbuild.ann import _best_first
+    from graphbuild.graph.ann import _best_first
 
     rng = np.random.default_rng(6)
     rows = np.arange(200, 400)
@@ -478,8 +478,8 @@ def test_list_scan_small_lists_search_more(embedded):
     (ann.search), so every row still gets k distinct neighbours, itself excluded."""
     import zarr
 
-    from graphbuild.ann import build_index, search
-    from graphbuild.ivf_scan import ListScan, lists_of
+    from graphbuild.graph.ann import build_index, search
+    from graphbuild.graph.ivf_scan import ListScan, lists_of
 
     x16 = np.asarray(zarr.open_array(str(embedded / "embeddings.zarr"), mode="r")[:400])
     index = build_index(x16, "ivf-sq16", 10, 400)  # ~40 rows a list
@@ -497,8 +497,8 @@ def test_tuned_nprobe_is_the_smallest_reaching_the_target(embedded):
     and the one just below it was tried (so no smaller one reaches it)."""
     import zarr
 
-    from graphbuild.ann import build_index, tune_nprobe
-    from graphbuild.ivf_scan import ListScan, lists_of
+    from graphbuild.graph.ann import build_index, tune_nprobe
+    from graphbuild.graph.ivf_scan import ListScan, lists_of
 
     arr = zarr.open_array(str(embedded / "embeddings.zarr"), mode="r")
     scan = ListScan.from_lists(*lists_of(build_index(arr, "ivf-sq16", 64, 1024)), arr, 1024)

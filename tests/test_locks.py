@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 
 from graphbuild.errors import GraphbuildError
-from graphbuild.storage import LOCK_TIMEOUT_ENV, file_lock, lock_holder, lock_timeout
+from graphbuild.rundir.locks import LOCK_TIMEOUT_ENV, file_lock, lock_holder, lock_timeout
 from tests.conftest import REPO, graphbuild, one_error
 
 HOLD = """

@@ -3,7 +3,7 @@ from pathlib import Path
 import pytest
 
 from graphbuild.errors import GraphbuildError
-from graphbuild.manifest import load_manifest
+from graphbuild.prepare.manifest import load_manifest
 from tests.conftest import REPO, write
 
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import COCO, graphbuild
+from tests.conftest import graphbuild
 
 CHROMIUM = Path("/usr/bin/chromium")
 SECTIONS = ["summary", "similarity", "degree", "entropy", "examples", "provenance"]

@@ -7,11 +7,11 @@ import re
 
 import pytest
 
-from graphbuild import cli
-from graphbuild.embed import EmbedConfig
+from graphbuild.cli import build
+from graphbuild.embedding.models import DEFAULT_MODEL, resolve_model
+from graphbuild.embedding.stage import EmbedConfig
 from graphbuild.errors import GraphbuildError
-from graphbuild.manifest import load_manifest
-from graphbuild.models import DEFAULT_MODEL, resolve_model
+from graphbuild.prepare.manifest import load_manifest
 from tests.conftest import REPO, write
 
 # Each pattern, anywhere in our code, would load something that can run code.
@@ -45,7 +45,7 @@ def test_yaml_tags_that_build_objects_are_refused(tmp_path, tag):
 
 def test_remote_code_is_off_unless_asked():
     assert EmbedConfig().trust_remote_code is False
-    for command in (cli.embed, cli.run):
+    for command in (build.embed, build.run):
         default = inspect.signature(command).parameters["trust_remote_code"].default
         assert default is False
 

@@ -138,8 +138,8 @@ def test_meta_goes_until_every_shard_is_done_again(coco3k, tmp_path):
     """Three shards; shard 1's part truncated. Rerunning shard 0 finds it done, but not
     shard 1, so _meta.json goes (readers then say the graph is not complete); shard 1's rerun
     redoes it and writes _meta.json again, as it was."""
-    from graphbuild.graph import read_graph_csr
-    from graphbuild.knn import knn_shard
+    from graphbuild.graph.stage import knn_shard
+    from graphbuild.rundir.graph import read_graph_csr
 
     run = copy(coco3k, tmp_path)
     for s in range(3):
@@ -197,8 +197,8 @@ def test_the_trainers_graph_readers_refuse_a_damaged_part(coco3k, tmp_path, dama
 @pytest.fixture(scope="module")
 def stale(coco3k, tmp_path_factory) -> Path:
     """coco3k's graph over a store embedded again with other provenance (fp32, not bf16)."""
-    from graphbuild.embed import EmbedConfig, embed_shard
-    from graphbuild.manifest import load_manifest
+    from graphbuild.embedding.stage import EmbedConfig, embed_shard
+    from graphbuild.prepare.manifest import load_manifest
 
     run = copy(coco3k, tmp_path_factory.mktemp("stale"))
     shutil.rmtree(run / "embeddings.zarr")
@@ -269,7 +269,7 @@ def test_overwrite_rebuilds_a_stale_graph_from_the_store(stale, tmp_path):
 def test_provenance_absent_on_both_sides_is_not_a_match(coco3k, tmp_path):
     """A key missing from the graph's provenance and from the store's attributes cannot vouch
     that the two agree."""
-    from graphbuild.graph import read_graph_csr
+    from graphbuild.rundir.graph import read_graph_csr
 
     run = copy(coco3k, tmp_path)
     for path, provenance in ((run / META, lambda m: m["provenance"]),
@@ -344,8 +344,8 @@ def test_a_corrupt_chunk_is_one_line_of_stderr(coco3k, tmp_path):
 def test_a_missing_chunk_file_is_an_error_not_zeros(coco3k, tmp_path):
     """zarr reads a chunk whose file is gone as its fill value: rows of zeros, which exact
     search would rank and the entropy would turn into NaN."""
-    from graphbuild.neighbors import exact_search
-    from graphbuild.stats import gather_rows
+    from graphbuild.inspect.neighbors import exact_search
+    from graphbuild.inspect.stats import gather_rows
 
     run = copy(coco3k, tmp_path)
     vector = stored_rows(run)[1500]

@@ -23,13 +23,17 @@ import polars as pl
 import pytest
 import zarr
 
-from graphbuild import embed as embed_module
-from graphbuild import manifest as manifest_module
-from graphbuild.embed import CheckedStore, EmbedConfig, embed_shard, embeddings_status, prepare
+from graphbuild.embedding import stage as embed_module
+from graphbuild.embedding.stage import EmbedConfig, embed_shard, embeddings_status
 from graphbuild.errors import GraphbuildError
-from graphbuild.manifest import load_manifest
-from graphbuild.storage import RunDir, read_json, write_json
-from graphbuild.texts import build_tables
+from graphbuild.prepare import manifest as manifest_module
+from graphbuild.prepare import stage as prepare_stage
+from graphbuild.prepare.manifest import load_manifest
+from graphbuild.prepare.stage import prepare
+from graphbuild.prepare.texts import build_tables
+from graphbuild.rundir.files import read_json, write_json
+from graphbuild.rundir.paths import RunDir
+from graphbuild.rundir.store import CheckedStore
 from tests.conftest import REPO, caption_manifest, coco_subset, graphbuild, one_error, write
 
 CHUNK_ROWS = 128  # 300 captions, 300 nodes: chunks 0, 1 and 2 (the last one short)
@@ -161,7 +165,7 @@ def test_a_source_written_just_before_is_settled_by_the_first_build(tmp_path, mo
         time.sleep(0.4)
         return build_tables(ds, out, skip, layout)
 
-    monkeypatch.setattr(embed_module, "build_tables", slow_build)
+    monkeypatch.setattr(prepare_stage, "build_tables", slow_build)
     hashed = count_hashes(monkeypatch)
     run = RunDir(tmp_path / "run")
     prepare(load_manifest(m), run)
@@ -233,7 +237,7 @@ def test_a_source_changed_while_read_is_not_recorded(tmp_path, monkeypatch):
             f.write("999999\t1\tA line written while prepare reads.\n")
         return build_tables(ds, out, skip, layout)
 
-    monkeypatch.setattr(embed_module, "build_tables", append_then_build)
+    monkeypatch.setattr(prepare_stage, "build_tables", append_then_build)
     run = RunDir(tmp_path / "run")
     with pytest.raises(GraphbuildError, match=f"{src}: changed while it was read"):
         prepare(load_manifest(m), run)
@@ -328,7 +332,7 @@ def test_duplicate_names_warn_and_labels_still_map(tmp_path, caplog):
     write(tmp_path / "l.tsv", "path\tlabel\na.jpg\t0\nb.jpg\tcat\nc.jpg\t2\nd.jpg\tdog\n")
     m = write(tmp_path / "m.yaml", "name: t\nsource: {path: l.tsv}\nid_column: path\n"
               "label_column: label\nclasses: [cat, dog, cat]\n")
-    with caplog.at_level(logging.WARNING, logger="graphbuild.manifest"):
+    with caplog.at_level(logging.WARNING, logger="graphbuild.prepare.manifest"):
         ds = load_manifest(m)
     assert "'cat' (classes 0, 2)" in caplog.text and "maps to the first class listed" in caplog.text
     build_tables(ds, tmp_path / "run")
@@ -338,7 +342,7 @@ def test_duplicate_names_warn_and_labels_still_map(tmp_path, caplog):
 
 
 def test_imagenet_default_names_its_duplicates_and_keeps_its_keys(caplog):
-    with caplog.at_level(logging.WARNING, logger="graphbuild.manifest"):
+    with caplog.at_level(logging.WARNING, logger="graphbuild.prepare.manifest"):
         entries = load_manifest(REPO / "data_manifests" / "imagenet1k.yaml").class_entries()
     assert "'missile' (classes 657, 744)" in caplog.text
     assert "'sunglasses' (classes 836, 837)" in caplog.text

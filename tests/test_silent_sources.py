@@ -16,10 +16,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from graphbuild import sources
 from graphbuild.errors import GraphbuildError
-from graphbuild.manifest import load_manifest
-from graphbuild.texts import Layout, build_tables
+from graphbuild.prepare import sources
+from graphbuild.prepare.manifest import load_manifest
+from graphbuild.prepare.texts import Layout, build_tables
 from tests.conftest import COCO, graphbuild, one_error, write
 
 

@@ -24,9 +24,9 @@ TAU_S = 0.1
 
 
 def _build(base: Path, tsv: Path, id_column: bool, precision: str = "bf16") -> Path:
-    from graphbuild.embed import EmbedConfig, embed_shard
-    from graphbuild.knn import knn_shard
-    from graphbuild.manifest import load_manifest
+    from graphbuild.embedding.stage import EmbedConfig, embed_shard
+    from graphbuild.graph.stage import knn_shard
+    from graphbuild.prepare.manifest import load_manifest
 
     manifest = write(base / "m.yaml", f"name: blank\nsource: {{path: {tsv}, format: tsv}}\n"
                      + ("id_column: caption_id\n" if id_column else "")
@@ -99,8 +99,8 @@ def node_texts(run: Path) -> np.ndarray:
 
 def without_row_number_record(run: Path, dest: Path) -> Path:
     """A copy of a run as the builder left it before it recorded whether the sample ids are
-    row numbers (graphbuild.xclr_store.ROW_NUMBER_IDS)."""
-    from graphbuild.xclr_store import ROW_NUMBER_IDS
+    row numbers (graphbuild.rundir.samples.ROW_NUMBER_IDS)."""
+    from graphbuild.rundir.samples import ROW_NUMBER_IDS
 
     shutil.copytree(run, dest)
     info = json.loads((dest / "run.json").read_text())
@@ -140,7 +140,7 @@ def test_skipped_row_is_no_target_when_ids_are_row_numbers(by_row, source, tmp_p
     from graphbuild.xclr import SoftTargets, WithNodes
 
     _, captions = source_rows(source)
-    from graphbuild.xclr_store import ROW_NUMBER_IDS
+    from graphbuild.rundir.samples import ROW_NUMBER_IDS
 
     # a run.json from before the builder recorded the id kind: the default ids are refused
     old = without_row_number_record(by_row, tmp_path / "old")
@@ -384,9 +384,9 @@ def test_bad_trainer_input_is_one_line(by_id):
 # -- case 9: a stale graph, or tables that do not fit the store ---------------------------------
 
 def test_graph_of_other_embeddings_is_refused(by_id, source, tmp_path):
-    from graphbuild.embed import EmbedConfig, embed_shard
+    from graphbuild.embedding.stage import EmbedConfig, embed_shard
     from graphbuild.errors import GraphbuildError
-    from graphbuild.manifest import load_manifest
+    from graphbuild.prepare.manifest import load_manifest
     from graphbuild.xclr import GraphRows, NeighborBatchSampler, SoftTargets, WithNodes
 
     run = tmp_path / "run"

@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from graphbuild.slurm import SbatchOptions, array_spec, plan, render
-from graphbuild.storage import write_json
+from graphbuild.rundir.files import write_json
+from graphbuild.scale.slurm import SbatchOptions, array_spec, plan, render
 from tests import scaleout
 from tests.conftest import graphbuild, write
 from tests.slurm_cluster import SlurmCluster, why_not_available

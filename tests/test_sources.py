@@ -5,9 +5,9 @@ from __future__ import annotations
 import polars as pl
 import pytest
 
-from graphbuild import sources
 from graphbuild.errors import GraphbuildError
-from graphbuild.manifest import load_manifest
+from graphbuild.prepare import sources
+from graphbuild.prepare.manifest import load_manifest
 from tests.conftest import SHARED, write
 
 TSV = "name: t\nsource: {path: c.tsv}\nid_column: id\ntext_column: caption\n"

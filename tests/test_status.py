@@ -11,8 +11,8 @@ import os
 import time
 from pathlib import Path
 
-from graphbuild.status import log_state, run_status
-from graphbuild.storage import write_json
+from graphbuild.rundir.files import write_json
+from graphbuild.scale.status import log_state, run_status
 from tests.conftest import graphbuild, write
 
 
@@ -33,7 +33,7 @@ def write_graph_part(root: Path, shard: int, rows: range, n_nodes: int, k: int) 
     """A graph part as knn writes it (the neighbours themselves do not matter to status)."""
     import numpy as np
 
-    from graphbuild.graph import write_part
+    from graphbuild.rundir.graph import write_part
 
     ids = (np.arange(len(rows))[:, None] + np.arange(1, k + 1)[None, :]) % n_nodes
     write_part(root, shard, rows, n_nodes,
@@ -84,7 +84,7 @@ def test_half_finished_run(tmp_path):
 def test_a_marked_chunk_whose_file_is_gone_is_not_done(tmp_path):
     """A marker vouches for nothing once its chunk file is deleted: embed redoes that chunk,
     so status (and submit slurm, which resubmits what status calls unfinished) count it."""
-    from graphbuild.status import unfinished_embed_shards
+    from graphbuild.scale.status import unfinished_embed_shards
 
     root = half_finished(tmp_path / "run")
     assert unfinished_embed_shards(root, 3) == [1, 2]
@@ -97,8 +97,8 @@ def test_a_marked_chunk_whose_file_is_gone_is_not_done(tmp_path):
 def test_a_knn_marker_without_its_part_is_not_done(tmp_path):
     """knn redoes a shard whose part is missing or is not what its marker records, so status
     and submit slurm count it as still to do."""
-    from graphbuild.graph import part_path
-    from graphbuild.status import unfinished_knn_shards
+    from graphbuild.rundir.graph import part_path
+    from graphbuild.scale.status import unfinished_knn_shards
 
     root = tmp_path / "run"
     test_a_finished_dask_run_has_no_logs(tmp_path)

@@ -4,8 +4,8 @@ import numpy as np
 import polars as pl
 import zarr
 
-from graphbuild.embed import embed_shard
-from graphbuild.manifest import load_manifest
+from graphbuild.embedding.stage import embed_shard
+from graphbuild.prepare.manifest import load_manifest
 from tests.conftest import STS_TEST, needs_shared, write
 
 pytestmark = needs_shared

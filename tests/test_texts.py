@@ -2,8 +2,8 @@ import polars as pl
 import pytest
 
 from graphbuild.errors import GraphbuildError
-from graphbuild.manifest import load_manifest
-from graphbuild.texts import build_tables
+from graphbuild.prepare.manifest import load_manifest
+from graphbuild.prepare.texts import build_tables
 from tests.conftest import COCO, write
 
 

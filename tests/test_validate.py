@@ -135,7 +135,7 @@ BREAK = {
 
 
 def test_every_check_has_a_case():
-    from graphbuild.validate import CHECKS
+    from graphbuild.inspect.validate import CHECKS
 
     assert list(BREAK) == list(CHECKS)
 

@@ -11,7 +11,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from tests.test_xclr_runs import REPO, coco_run
+from tests.conftest import REPO
+from tests.test_xclr_runs import coco_run
 
 HEAVY = ("zarr", "polars", "faiss", "sentence_transformers", "transformers", "pydantic", "yaml")
 
@@ -112,7 +113,8 @@ def test_two_views_and_shared_nodes(run):
 def test_shared_nodes_in_either_path(run, copies, dtype):
     """A few shared nodes (products in batch order, then the pairs set) and mostly shared
     ones (products over unique nodes, then expanded) both give the reference targets."""
-    from graphbuild.xclr import SoftTargets, shared_pairs
+    from graphbuild.xclr import SoftTargets
+    from graphbuild.xclr.targets import shared_pairs
 
     idx = np.concatenate([_repeated_caption(run), np.tile(np.arange(100, 140), copies)])
     t = SoftTargets.from_run(run, tau_s=0.1, dtype=dtype)
@@ -125,7 +127,7 @@ def test_shared_nodes_in_either_path(run, copies, dtype):
 
 
 def test_shared_pairs():
-    from graphbuild.xclr import shared_pairs
+    from graphbuild.xclr.targets import shared_pairs
 
     a, b = shared_pairs(np.array([0, 1, 0, 2, 0, 1]))
     assert sorted(zip(a.tolist(), b.tolist())) == [(0, 2), (0, 4), (1, 5), (2, 0), (2, 4),
@@ -160,7 +162,7 @@ def _held(nodes: np.ndarray, indptr, indices, k: int) -> np.ndarray:
 def test_graph_targets_rules(run):
     import polars as pl
 
-    from graphbuild.graph import read_graph_csr
+    from graphbuild.rundir.graph import read_graph_csr
     from graphbuild.xclr import SoftTargets
 
     indptr, indices, sims = read_graph_csr(run)
@@ -290,7 +292,7 @@ def test_gradients_fp32_and_bf16_autocast():
 
 @pytest.mark.parametrize("n", [100, 1000, 1027])
 def test_gram_mirrors_blocks_exactly(n):
-    from graphbuild.xclr import gram
+    from graphbuild.xclr.targets import gram
 
     x = F.normalize(torch.randn(n, 384, generator=torch.Generator().manual_seed(n)), dim=1)
     g = gram(x)

@@ -149,7 +149,7 @@ def test_neighbour_batches_hold_many_more_graph_edges(run):
 
 
 def test_graph_rows_stream_the_csr(run):
-    from graphbuild.graph import read_graph_csr
+    from graphbuild.rundir.graph import read_graph_csr
     from graphbuild.xclr import GraphRows
 
     indptr, indices, sims = read_graph_csr(run)

@@ -10,7 +10,7 @@ import sys
 import numpy as np
 import pytest
 
-from tests.test_xclr_runs import REPO
+from tests.conftest import REPO
 
 EXAMPLE = REPO / "examples" / "digits_xclr.py"
 

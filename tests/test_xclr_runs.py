@@ -10,15 +10,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tests.conftest import COCO, REPO
+from tests.conftest import COCO
 
 
 def coco_run(tmp_path_factory, rows: int = 3000, k: int = 16, chunk_rows: int = 1024) -> Path:
     """A run over the first `rows` COCO captions, embedded (bf16) and knn'd; built once per
     session and shared by every test module that asks for the same figures."""
-    from graphbuild.embed import EmbedConfig, embed_shard
-    from graphbuild.knn import knn_shard
-    from graphbuild.manifest import load_manifest
+    from graphbuild.embedding.stage import EmbedConfig, embed_shard
+    from graphbuild.graph.stage import knn_shard
+    from graphbuild.prepare.manifest import load_manifest
 
     base = tmp_path_factory.getbasetemp() / f"xclr-coco-{rows}-{k}-{chunk_rows}"
     out = base / "run"

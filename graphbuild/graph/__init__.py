@@ -1,0 +1,11 @@
+"""Stage 3, graph: the stored rows to the top-k cosine graph in graph/part-*.parquet.
+
+  stage.py         knn_shard(): a shard's query rows searched, its part written and marked
+  exact.py         exact search: bf16 candidates, a proven error bound, an exact re-rank
+  ann.py           approximate search: inverted lists, nprobe tuned to a recall target
+  ivf_scan.py      the lists searched inside out (each list scored against its queries)
+  kmeans.py        spherical k-means in bf16 (the lists, exact search's locality order)
+  kernels.py       the compiled loops (numba): candidate buffers, heaps, probes, exact dots
+  hits.py          padded top-k by bands of hit counts (the torch path, CUDA's)
+  faiss_loader.py  faiss, imported with its CPU quirks handled
+"""

@@ -1,0 +1,601 @@
+"""The knn stage: OUT/embeddings.zarr to a top-k cosine graph in OUT/graph/.
+
+Shard s of n owns a contiguous range of query rows (every row is a candidate neighbour), and
+writes graph/part-{s:05d}.parquet, then its done marker (its stats: rows, k, method,
+provenance). A rerun skips a shard whose marker vouches for its part: the marker records this
+graph and the part's footer holds the marker's rows and edges. Any other marker is removed and
+the shard done again. The shard that finds every shard of the layout vouched for writes
+graph/_meta.json; one that finds a shard not done removes it. Then run.json's stage entry.
+
+What graph a run holds is what every file that vouches for it says: graph/_meta.json,
+_state/knn/params.json and each shard marker. A request that differs from any of them (k,
+method, shard layout, recall target, or the store's provenance: a stale graph) is refused,
+whichever of them are missing; --overwrite replaces the graph.
+
+Methods: exact (exact.py; the same bytes for any shard count) or approximate (ann.py; faiss
+IVF with nprobe tuned to a recall target). auto picks one from N, d, k and free memory.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import os
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from graphbuild import options
+from graphbuild.errors import GraphbuildError
+from graphbuild.faults import kill_point
+from graphbuild.graph.exact import DEFAULT_BLOCK_ROWS, default_capacity
+from graphbuild.progress import Reporter
+from graphbuild.rundir.files import atomic_path, mark_done, marker, read_json, write_json
+from graphbuild.rundir.graph import FORMAT_VERSION, meta_path, part_path, part_problem, write_part
+from graphbuild.rundir.paths import RunDir
+from graphbuild.shards import shard_name, shard_range
+
+log = logging.getLogger(__name__)
+
+EXACT_MAX_NODES = 2_000_000
+EXACT_MAX_SECONDS = 3600.0
+# bf16 matrix products on a 2-core AVX-512 BF16 CPU (DESIGN.md); a GPU is far faster, so
+# on CPU this is the conservative case for estimating exact time.
+CPU_HALF_FLOPS = 300e9
+NORM_TOLERANCE = 1e-2
+# What a graph is, as params.json, _meta.json and the shard markers record it (with provenance).
+SETTINGS = ("k", "method", "num_shards", "recall_target")
+
+
+@dataclass
+class KnnResult:
+    shard: int
+    num_shards: int
+    k: int
+    method: str
+    reason: str
+    rows: int = 0
+    skipped: bool = False
+    seconds: float = 0.0
+    edges: int = 0
+    recall: float | None = None
+    nprobe: int | None = None
+    probe_gap: float | None = None  # adaptive probing: nprobe is then an average
+    complete: bool = False   # every shard of the layout is done and _meta.json written
+    missing_shards: list[int] = field(default_factory=list)
+
+    @property
+    def queries_per_s(self) -> float:
+        return self.rows / self.seconds if self.seconds else 0.0
+
+
+def available_memory() -> int:
+    """Bytes of memory available now: psutil when installed, else sysconf."""
+    try:
+        import psutil
+    except ImportError:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    return int(psutil.virtual_memory().available)
+
+
+def exact_memory(n: int, d: int, rows: int, k: int, block_rows: int) -> int:
+    """Peak bytes of exact search beyond the interpreter: fp16 rows, the query rows in half
+    precision (a shard's; all rows' replace the fp16 ones while they multiply: exact.py's
+    `reload`), candidate buffers (half-precision score + int32 id per slot), results (id +
+    sim), and a few block-pair score matrices."""
+    block = min(block_rows, n)  # a search over fewer rows than a block has smaller blocks
+    return (n * d * 2 + (rows * d * 2 if rows < n else 0)
+            + rows * (default_capacity(k) * 6 + k * 8) + 4 * block ** 2 * 4)
+
+
+def choose_method(n: int, d: int, k: int, budget: int,
+                  block_rows: int = DEFAULT_BLOCK_ROWS) -> tuple[str, str]:
+    """(method, one-line reason) for method="auto"."""
+    need = exact_memory(n, d, n, k, block_rows)
+    est = n * n * d / CPU_HALF_FLOPS  # symmetric products: N*N*d multiply-adds in all
+    figures = f"N={n:,}, d={d}, k={k}, ~{need / 2**30:.1f} GiB, ~{est:,.0f}s estimated"
+    if need > budget:
+        return "approximate", f"approximate: exact needs {figures} > {budget / 2**30:.1f} GiB"
+    if n <= EXACT_MAX_NODES or est <= EXACT_MAX_SECONDS:
+        return "exact", f"exact: {figures} (N <= {EXACT_MAX_NODES:,} or under 1 hour)"
+    return "approximate", f"approximate: {figures} (N > {EXACT_MAX_NODES:,} and over 1 hour)"
+
+
+def _ranges(ids: list[int]) -> str:
+    """[1, 2, 3, 7] -> '1-3, 7'."""
+    parts, start = [], None
+    for i, c in enumerate(ids):
+        if start is None:
+            start = c
+        if i + 1 == len(ids) or ids[i + 1] != c + 1:
+            parts.append(f"{start}" if start == c else f"{start}-{c}")
+            start = None
+    return ", ".join(parts)
+
+
+def check_embeddings(out: str | Path) -> dict:
+    """Provenance attributes of finished embeddings; refuses unfinished or unlabelled ones."""
+    from graphbuild.embedding.stage import embeddings_status
+    from graphbuild.rundir.paths import PROVENANCE_KEYS
+
+    run = RunDir(out)
+    attrs, missing = embeddings_status(out)
+    if missing:
+        n_chunks = -(-attrs["n_nodes"] // attrs.get("chunk_rows", 1)) if attrs.get(
+            "chunk_rows") else None
+        shards = _missing_embed_shards(run, missing, n_chunks)
+        raise GraphbuildError(
+            f"{run.embeddings}: embeddings are not finished: {len(missing)} chunks missing "
+            f"(chunks {_ranges(missing)}{shards}); finish `graphbuild embed` first")
+    absent = [key for key in PROVENANCE_KEYS if key not in attrs]
+    if absent:
+        raise GraphbuildError(f"{run.embeddings}: provenance incomplete, attrs lack "
+                              f"{', '.join(absent)}; embed again into a new --out")
+    return attrs
+
+
+def _missing_embed_shards(run: RunDir, missing: list[int], n_chunks: int | None) -> str:
+    """'; embed shards 1, 3 of 4' for the layouts seen in the embed markers, if any."""
+    layouts = {int(p.stem.split("-of-")[1]) for p in run.state("embed").glob("shard-*-of-*.done")}
+    if not layouts or n_chunks is None:
+        return ""
+    text = []
+    for m in sorted(layouts):
+        todo = sorted({s for s in range(m) for c in missing
+                       if c in shard_range(n_chunks, s, m)})
+        text.append(f"embed shards {_ranges(todo)} of {m}")
+    return "; " + ", ".join(text)
+
+
+class ChunkReads:
+    """The store with every row slice read one chunk per zarr call (`neighbors.read_rows`):
+    a chunk whose file is missing is an error, not zeros, and a chunk failing its crc32c
+    leaves no concurrent reads of other chunks pending in zarr's event loop (asyncio would
+    report each at exit, many lines after the one-line error). exact.py, ann.py and
+    ivf_scan.py read the store only as `arr[lo:hi]`."""
+
+    def __init__(self, store, where: Path):
+        self.store, self.where = store, where
+        self.shape, self.chunks, self.dtype = store.shape, store.chunks, store.dtype
+        self.attrs = store.attrs
+
+    def __getitem__(self, key):
+        from graphbuild.inspect.neighbors import read_rows
+
+        if not (isinstance(key, slice) and key.step in (None, 1)):
+            raise TypeError(f"the store is read by row slices, not {key!r}")
+        lo, hi, _ = key.indices(self.shape[0])
+        return read_rows(self.store, self.where, lo, hi)
+
+
+def _open(out: str | Path) -> ChunkReads:
+    from graphbuild.rundir.store import CheckedStore
+
+    where = RunDir(out).embeddings
+    return ChunkReads(CheckedStore(where), where)
+
+
+def _read_blocks(arr, rows: range, block_rows: int):
+    """(first row, fp16 block) over `rows`, cut at multiples of the chunk-aligned block size."""
+    step = max(1, block_rows // arr.chunks[0]) * arr.chunks[0]
+    cuts = sorted({rows.start, rows.stop, *range(-(-rows.start // step) * step, rows.stop, step)})
+    for lo, hi in itertools.pairwise(cuts):
+        yield lo, np.asarray(arr[lo:hi], np.float16)
+
+
+def load_rows(arr, block_rows: int, where: Path) -> np.ndarray:
+    """The whole store as one fp16 array, read block by block; checks unit norms."""
+    n, d = arr.shape
+    x16 = np.empty((n, d), np.float16)
+    for lo, block in _read_blocks(arr, range(n), block_rows):
+        norms = np.linalg.norm(block.astype(np.float32), axis=1)
+        bad = np.flatnonzero(~(np.abs(norms - 1) <= NORM_TOLERANCE))
+        if len(bad):
+            raise GraphbuildError(f"{where}: row {lo + bad[0]} has "
+                                  f"norm {norms[bad[0]]:.4f}; knn needs unit-norm rows")
+        x16[lo:lo + len(block)] = block
+    return x16
+
+
+def _params(k: int, method: str, num_shards: int, recall_target: float, attrs: dict) -> dict:
+    from graphbuild.rundir.paths import PROVENANCE_KEYS
+
+    params = {"k": k, "method": method, "num_shards": num_shards,
+              "provenance": {key: attrs[key] for key in PROVENANCE_KEYS}}
+    if method == "approximate":
+        params["recall_target"] = recall_target
+    return params
+
+
+def _params_file(run: RunDir) -> Path:
+    return run.state("knn") / "params.json"
+
+
+def _recorded(run: RunDir) -> list[tuple[Path, dict]]:
+    """Each file that vouches for a graph in the run, with what it records: graph/_meta.json,
+    _state/knn/params.json, then every shard marker (its layout taken from its name). Any of
+    them may be missing. A marker that does not read vouches for nothing and is left out;
+    _meta.json or params.json that does not read is recorded as such."""
+    found = []
+    for path in (meta_path(run.root), _params_file(run)):
+        try:
+            have = read_json(path)
+        except GraphbuildError as e:
+            have = {"unreadable": str(e)}
+        if have:
+            found.append((path, have))
+    for path in sorted(run.state("knn").glob("shard-*-of-*.done")):
+        layout = path.stem.rsplit("-of-", 1)[1]
+        try:
+            stats = read_json(path)
+        except GraphbuildError:
+            continue
+        if layout.isdigit() and isinstance(stats, dict):
+            found.append((path, {**stats, "num_shards": int(layout)}))
+    return found
+
+
+def _disagreement(run: RunDir, recorded: list[tuple[Path, dict]], params: dict) -> str | None:
+    """How the first recorded file that disagrees with the graph asked for differs, as a
+    one-line error; None if none does. A setting a file does not record is not compared."""
+    for path, have in recorded:
+        if "unreadable" in have:
+            return f"{have['unreadable']}; pass --overwrite to replace the graph"
+        for key in SETTINGS:
+            if key in have and key in params and have[key] != params[key]:
+                return (f"{path}: holds a graph with {key}={have[key]!r} (now {params[key]!r}); "
+                        "pass --overwrite or use another --out")
+        recorded_from = have.get("provenance")
+        if recorded_from is None:
+            continue
+        for key, now in params["provenance"].items():
+            then = recorded_from.get(key) if isinstance(recorded_from, dict) else None
+            if then != now:
+                return (f"{path}: records a graph built from embeddings with {key}={then!r}, "
+                        f"but {run.embeddings} now has {key}={now!r}; the graph is stale: pass "
+                        "--overwrite to rebuild it")
+    return None
+
+
+def _claim(run: RunDir, params: dict, overwrite: bool) -> None:
+    """Record this graph's parameters in params.json, or refuse a run whose graph, as any file
+    that vouches for it records it, is another one (other settings, or built from other
+    embeddings); with `overwrite`, remove that graph first."""
+    path = _params_file(run)
+    with run.lock():
+        problem = _disagreement(run, _recorded(run), params)
+        if problem and not overwrite:
+            raise GraphbuildError(problem)
+        if problem:
+            log.warning("replacing the graph in %s (--overwrite): %s", run.graph, problem)
+            shutil.rmtree(run.graph, ignore_errors=True)
+            shutil.rmtree(run.state("knn"), ignore_errors=True)
+        if read_json(path) != params:
+            write_json(path, params)
+
+
+def _resolve(out: Path, k: int, method: str, n: int, d: int, block_rows: int,
+             budget: int) -> tuple[int, str, str]:
+    if n < 2:
+        raise GraphbuildError(f"{RunDir(out).embeddings}: {n} node(s); a graph needs two")
+    if k >= n:
+        log.warning("k=%d >= %d nodes: using k=%d, the dense graph", k, n, n - 1)
+        k = n - 1
+    if method != "auto":
+        return k, method, f"{method}: as asked"
+    resumed = resumed_method(out, k)
+    if resumed:
+        return k, resumed, f"{resumed}: the method of the graph being resumed"
+    method, reason = choose_method(n, d, k, budget, block_rows)
+    return k, method, reason
+
+
+def resumed_method(out: str | Path, k: int) -> str | None:
+    """The method of the graph on disk when it has this k (auto keeps it), from what vouches
+    for the graph: _meta.json, params.json, the shard markers."""
+    for _, have in _recorded(RunDir(out)):
+        if have.get("k") == k and have.get("method") in options.METHODS[1:]:
+            return have["method"]
+    return None
+
+
+def knn_shard(out: str | Path, k: int, method: str = "auto", shard: int = 0,
+              num_shards: int = 1, block_rows: int = DEFAULT_BLOCK_ROWS,
+              recall_target: float = 0.95, reporter: Reporter | None = None,
+              overwrite: bool = False, memory_budget: int | None = None,
+              device: str | None = None) -> KnnResult:
+    """Build shard `shard` of `num_shards` of the top-k graph. Safe to rerun."""
+    options.knn_options(k, method, block_rows, recall_target)
+    out = Path(out)
+    run = RunDir(out)
+    reporter = reporter or Reporter()
+    attrs = check_embeddings(out)
+    arr = _open(out)
+    n, d = arr.shape
+    if (n, d) != (attrs["n_nodes"], attrs["dim"]):
+        raise GraphbuildError(f"{run.embeddings}: shape {arr.shape} does not match its attrs "
+                              f"(n_nodes={attrs['n_nodes']}, dim={attrs['dim']})")
+    budget = memory_budget or available_memory()
+    k, method, reason = _resolve(out, k, method, n, d, block_rows, budget)
+    log.info("knn %s: %s", shard_name(shard, num_shards), reason)
+    params = _params(k, method, num_shards, recall_target, attrs)
+    _claim(run, params, overwrite)
+    kill_point("knn.claimed")
+
+    name = shard_name(shard, num_shards)
+    rows = shard_range(n, shard, num_shards)
+    result = KnnResult(shard, num_shards, k, method, reason, rows=len(rows))
+    with run.shard_lock("knn", name):  # a duplicate of this array task waits, then skips
+        stats, why_not = _vouched(run, shard, params, n)
+        if stats is not None:
+            log.info("knn %s: already done, skipping", name)
+            result.skipped = True
+            result.edges, result.recall = stats["edges"], stats.get("recall")
+            result.nprobe, result.probe_gap = stats.get("nprobe"), stats.get("probe_gap")
+        else:
+            _unvouch(run, name, why_not)
+            _search_shard(run, arr, attrs, params, result, rows, block_rows, budget, device,
+                          reporter)
+    _finalize(run, attrs, params, n, result)
+    return result
+
+
+def _vouched(run: RunDir, shard: int, params: dict, n: int) -> tuple[dict | None, str | None]:
+    """(the marker's stats, None) when shard's marker vouches for its part: it reads, records
+    this graph (k, method, provenance, recall target) and the shard's rows and edges, and the
+    part's footer holds those rows and edges. Otherwise (None, why not); why not is None when
+    there is no marker at all."""
+    num_shards = params["num_shards"]
+    path = marker(run.state("knn"), shard_name(shard, num_shards))
+    if not path.exists():
+        return None, None
+    try:
+        stats = read_json(path)
+    except GraphbuildError as e:
+        return None, str(e)
+    rows = shard_range(n, shard, num_shards)
+    want = {key: params[key] for key in ("k", "method", "provenance", "recall_target")
+            if key in params}
+    want.update(first=rows.start, stop=rows.stop, rows=len(rows), edges=len(rows) * params["k"])
+    for key, value in want.items():
+        if stats.get(key) == value:
+            continue
+        if key == "provenance":
+            return None, (f"{path}: records {'no' if key not in stats else 'another'} "
+                          "store's provenance")
+        return None, f"{path}: records {key}={stats.get(key)!r}, this graph's is {value!r}"
+    part = part_path(run.root, shard)
+    problem = part_problem(part, rows.start, rows.stop, want["edges"], n)
+    if problem:
+        return None, f"{part}: {problem}, not what {path.name} records"
+    return stats, None
+
+
+def _unvouch(run: RunDir, name: str, why_not: str | None) -> None:
+    """Before a shard is (re)done: remove graph/_meta.json, which vouches for every part, and
+    the shard's marker that does not vouch for its part (`why_not`)."""
+    with run.lock():
+        meta = meta_path(run.root)
+        if meta.exists():
+            log.warning("%s: removed until every shard is done (%s is being done)",
+                        meta, name)
+            meta.unlink()
+        if why_not is not None:
+            log.warning("knn %s: %s; doing the shard again", name, why_not)
+            marker(run.state("knn"), name).unlink(missing_ok=True)
+
+
+def _search_shard(run: RunDir, arr, attrs: dict, params: dict, result: KnnResult, rows: range,
+                  block_rows: int, budget: int, device: str | None,
+                  reporter: Reporter) -> None:
+    """Search `rows`, write the shard's part, then its done marker with its stats (and what
+    graph it belongs to: k, method, provenance, recall target)."""
+    out, k, method, shard, name = (run.root, result.k, result.method, result.shard,
+                                   shard_name(result.shard, result.num_shards))
+    t0 = time.perf_counter()
+    reporter.start(len(rows), "queries")
+    try:
+        if method == "exact":
+            result.edges = _exact_part(out, arr, k, rows, shard, block_rows, device, reporter)
+            result.recall = 1.0
+        else:
+            result.edges, tuning = _approximate_part(out, arr, attrs, k, rows, shard, block_rows,
+                                                     params["recall_target"], budget, reporter)
+            result.recall, result.nprobe = tuning["recall"], tuning["nprobe"]
+            result.probe_gap = tuning.get("probe_gap")
+    finally:
+        reporter.stop()
+    result.seconds = time.perf_counter() - t0
+    stats = {"rows": len(rows), "first": rows.start, "stop": rows.stop, "k": k,
+             "method": method, "edges": result.edges, "seconds": round(result.seconds, 3),
+             "queries_per_s": round(result.queries_per_s, 1), "recall": result.recall,
+             "nprobe": result.nprobe, "probe_gap": result.probe_gap,
+             **{key: params[key] for key in ("provenance", "recall_target") if key in params}}
+    kill_point("knn.part_written")  # part in place, marker not yet
+    mark_done(run.state("knn"), name, stats)
+    kill_point("knn.shard_marked")
+    log.info("knn %s: %d queries in %.1fs (%.0f queries/s)", name, len(rows),
+             result.seconds, result.queries_per_s)
+
+
+def _exact_part(out: Path, arr, k: int, rows: range, shard: int, block_rows: int,
+                device: str | None, reporter: Reporter) -> int:
+    from graphbuild.graph.exact import blocked_topk
+
+    n, d = arr.shape
+    log.info("exact search: ~%.2f GiB for rows, candidate buffers, results and block scores",
+             exact_memory(n, d, len(rows), k, block_rows) / 2**30)
+    def rows_in_memory():
+        return load_rows(arr, block_rows, RunDir(out).embeddings)
+
+    # no reference to the rows is kept here, so the search can let them go (`reload`)
+    blocks = blocked_topk(rows_in_memory(), k, rows, block_rows=block_rows, device=device,
+                          on_progress=reporter.advance, reload=rows_in_memory)
+    return write_part(out, shard, rows, n, blocks)
+
+
+def _index(run: RunDir, arr, attrs: dict, k: int, recall_target: float, block_rows: int,
+           budget: int):
+    """What searches the shared index and its nprobe: built and tuned once under the lock,
+    then reused. On a CPU an ivf-sq16 index is only its lists (ListScan reads the rows from
+    the store: no codes duplicating the store on disk); else a faiss index, on a GPU if
+    faiss has one."""
+    from graphbuild.graph import ivf_scan
+    from graphbuild.graph.ann import (
+        build_index,
+        build_lists,
+        faiss_gpus,
+        index_kind,
+        nlist_for,
+        on_gpu_if_available,
+        tune_nprobe,
+    )
+    from graphbuild.graph.faiss_loader import load_faiss
+
+    n, d = arr.shape
+    step = max(1, block_rows // arr.chunks[0]) * arr.chunks[0]
+    folder = run.graph / "_index"
+    kind = index_kind(n, d, budget // 2)
+    list_scan = kind == "ivf-sq16" and faiss_gpus() == 0
+    want = {"kind": kind, "nlist": nlist_for(n), "n_nodes": n, "dim": d,
+            "model": attrs["model"], "model_revision": attrs["model_revision"],
+            "file": "lists.npz" if list_scan else f"{kind}.index"}
+    path = folder / want["file"]
+    with run.lock():
+        info = read_json(folder / "index.json")
+        reuse = info.get("index") == want and path.exists()
+        if list_scan:
+            lists = ivf_scan.load_lists(path, n, d) if reuse else None
+            if reuse and lists is None:
+                log.warning("%s: unreadable or not this store's lists; building them again",
+                            path)
+            if lists is None:
+                lists = build_lists(arr, want["nlist"], step)
+                _replace_index_files(folder, path, lambda tmp: ivf_scan.save_lists(tmp, lists))
+                info = {"index": want}
+            searcher = ivf_scan.ListScan.from_lists(*lists, arr, step)
+        else:
+            faiss = load_faiss()
+            if reuse:
+                index = faiss.read_index(str(path))
+            else:
+                index = build_index(arr, kind, want["nlist"], step)
+                _replace_index_files(folder, path,
+                                     lambda tmp: faiss.write_index(index, str(tmp)))
+                info = {"index": want}
+            searcher = on_gpu_if_available(index)
+        tune_key = f"k={k} target={recall_target}"
+        if tune_key not in info.get("tuning", {}):
+            rows = searcher.in_store_order() if hasattr(searcher, "in_store_order") else arr
+            t = tune_nprobe(searcher, rows, k, recall_target, step)
+            info.setdefault("tuning", {})[tune_key] = asdict(t)
+            log.info("nprobe %d of %d lists%s: recall@%d %.4f on %d sampled queries (target "
+                     "%.2f)", t.nprobe, searcher.nlist,
+                     "" if t.probe_gap is None else f" on average (gap {t.probe_gap:.4f})", k,
+                     t.recall, t.sample, recall_target)
+            write_json(folder / "index.json", info)
+    return searcher, {**info["tuning"][tune_key], "kind": kind, "nlist": searcher.nlist}
+
+
+def _replace_index_files(folder: Path, path: Path, write) -> None:
+    """Write the index at `path` (atomically, by `write(temp path)`) and remove any other
+    index file in `folder`: one built for other hardware is stale once this one exists."""
+    for other in [*folder.glob("*.index"), *folder.glob("*.npz")]:
+        if other != path:
+            other.unlink(missing_ok=True)
+    with atomic_path(path) as tmp:
+        write(tmp)
+    kill_point("ann.index_written")
+
+
+def _approximate_part(out: Path, arr, attrs: dict, k: int, rows: range, shard: int,
+                      block_rows: int, recall_target: float, budget: int,
+                      reporter: Reporter) -> tuple[int, dict]:
+    import torch
+
+    from graphbuild.graph.ann import search
+    from graphbuild.graph.ivf_scan import QUERY_STEP, ListScan
+
+    index, tuning = _index(RunDir(out), arr, attrs, k, recall_target, block_rows, budget)
+
+    def blocks():
+        # Search many queries at once (ListScan's products grow with them), then hand the
+        # results on in pieces of block_rows.
+        for lo, block in _read_blocks(arr, rows, max(block_rows, QUERY_STEP)):
+            # a ListScan takes the fp16 rows as stored (half the memory of fp32 queries)
+            xq = (block if isinstance(index, ListScan)
+                  else torch.from_numpy(block).float().numpy())  # ~10x numpy's conversion
+            ids, sims = search(index, xq, np.arange(lo, lo + len(block)), k, tuning["nprobe"],
+                               tuning.get("probe_gap"))
+            for off in range(0, len(block), block_rows):
+                piece = slice(off, off + block_rows)
+                reporter.advance(len(ids[piece]))
+                kill_point("knn.block_searched")
+                yield lo + off, ids[piece], sims[piece]
+
+    return write_part(out, shard, rows, arr.shape[0], blocks()), tuning
+
+
+def _finalize(run: RunDir, attrs: dict, params: dict, n: int, result: KnnResult) -> None:
+    """Once every shard's marker vouches for its part: _meta.json (written when absent or
+    different); while any does not, no _meta.json. Then the stage's figures in run.json."""
+    k, method, num_shards = params["k"], params["method"], params["num_shards"]
+    with run.lock():
+        stats = {}
+        for s in range(num_shards):
+            shard_stats, why_not = _vouched(run, s, params, n)
+            if shard_stats is not None:
+                stats[s] = shard_stats
+            elif why_not is not None:
+                log.warning("knn %s: %s; its rerun does it again", shard_name(s, num_shards),
+                            why_not)
+        result.missing_shards = [s for s in range(num_shards) if s not in stats]
+        result.complete = not result.missing_shards
+        seconds = sum(st.get("seconds", 0.0) for st in stats.values())
+        queries = sum(st.get("rows", 0) for st in stats.values())
+        first = next(iter(stats.values()), {})
+        path = meta_path(run.root)
+        if result.complete:
+            meta = _meta(run, attrs, params, stats)
+            if read_json(path) != meta:
+                write_json(path, meta)
+                kill_point("knn.meta_written")
+        elif path.exists():
+            log.warning("%s: removed: shards %s are not done", path, _ranges(result.missing_shards))
+            path.unlink()
+
+    def change(info: dict) -> None:
+        info.setdefault("stages", {})["knn"] = {
+            "status": "done" if result.complete else "partial", "k": k, "method": method,
+            "recall": first.get("recall"), "nprobe": first.get("nprobe"),
+            "seconds": round(seconds, 2),
+            "queries_per_s": round(queries / seconds, 1) if seconds else None,
+            "shards_done": len(stats), "num_shards": num_shards,
+        }
+
+    run.update_run(change)
+
+
+def _meta(run: RunDir, attrs: dict, params: dict, stats: dict[int, dict]) -> dict:
+    """graph/_meta.json of a complete graph, from its parameters and its shards' markers."""
+    from graphbuild.rundir.paths import PROVENANCE_KEYS
+
+    method, first = params["method"], stats[0]
+    meta = {
+        "format_version": FORMAT_VERSION, "k": params["k"], "metric": "cosine",
+        "method": method, "recall": first.get("recall"), "nprobe": first.get("nprobe"),
+        "probe_gap": first.get("probe_gap"), "n_nodes": attrs["n_nodes"],
+        "edges": sum(st["edges"] for st in stats.values()),
+        "num_shards": params["num_shards"],
+        "parts": [{"file": part_path(run.root, s).name, "first": st["first"],
+                   "stop": st["stop"], "edges": st["edges"]} for s, st in sorted(stats.items())],
+        "sims": ("exact: fp32 rounding of the dot product of the stored fp16 vectors"
+                 if method == "exact" else "faiss index scores"),
+        "provenance": {key: attrs[key] for key in PROVENANCE_KEYS},
+    }
+    if "recall_target" in params:
+        meta["recall_target"] = params["recall_target"]
+    return meta

@@ -1,0 +1,278 @@
+"""Looking up nodes of a run by text, and texts by node; the neighbours of a node or of any text.
+
+A node's neighbours come from its stored graph row. A text that is a node of the run is that
+node; any other text is embedded with the run's own model, precision and templates (read from
+the embeddings.zarr attributes, the weights checked against the recorded revision), rounded to
+fp16 as a stored row would be, and searched exactly against every stored row: scores are the
+fp64 dot products of the fp16 values rounded to fp32, as the exact graph stores them, and equal
+scores go to the smaller node id. Stored rows are read one chunk at a time (`read_rows`): a
+chunk whose file is missing or that fails its crc32c is an error naming the file.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+
+from graphbuild.errors import GraphbuildError
+from graphbuild.rundir.paths import RunDir
+
+log = logging.getLogger(__name__)
+
+SEARCH_BLOCK_ROWS = 16_384
+
+
+def find_nodes(out: str | Path, texts: list[str]) -> dict[str, int]:
+    """Node ids of those texts that are nodes of the run (after whitespace clean-up), in the
+    order given."""
+    clean = {t: " ".join(t.split()) for t in texts}
+    found = (pl.scan_parquet(RunDir(out).nodes).filter(pl.col("text").is_in(list(clean.values())))
+             .select("text", "node").collect())
+    node_of = dict(found.iter_rows())
+    return {t: node_of[c] for t, c in clean.items() if c in node_of}
+
+
+def node_texts(out: str | Path, ids: np.ndarray) -> dict[int, str]:
+    wanted = sorted({int(i) for i in np.ravel(ids) if i >= 0})
+    df = pl.scan_parquet(RunDir(out).nodes).filter(pl.col("node").is_in(wanted)).collect()
+    return dict(zip(df["node"].to_list(), df["text"].to_list()))
+
+
+def open_run(out: str | Path) -> dict:
+    """graph/_meta.json of a finished run. One-line errors (GraphbuildError) for a path that is
+    not a run, unfinished or unlabelled embeddings, or a graph that is not complete."""
+    from graphbuild.graph.stage import check_embeddings
+    from graphbuild.rundir.graph import read_meta
+
+    run = RunDir(out)
+    if not run.root.is_dir():
+        raise GraphbuildError(f"{run.root}: no such run directory")
+    if not run.run_json.is_file():
+        raise GraphbuildError(f"{run.root}: not a graphbuild run (no run.json)")
+    for table in (run.nodes, run.samples):
+        if not table.is_file():
+            raise GraphbuildError(f"{table}: missing; run `graphbuild embed` first")
+    check_embeddings(out)
+    return read_meta(out)
+
+
+def sample_counts(out: str | Path, n_nodes: int) -> np.ndarray:
+    """How many samples share each node, (n_nodes,) int64."""
+    import pyarrow.parquet as pq
+
+    path = RunDir(out).samples
+    try:
+        node = pq.read_table(path, columns=["node"]).column("node").to_numpy()
+    except (OSError, ValueError) as e:
+        raise GraphbuildError(f"{path}: cannot read samples table: {e}") from None
+    if len(node) and (node.min() < 0 or node.max() >= n_nodes):
+        raise GraphbuildError(f"{path}: column node holds ids outside 0..{n_nodes - 1}")
+    return np.bincount(node, minlength=n_nodes)
+
+
+@dataclass
+class Neighbor:
+    rank: int
+    node: int
+    cos: float
+    samples: int
+    text: str
+
+
+@dataclass
+class Neighbors:
+    """A query (a node, or a text) and its nearest nodes, best first."""
+
+    query: str
+    node: int | None          # the query's node; None for a text that is not a node
+    samples: int              # samples sharing the query's node (0 for a new text)
+    source: str               # "graph" or "exact search"
+    k_stored: int             # neighbours per node in the graph
+    neighbors: list[Neighbor] = field(default_factory=list)
+    model: str | None = None  # for a new text: how it was embedded
+    precision: str | None = None
+    vector: np.ndarray | None = field(default=None, repr=False)  # a new text's fp16 vector
+
+    def as_dict(self) -> dict:
+        d = asdict(self)
+        d.pop("vector")
+        return d
+
+
+def _check_node(out: str | Path, node: int, n_nodes: int) -> None:
+    if not 0 <= node < n_nodes:
+        raise GraphbuildError(f"{RunDir(out).nodes}: node {node} out of range 0..{n_nodes - 1}")
+
+
+def graph_row(out: str | Path, meta: dict, node: int) -> tuple[np.ndarray, np.ndarray]:
+    """(neighbour ids, sims) of one node, read from the one part (and row group) holding it."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from graphbuild.rundir.graph import PAGE_CHECKS, meta_path
+
+    part = next((p for p in meta["parts"] if p["first"] <= node < p["stop"]), None)
+    if part is None:
+        raise GraphbuildError(f"{meta_path(out)}: no part holds node {node}")
+    path = RunDir(out).graph / part["file"]
+    try:
+        t = pq.read_table(path, columns=["node", "neighbors", "sims"],
+                          filters=[("node", "=", node)], **PAGE_CHECKS)
+    except (OSError, ValueError, pa.ArrowException) as e:
+        raise GraphbuildError(f"{path}: cannot read graph part: "
+                              f"{str(e).strip().splitlines()[0]}") from None
+    if t.num_rows != 1:
+        raise GraphbuildError(f"{path}: holds {t.num_rows} rows for node {node}, not one")
+    ids = np.asarray(t.column("neighbors")[0].as_py(), np.int64)
+    sims = np.asarray(t.column("sims")[0].as_py(), np.float32)
+    return ids, sims
+
+
+def _result(out: str | Path, query: str, node: int | None, ids: np.ndarray, sims: np.ndarray,
+            counts: np.ndarray, source: str, meta: dict) -> Neighbors:
+    texts = node_texts(out, ids)
+    rows = [Neighbor(r + 1, int(i), float(s), int(counts[i]), texts.get(int(i), ""))
+            for r, (i, s) in enumerate(zip(ids, sims))]
+    return Neighbors(query, node, int(counts[node]) if node is not None else 0, source,
+                     meta["k"], rows)
+
+
+def node_neighbors(out: str | Path, node: int, k: int = 10) -> Neighbors:
+    """A node's best `k` neighbours from the graph (at most the k the graph stores)."""
+    meta = open_run(out)
+    _check_node(out, node, meta["n_nodes"])
+    if k < 1:
+        raise GraphbuildError(f"{RunDir(out).graph}: --k must be >= 1, got {k}")
+    ids, sims = graph_row(out, meta, node)
+    counts = sample_counts(out, meta["n_nodes"])
+    text = node_texts(out, np.array([node])).get(node, "")
+    return _result(out, text, node, ids[:k], sims[:k], counts, "graph", meta)
+
+
+def text_neighbors(out: str | Path, text: str, k: int = 10, device: str = "auto",
+                   model: str | None = None) -> Neighbors:
+    """The best `k` nodes for any text: from the graph when the text is a node, else by
+    embedding it with the run's model and an exact search over the stored rows. `model`
+    replaces the recorded model name (e.g. a moved directory); its weights must still be the
+    recorded revision."""
+    meta = open_run(out)
+    clean = " ".join(text.split())
+    if not clean:
+        raise GraphbuildError("the query text is empty")
+    if k < 1:
+        raise GraphbuildError(f"{RunDir(out).graph}: --k must be >= 1, got {k}")
+    found = find_nodes(out, [clean])
+    if found:
+        result = node_neighbors(out, found[clean], k)
+        result.query = clean
+        return result
+    attrs = dict(_open_store(out).attrs)
+    vector, precision = embed_query(out, clean, attrs, device, model)
+    ids, sims = exact_search(out, vector, k)
+    counts = sample_counts(out, meta["n_nodes"])
+    result = _result(out, clean, None, ids, sims, counts, "exact search", meta)
+    result.model, result.precision, result.vector = attrs["model"], precision, vector
+    return result
+
+
+def _open_store(out: str | Path):
+    import zarr
+
+    return zarr.open_array(str(RunDir(out).embeddings), mode="r")
+
+
+def embed_query(out: str | Path, text: str, attrs: dict, device: str = "auto",
+                model: str | None = None) -> tuple[np.ndarray, str]:
+    """(fp16 unit vector, precision used) of a text, embedded as the run embedded its nodes."""
+    from graphbuild.embedding.encode import TextEncoder, pick_device
+    from graphbuild.embedding.models import load_sentence_transformer, resolve_model
+    from graphbuild.embedding.stage import _embed_rows
+
+    where = RunDir(out).embeddings
+    ref = resolve_model(model or attrs["model"])
+    if ref.revision != attrs["model_revision"]:
+        raise GraphbuildError(f"{where}: embedded with {attrs['model']} revision "
+                              f"{attrs['model_revision']!r}; {ref.path} is {ref.revision!r}")
+    device = pick_device(device)
+    precision = attrs["precision"]
+    if precision == "fp16" and not device.startswith("cuda"):
+        log.warning("the run was embedded in fp16 on CUDA; embedding the query in fp32 on %s",
+                    device)
+        precision = "fp32"
+    encoder = TextEncoder(load_sentence_transformer(ref, device), device, precision)
+    for key, have in (("dim", encoder.dim), ("max_seq_length", encoder.max_seq_length)):
+        if attrs.get(key) != have:
+            raise GraphbuildError(f"{where}: {key}={attrs.get(key)!r}, the model gives {have}")
+    vec = _embed_rows(encoder, [text], list(attrs["templates"]), None)[0]
+    return vec.astype(np.float16), precision
+
+
+def chunk_file(arr, where: Path, c: int) -> Path:
+    """The file of row chunk `c` of the store at `where` (a zarr array, or a view of one as
+    `.arr`), named by the store's own chunk key encoding."""
+    metadata = getattr(arr, "arr", arr).metadata
+    return where / metadata.chunk_key_encoding.encode_chunk_key((c, 0))
+
+
+def read_rows(arr, where: Path, lo: int, hi: int) -> np.ndarray:
+    """Rows [lo, hi) of the store, read one chunk per zarr call. A chunk whose file is missing
+    (zarr would return its fill value, zeros) or that fails its crc32c is a one-line error
+    naming the file. One chunk per call also means a failed read leaves no concurrent reads of
+    other chunks pending in zarr's event loop, which asyncio reports at exit, many lines long."""
+    n, (step, d) = arr.shape[0], arr.chunks
+    lo, hi = max(lo, 0), min(hi, n)
+    rows = np.empty((max(hi - lo, 0), d), arr.dtype)
+    for c in range(lo // step, -(-hi // step)):
+        a, b = max(lo, c * step), min(hi, (c + 1) * step)
+        path = chunk_file(arr, where, c)
+        if not path.is_file():
+            raise GraphbuildError(f"{path}: chunk {c} (rows {c * step}-{min((c + 1) * step, n) - 1}"
+                                  ") is missing; rerun `graphbuild embed` to redo it")
+        try:
+            rows[a - lo:b - lo] = arr[a:b]
+        except ValueError as e:
+            raise GraphbuildError(
+                f"{path}: chunk {c} cannot be read ({str(e).strip().splitlines()[0]}); "
+                "rerun `graphbuild embed` to redo it"
+            ) from None
+    return rows
+
+
+def exact_search(out: str | Path, vector: np.ndarray, k: int,
+                 block_rows: int = SEARCH_BLOCK_ROWS) -> tuple[np.ndarray, np.ndarray]:
+    """(ids int64, sims float32) of the `k` stored rows nearest an fp16 vector, best first,
+    equal sims by smaller id; read block by block."""
+    arr = _open_store(out)
+    n = arr.shape[0]
+    q = np.asarray(vector, np.float16).astype(np.float64)
+    sims = np.empty(n, np.float32)
+    step = max(1, block_rows // arr.chunks[0]) * arr.chunks[0]
+    for lo in range(0, n, step):  # the store is read one chunk per zarr call (read_rows)
+        block = read_rows(arr, RunDir(out).embeddings, lo, lo + step).astype(np.float64)
+        sims[lo:lo + len(block)] = block @ q
+    k = min(k, n)
+    top = np.argpartition(-sims, k - 1)[:k] if k < n else np.arange(n)
+    cut = sims[top].min()
+    cand = np.flatnonzero(sims >= cut)  # every tie of the k-th score, so ties go by id
+    order = np.lexsort((cand, -sims[cand]))[:k]
+    return cand[order].astype(np.int64), sims[cand[order]]
+
+
+def format_neighbors(r: Neighbors) -> str:
+    """The human-readable form of a `Neighbors` result."""
+    if r.node is None:
+        head = (f"{r.query!r}: not a node; embedded with {r.model} ({r.precision}), exact "
+                "search over the stored embeddings")
+    else:
+        shared = f"{r.samples:,} sample{'s' if r.samples != 1 else ''}"
+        head = (f"node {r.node} {r.query!r} ({shared}): from the graph, which holds "
+                f"{r.k_stored} neighbours per node")
+    width = max([len(str(n.node)) for n in r.neighbors] + [4])
+    lines = [head, f"{'rank':>4}  {'node':>{width}}  {'cos':>6}  {'samples':>7}  text"]
+    lines += [f"{n.rank:>4}  {n.node:>{width}}  {n.cos:>6.3f}  {n.samples:>7,}  {n.text}"
+              for n in r.neighbors]
+    return "\n".join(lines)

@@ -1,0 +1,22 @@
+"""The run directory's format, in one place: the builder writes it, every stage, inspector and
+the trainer read it through here, with the same checks. Light: numpy, pyarrow and
+google-crc32c only (never zarr, polars or torch), so the trainer imports it.
+
+  RUN/run.json              the manifest snapshot, the sources' content records, per-stage
+                            status and figures (paths.RunDir names every file)
+  RUN/nodes.parquet         node int64, text: one row per unique text, in first-seen order
+  RUN/samples.parquet       sample int64 (0..S-1), sample_id, node int64
+  RUN/embeddings.zarr/      (n_nodes, dim) float16, unit norm, row chunks, each chunk file its
+                            raw little-endian rows + crc32c; attributes carry the provenance
+                            (paths.PROVENANCE_KEYS)
+  RUN/graph/part-NNNNN.parquet  node int64, neighbors list<int32>, sims list<float32>, sorted
+                            by node, page checksums; graph/_meta.json vouches for all parts
+  RUN/_state/STAGE/         completion markers (with stats), written after their data
+
+  paths.py    RunDir, PROVENANCE_KEYS, the store's attributes
+  files.py    atomic writes, JSON, markers, Parquet row groups
+  locks.py    locks that say who holds them, with a timeout
+  store.py    embeddings.zarr's chunk files and the checked readers of its rows
+  graph.py    graph parts: writer, footer check, _meta.json and its provenance, readers
+  samples.py  samples.parquet and the source's record, as the trainer joins by id
+"""

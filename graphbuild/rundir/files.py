@@ -1,0 +1,134 @@
+"""Files a later step trusts: atomic writes, JSON, completion markers, Parquet rows.
+
+Every file that a later step trusts is written to a temp file in the same directory and
+moved into place with os.replace, so a reader sees the old file or the whole new one, never
+half of one. Completion markers are written last.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import glob
+import json
+import logging
+import os
+import socket
+from pathlib import Path
+from typing import Any, Iterator
+
+from graphbuild.errors import GraphbuildError
+from graphbuild.faults import kill_point
+
+log = logging.getLogger(__name__)
+
+HOST = socket.gethostname().replace("-", "_")  # temp names split on "-"
+
+
+@contextlib.contextmanager
+def atomic_path(path: Path) -> Iterator[Path]:
+    """Yield a temp path beside `path`; on success move it over `path`, on failure remove it."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    _remove_dead_temps(path)
+    tmp = path.with_name(f".{path.name}.tmp-{HOST}-{os.getpid()}")
+    try:
+        yield tmp
+        kill_point("before_replace")
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
+        raise
+
+
+def _remove_dead_temps(path: Path) -> None:
+    """Temp files of `path` left by killed writers on this host. A live writer's temp, or one
+    from another host of a shared filesystem, is left alone."""
+    for tmp in path.parent.glob(f".{glob.escape(path.name)}.tmp-{HOST}-*"):
+        pid = tmp.name.rsplit("-", 1)[-1]
+        if pid.isdigit() and not _alive(int(pid)):
+            tmp.unlink(missing_ok=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def write_json(path: Path, obj: Any) -> None:
+    text = json.dumps(obj, indent=2, sort_keys=True) + "\n"
+    with atomic_path(path) as tmp:
+        with open(tmp, "w") as f:
+            f.write(text[: len(text) // 2])
+            f.flush()
+            kill_point("json.mid_write")
+            f.write(text[len(text) // 2:])
+            f.flush()
+            os.fsync(f.fileno())
+
+
+def read_json(path: Path) -> dict:
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except FileNotFoundError:
+        return {}
+    except json.JSONDecodeError as e:
+        raise GraphbuildError(f"{path}: not valid JSON ({e.msg} at line {e.lineno})") from None
+
+
+def marker(directory: Path, name: str) -> Path:
+    return directory / f"{name}.done"
+
+
+def is_done(directory: Path, name: str) -> bool:
+    return marker(directory, name).exists()
+
+
+def mark_done(directory: Path, name: str, stats: dict | None = None) -> None:
+    """Write a completion marker (optionally holding stats). Call it after the data is in place."""
+    write_json(marker(directory, name), stats or {})
+
+
+class ParquetRows:
+    """A Parquet file written from frames appended in order, in row groups of exactly
+    `group` rows (the last one shorter), so its bytes depend on the rows alone, not on the
+    frames they came in."""
+
+    def __init__(self, path: Path, schema: dict, group: int = 65_536):  # polars dtypes by name
+        import polars as pl
+        import pyarrow.parquet as pq
+
+        self.schema = pl.DataFrame(schema=schema).to_arrow().schema
+        self.group = group
+        self._writer = pq.ParquetWriter(path, self.schema, compression="zstd")
+        self._waiting: list = []
+        self._rows = 0
+
+    def write(self, df) -> None:  # a polars DataFrame
+        if df.height:
+            self._waiting.append(df.to_arrow().cast(self.schema))
+            self._rows += df.height
+        while self._rows >= self.group:
+            self._emit(self.group)
+
+    def _emit(self, n: int) -> None:
+        import pyarrow as pa
+
+        table = pa.concat_tables(self._waiting)
+        self._writer.write_table(table.slice(0, n).combine_chunks(), row_group_size=n)
+        rest = table.slice(n)
+        self._waiting = [rest] if rest.num_rows else []
+        self._rows -= n
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._rows and exc[0] is None:
+            self._emit(self._rows)
+        self._writer.close()
