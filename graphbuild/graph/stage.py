@@ -36,7 +36,7 @@ from graphbuild.progress import Reporter
 from graphbuild.rundir.files import atomic_path, mark_done, marker, read_json, write_json
 from graphbuild.rundir.graph import FORMAT_VERSION, meta_path, part_path, part_problem, write_part
 from graphbuild.rundir.paths import RunDir
-from graphbuild.shards import shard_name, shard_range
+from graphbuild.shards import id_ranges, shard_name, shard_range
 
 log = logging.getLogger(__name__)
 
@@ -104,18 +104,6 @@ def choose_method(n: int, d: int, k: int, budget: int,
     return "approximate", f"approximate: {figures} (N > {EXACT_MAX_NODES:,} and over 1 hour)"
 
 
-def _ranges(ids: list[int]) -> str:
-    """[1, 2, 3, 7] -> '1-3, 7'."""
-    parts, start = [], None
-    for i, c in enumerate(ids):
-        if start is None:
-            start = c
-        if i + 1 == len(ids) or ids[i + 1] != c + 1:
-            parts.append(f"{start}" if start == c else f"{start}-{c}")
-            start = None
-    return ", ".join(parts)
-
-
 def check_embeddings(out: str | Path) -> dict:
     """Provenance attributes of finished embeddings; refuses unfinished or unlabelled ones."""
     from graphbuild.embedding.stage import embeddings_status
@@ -129,7 +117,7 @@ def check_embeddings(out: str | Path) -> dict:
         shards = _missing_embed_shards(run, missing, n_chunks)
         raise GraphbuildError(
             f"{run.embeddings}: embeddings are not finished: {len(missing)} chunks missing "
-            f"(chunks {_ranges(missing)}{shards}); finish `graphbuild embed` first")
+            f"(chunks {id_ranges(missing)}{shards}); finish `graphbuild embed` first")
     absent = [key for key in PROVENANCE_KEYS if key not in attrs]
     if absent:
         raise GraphbuildError(f"{run.embeddings}: provenance incomplete, attrs lack "
@@ -146,7 +134,7 @@ def _missing_embed_shards(run: RunDir, missing: list[int], n_chunks: int | None)
     for m in sorted(layouts):
         todo = sorted({s for s in range(m) for c in missing
                        if c in shard_range(n_chunks, s, m)})
-        text.append(f"embed shards {_ranges(todo)} of {m}")
+        text.append(f"embed shards {id_ranges(todo)} of {m}")
     return "; " + ", ".join(text)
 
 
@@ -564,7 +552,8 @@ def _finalize(run: RunDir, attrs: dict, params: dict, n: int, result: KnnResult)
                 write_json(path, meta)
                 kill_point("knn.meta_written")
         elif path.exists():
-            log.warning("%s: removed: shards %s are not done", path, _ranges(result.missing_shards))
+            log.warning("%s: removed: shards %s are not done", path,
+                        id_ranges(result.missing_shards))
             path.unlink()
 
     def change(info: dict) -> None:
