@@ -19,7 +19,7 @@ def test_coretype_follows_the_cpu_flags():
 
 CHILD = """
 import ctypes, glob, os
-from graphbuild.faiss_loader import coretype, load_faiss
+from graphbuild.graph.faiss_loader import coretype, load_faiss
 faiss = load_faiss()
 assert "OPENBLAS_CORETYPE" not in os.environ  # set for faiss's import only
 libs = glob.glob(os.path.join(os.path.dirname(faiss.__file__), "..", "faiss_cpu.libs",

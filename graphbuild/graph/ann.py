@@ -26,8 +26,9 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from graphbuild.cpu import has_native_bf16
 from graphbuild.graph.hits import descending_bits
-from graphbuild.graph.ivf_scan import bf16_in_hardware, centroid_dtype, nearest_list, probe_gap_for
+from graphbuild.graph.ivf_scan import centroid_dtype, nearest_list, probe_gap_for
 from graphbuild.graph.kernels import empty_heaps, offer, sort_heaps, threads_as_torch
 from graphbuild.graph.kmeans import spherical_kmeans
 
@@ -217,7 +218,7 @@ def ground_truth(arr, queries: np.ndarray, k: int, block_rows: int) -> np.ndarra
     the rows. Where the CPU multiplies bf16 in hardware, bf16 products pick candidates and
     their exact scores rank them (`_rescored_truth`, 2x faster at 1M); a query whose
     candidates cannot be shown to hold its exact top-k is scored again in fp32."""
-    if not bf16_in_hardware():
+    if not has_native_bf16():
         return _fp32_truth(arr, queries, k, block_rows)
     truth, proven = _rescored_truth(arr, queries, k, block_rows)
     if not proven.all():

@@ -13,7 +13,8 @@ from __future__ import annotations
 
 import os
 import sys
-from pathlib import Path
+
+from graphbuild.cpu import cpu_flags
 
 # OpenBLAS kernel sets, best first, with the CPU flags each needs.
 CORETYPES = (("SkylakeX", {"avx512f", "avx512cd", "avx512bw", "avx512dq", "avx512vl"}),
@@ -21,15 +22,10 @@ CORETYPES = (("SkylakeX", {"avx512f", "avx512cd", "avx512bw", "avx512dq", "avx51
 
 
 def coretype(cpuinfo: str | None = None) -> str | None:
-    """The OpenBLAS core type for this x86 CPU's flags, or None when unknown."""
-    if cpuinfo is None:
-        try:
-            cpuinfo = Path("/proc/cpuinfo").read_text()
-        except OSError:
-            return None
-    flags = next((line.split(":", 1)[1].split() for line in cpuinfo.splitlines()
-                  if line.startswith("flags")), [])
-    return next((name for name, need in CORETYPES if need <= set(flags)), None)
+    """The OpenBLAS core type for this x86 CPU's flags (`cpu_flags(cpuinfo)`), or None when
+    unknown."""
+    flags = cpu_flags(cpuinfo)
+    return next((name for name, need in CORETYPES if need <= flags), None)
 
 
 def load_faiss():
