@@ -184,7 +184,7 @@ import json, logging, sys, time
 def peak_kib():  # VmHWM: ru_maxrss would carry this benchmark's own peak over fork and exec
     return next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith("VmHWM"))
 logging.basicConfig(level=logging.INFO, format="  [child] %(message)s", stream=sys.stdout)
-from graphbuild.knn import knn_shard
+from graphbuild.graph.stage import knn_shard
 t0 = time.perf_counter()
 r = knn_shard(sys.argv[1], int(sys.argv[2]), method=sys.argv[3], shard=int(sys.argv[4]),
               num_shards=int(sys.argv[5]), overwrite=True)
@@ -209,13 +209,38 @@ def child_knn(run: Path, method: str, shard: int = 0, num_shards: int = 1) -> di
     return json.loads(lines[-1])
 
 
+def index_from_lists(lists: tuple[np.ndarray, np.ndarray, np.ndarray], arr, block_rows: int):
+    """The faiss ivf-sq16 index holding `lists` (build_lists'): their centroids, and each row
+    added to its list, no k-means run again. For faiss's own IVF search of the same lists."""
+    from graphbuild.graph.faiss_loader import load_faiss
+
+    faiss = load_faiss()
+    centroids, offsets, ids = lists
+    nlist, d = centroids.shape
+    quantizer = faiss.IndexFlatIP(d)
+    quantizer.add(np.ascontiguousarray(centroids, np.float32))
+    index = faiss.IndexIVFScalarQuantizer(quantizer, d, nlist, faiss.ScalarQuantizer.QT_fp16,
+                                          faiss.METRIC_INNER_PRODUCT)
+    index.own_fields = True
+    quantizer.this.disown()
+    index.is_trained = True  # fp16 codes need no training; the quantizer holds the centroids
+    list_of = np.empty(len(ids), np.int64)
+    list_of[ids] = np.repeat(np.arange(nlist), np.diff(offsets))
+    for lo in range(0, arr.shape[0], block_rows):
+        x = np.ascontiguousarray(np.asarray(arr[lo:lo + block_rows], np.float32))
+        lists_here = np.ascontiguousarray(list_of[lo:lo + len(x)])
+        index.add_core(len(x), faiss.swig_ptr(x), None, faiss.swig_ptr(lists_here))
+    return index
+
+
+
 def list_scan_vs_faiss(run: Path, nprobe: int, queries: int = 32768) -> None:
     """The same index searched two ways, on the same block of queries: faiss's IVF search
     and graphbuild's ListScan (ivf_scan.py), both probing nprobe lists a query (no adaptive
     probing: faiss has none)."""
     import zarr
 
-    from graphbuild.graph.ann import index_from_lists, search
+    from graphbuild.graph.ann import search
     from graphbuild.graph.ivf_scan import ListScan, load_lists
 
     arr = zarr.open_array(str(run / "embeddings.zarr"), mode="r")

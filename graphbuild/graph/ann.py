@@ -164,30 +164,6 @@ def build_lists(arr, nlist: int, block_rows: int, seed: int = SEED,
     return centroids, offsets, ids
 
 
-def index_from_lists(lists: tuple[np.ndarray, np.ndarray, np.ndarray], arr, block_rows: int):
-    """The faiss ivf-sq16 index holding `lists` (build_lists'): their centroids, and each row
-    added to its list, no k-means run again. For faiss's own IVF search of the same lists."""
-    from graphbuild.graph.faiss_loader import load_faiss
-
-    faiss = load_faiss()
-    centroids, offsets, ids = lists
-    nlist, d = centroids.shape
-    quantizer = faiss.IndexFlatIP(d)
-    quantizer.add(np.ascontiguousarray(centroids, np.float32))
-    index = faiss.IndexIVFScalarQuantizer(quantizer, d, nlist, faiss.ScalarQuantizer.QT_fp16,
-                                          faiss.METRIC_INNER_PRODUCT)
-    index.own_fields = True
-    quantizer.this.disown()
-    index.is_trained = True  # fp16 codes need no training; the quantizer holds the centroids
-    list_of = np.empty(len(ids), np.int64)
-    list_of[ids] = np.repeat(np.arange(nlist), np.diff(offsets))
-    for lo in range(0, arr.shape[0], block_rows):
-        x = np.ascontiguousarray(np.asarray(arr[lo:lo + block_rows], np.float32))
-        lists_here = np.ascontiguousarray(list_of[lo:lo + len(x)])
-        index.add_core(len(x), faiss.swig_ptr(x), None, faiss.swig_ptr(lists_here))
-    return index
-
-
 def faiss_gpus() -> int:
     """GPUs faiss can use: 0 with faiss-cpu."""
     from graphbuild.graph.faiss_loader import load_faiss

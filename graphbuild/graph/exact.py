@@ -52,7 +52,6 @@ log = logging.getLogger(__name__)
 F32_UNIT_ROUNDOFF = 2.0 ** -24
 # Unit roundoff (half the spacing just above 1.0) of the half-precision compute types.
 HALF_UNIT_ROUNDOFF = {"bf16": 2.0 ** -8, "fp16": 2.0 ** -11}
-EXACT_NORM_LIMIT = 5.0     # |x| below this keeps fp64 dot products of fp16 values exact
 THRESHOLD_SLACK = 2e-6     # covers fp32 rounding of the threshold and of the stored sims
 DEFAULT_BLOCK_ROWS = 2048  # 8 MiB of bf16 scores per block pair
 GROUP = 16  # rows per max-pooled group when filtering a block of scores
