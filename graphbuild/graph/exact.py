@@ -156,13 +156,13 @@ def _exact_dots_of_rows(x16: np.ndarray, rows: np.ndarray, rr: np.ndarray,
     (kernels.exact_dots), as the re-rank's candidates are many short gathers."""
     import torch
 
-    from graphbuild.graph.kernels import F16_AS_F32, exact_dots, threads_as_torch
+    from graphbuild.graph.kernels import exact_dots, threads_as_torch
 
     q = torch.from_numpy(x16[rows]).float().numpy()
     out = np.empty(len(rr), np.float32)
     threads_as_torch()
-    exact_dots(np.ascontiguousarray(x16).view(np.uint16), F16_AS_F32, q,
-               np.asarray(rr, np.int64), np.asarray(cols, np.int64), out)
+    exact_dots(np.ascontiguousarray(x16).view(np.uint16), q, np.asarray(rr, np.int64),
+               np.asarray(cols, np.int64), out)
     return out
 
 

@@ -175,20 +175,23 @@ def probe_lists(scores, bf16_bits, gap, least, most):
 F16_AS_F32 = np.arange(2**16, dtype=np.uint16).view(np.float16).astype(np.float32)
 
 
+@njit(cache=True, inline="always")
+def _exact_dot(a, b_bits):
+    """a . b, rounded once to fp32, for a row a of fp16 values held as fp32 and a row b of
+    fp16 given as its uint16 bits: each product of two fp16 values is exact in fp32 and their
+    fp64 sum is exact (exact.py), so this equals any other exact summation bit for bit."""
+    s = 0.0
+    for j in range(len(a)):
+        s += np.float64(a[j] * F16_AS_F32[b_bits[j]])
+    return np.float32(s)
+
+
 @njit(cache=True, parallel=True)
-def exact_dots(x_bits, table, q32, rr, cols, out):
-    """out[p] = q32[rr[p]] . x[cols[p]] for each pair p, summed in fp64 and rounded once to
-    fp32, where x is fp16 given as its uint16 bits and table maps bits to fp32. Each product
-    of two fp16 values is exact in fp32 and their fp64 sum is exact (exact.py), so this equals
-    any other exact summation bit for bit."""
-    d = x_bits.shape[1]
+def exact_dots(x_bits, q32, rr, cols, out):
+    """out[p] = q32[rr[p]] . x[cols[p]] for each pair p (`_exact_dot`), where x is fp16 given
+    as its uint16 bits."""
     for p in prange(len(rr)):
-        a = q32[rr[p]]
-        b = x_bits[cols[p]]
-        s = 0.0
-        for j in range(d):
-            s += np.float64(a[j] * table[b[j]])
-        out[p] = np.float32(s)
+        out[p] = _exact_dot(q32[rr[p]], x_bits[cols[p]])
 
 
 # exact's candidate buffers (CPU, bf16 scores). Scores are held as int16 keys that order
@@ -408,9 +411,8 @@ def offer_rescored(scores, lo, q32, x_bits, heap_k, heap_i, heap_x):
     """Offer approximate scores (m, c) of m queries (fp32 rows q32), bf16 as their int16
     bits, against the rows lo.. (fp16, as their uint16 bits x_bits) to the queries' heaps of
     keys (`_ordered`; EMPTY_KEY when free), kept as `offer` keeps scores. Each score taken in
-    carries its row's exact score (heap_x): exact fp32 products summed in fp64, as
-    exact_dots."""
-    kk, d = heap_k.shape[1], x_bits.shape[1]
+    carries its row's exact score (heap_x, `_exact_dot`)."""
+    kk = heap_k.shape[1]
     for q in prange(scores.shape[0]):
         hk, hi, hx = heap_k[q], heap_i[q], heap_x[q]
         bar = hk[0]
@@ -425,9 +427,5 @@ def offer_rescored(scores, lo, q32, x_bits, heap_k, heap_i, heap_x):
             for c in range(start, stop):
                 v = _ordered(row[c])
                 if v >= bar and (v > bar or lo + c < hi[0]):
-                    b = x_bits[c]
-                    s = 0.0
-                    for j in range(d):
-                        s += np.float64(a[j] * F16_AS_F32[b[j]])
-                    _replace_worst(hk, hi, v, lo + c, kk, hx, np.float32(s))
+                    _replace_worst(hk, hi, v, lo + c, kk, hx, _exact_dot(a, x_bits[c]))
                     bar = hk[0]
