@@ -237,14 +237,19 @@ def _rescored_truth(arr, queries: np.ndarray, k: int, block_rows: int,
 
     Proof: a row left out scored v <= w by bf16, w the query's worst candidate. bf16
     products of rows whose norms are at most N (rounded to bf16: at most N~, so N <=
-    N~ / (1 - u)) are within b(v) = u N (N + N~) + g N~**2 + u/(1-u) |v| of the exact score
-    (exact.error_bound, with u = 2**-8 bounding every element's rounding: E <= u N). So if
-    w + b(w) is below the k-th exact score, no row left out can be among the k best."""
-    from graphbuild.graph.exact import F32_UNIT_ROUNDOFF, HALF_UNIT_ROUNDOFF, THRESHOLD_SLACK
+    N~ / (1 - u)) are within b(v) of the exact score (exact.ErrorBound, with u = 2**-8
+    bounding every element's rounding: E <= u N). So if w + b(w) is below the k-th exact
+    score, no row left out can be among the k best."""
+    from graphbuild.graph.exact import (
+        HALF_UNIT_ROUNDOFF,
+        THRESHOLD_SLACK,
+        ErrorBound,
+        default_capacity,
+    )
     from graphbuild.graph.kernels import EMPTY_KEY, key_values, offer_rescored
 
     n, d = arr.shape
-    kk = min(candidates or 2 * k + 16, n - 1)
+    kk = min(candidates or default_capacity(k), n - 1)
     q32 = gather_rows(arr, queries, block_rows)
     xq = torch.from_numpy(q32).bfloat16()
     own = torch.from_numpy(queries)
@@ -266,11 +271,9 @@ def _rescored_truth(arr, queries: np.ndarray, k: int, block_rows: int,
     u = HALF_UNIT_ROUNDOFF["bf16"]
     rounded_norm *= 1 + 1e-5  # covers the fp32 norm's own rounding
     norm = rounded_norm / (1 - u)
-    g = d * F32_UNIT_ROUNDOFF / (1 - d * F32_UNIT_ROUNDOFF)
+    bound = ErrorBound.of_norms(norm, rounded_norm, u * norm, d, "bf16")
     # heaps keep their worst at the root
-    worst = key_values(best_k[:, 0]).astype(np.float64)
-    reach = (worst + u * norm * (norm + rounded_norm) + g * rounded_norm ** 2
-             + u / (1 - u) * np.abs(worst) + THRESHOLD_SLACK)
+    reach = bound.highest(key_values(best_k[:, 0]).astype(np.float64)) + THRESHOLD_SLACK
     order = np.lexsort((best_i, -best_x), axis=1)[:, :k]
     kth = np.take_along_axis(best_x, order, 1)[:, -1]
     proven = (reach < kth) | (best_i[:, 0] < 0)  # a heap never filled holds every row

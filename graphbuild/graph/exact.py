@@ -73,20 +73,43 @@ class ErrorBound:
     absolute: float
     relative: float
 
+    @classmethod
+    def of_norms(cls, norm: float, rounded_norm: float, err: float, d: int,
+                 half: str) -> ErrorBound:
+        """The bound for products of rows of d values whose norms are at most `norm`, at most
+        `rounded_norm` once rounded to `half`, and whose rounding errors have norms at most
+        `err` (derivation in `error_bound`)."""
+        g = d * F32_UNIT_ROUNDOFF / (1 - d * F32_UNIT_ROUNDOFF)
+        u = HALF_UNIT_ROUNDOFF[half]
+        return cls(absolute=err * rounded_norm + norm * err + g * rounded_norm ** 2,
+                   relative=u / (1 - u))
+
+    def highest(self, v):
+        """The highest exact score that a computed score v can stand for: v + b(v)."""
+        return v + self.absolute + self.relative * abs(v)
+
     def lowest_kth(self, t):
         """The lowest value the exact k-th best can take when the approximate k-th best is t:
         k candidates have v >= t, and v - b(v) increases with v."""
-        return t - self.absolute - self.relative * t.abs()
+        return t - self.absolute - self.relative * abs(t)
 
     def keep_threshold(self, t):
         """Smallest v whose upper bound v + b(v) reaches lowest_kth(t); b(v) grows with |v|,
-        so v + b(v) increases and can be inverted piecewise. Works on torch tensors."""
-        import torch
-
+        so v + b(v) increases and can be inverted piecewise. Works on torch tensors and on
+        numpy arrays."""
         low = self.lowest_kth(t) - self.absolute
         up = low / (1.0 + self.relative)
         down = low / (1.0 - self.relative)
-        return torch.where(low >= 0, up, down) - THRESHOLD_SLACK
+        return _where(low >= 0, up, down) - THRESHOLD_SLACK
+
+
+def _where(condition, a, b):
+    """torch.where for tensors, np.where for arrays."""
+    if isinstance(condition, np.ndarray):
+        return np.where(condition, a, b)
+    import torch
+
+    return torch.where(condition, a, b)
 
 
 def error_bound(x16: np.ndarray, half: str = "bf16", block_rows: int = 65536) -> ErrorBound:
@@ -119,10 +142,7 @@ def error_bound(x16: np.ndarray, half: str = "bf16", block_rows: int = 65536) ->
         err = max(err, float((xr - x).norm(dim=1).max()))
     # Norms are computed in fp32; a relative margin of 1e-5 covers their own rounding.
     norm, rounded_norm, err = (v * (1 + 1e-5) for v in (norm, rounded_norm, err))
-    g = d * F32_UNIT_ROUNDOFF / (1 - d * F32_UNIT_ROUNDOFF)
-    u = HALF_UNIT_ROUNDOFF[half]
-    return ErrorBound(absolute=err * rounded_norm + norm * err + g * rounded_norm ** 2,
-                      relative=u / (1 - u))
+    return ErrorBound.of_norms(norm, rounded_norm, err, d, half)
 
 
 def half_dtype(half: str):
@@ -353,9 +373,7 @@ def filter_keys(bound: ErrorBound, margin: float = 1e-6) -> np.ndarray:
 
     t = KEY_AS_F32.astype(np.float64)
     with np.errstate(invalid="ignore"):  # inf - inf: never a k-th best of finite scores
-        low = t - bound.absolute - bound.relative * np.abs(t) - bound.absolute
-        thr = np.where(low >= 0, low / (1 + bound.relative), low / (1 - bound.relative))
-        thr = thr - THRESHOLD_SLACK - margin * (1 + np.abs(t))
+        thr = bound.keep_threshold(t) - margin * (1 + np.abs(t))
     thr = np.maximum(np.nan_to_num(thr, nan=SCORE_FLOOR), SCORE_FLOOR)
     return (np.searchsorted(KEY_AS_F32, thr, side="right") - 1 - 32768).astype(np.int16)
 
