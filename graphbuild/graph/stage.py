@@ -420,8 +420,10 @@ def _exact_part(out: Path, arr, k: int, rows: range, shard: int, block_rows: int
         return load_rows(arr, block_rows, RunDir(out).embeddings)
 
     # no reference to the rows is kept here, so the search can let them go (`reload`)
-    blocks = blocked_topk(rows_in_memory(), k, rows, block_rows=block_rows, device=device,
-                          on_progress=reporter.advance, reload=rows_in_memory)
+    ids, sims = blocked_topk(rows_in_memory(), k, rows, block_rows=block_rows, device=device,
+                             on_progress=reporter.advance, reload=rows_in_memory)
+    blocks = ((rows.start + lo, ids[lo:lo + block_rows], sims[lo:lo + block_rows])
+              for lo in range(0, len(rows), block_rows))
     return write_part(out, shard, rows, n, blocks)
 
 
