@@ -35,14 +35,13 @@ from graphbuild.graph.kmeans import spherical_kmeans
 log = logging.getLogger(__name__)
 
 TRAIN_PER_LIST = 40   # training points per inverted list (faiss warns below 39)
-# build_lists' k-means is cheap enough for more: on 1M derived rows (2,000 lists, k=32),
-# 80 a list reached recall 0.9503 at nprobe 13 scanning 7,854 rows a query; 40 a list
-# 0.9498 over 8,253 rows (faiss's k-means, 40 a list: 0.9511 over 8,391).
+# build_lists' k-means is cheap enough for twice as many, which gives lists that reach the
+# same recall over fewer rows a query (benchmarks/results/graph_choices.txt)
 LIST_TRAIN_PER_LIST = 80
-KMEANS_ITERS = 10  # faiss's, at 1M: 20 gave recall 0.9579, 10 gave 0.9584 (twice the cost)
+KMEANS_ITERS = 10  # faiss's; 20 gave no better recall at twice the cost (graph_choices.txt)
 TUNE_QUERIES = 1000
 # Stored rows scored against the tuning queries at once: 1,000 x 16,384 scores stay in cache
-# better than x 65,536 (fp32 ground truth at 1M: 6.2 s against 7.2 s)
+# better than x 65,536 (graph_choices.txt)
 GROUND_TRUTH_ROWS = 16384
 SEED = 1234
 
@@ -60,9 +59,9 @@ def nlist_for(n: int) -> int:
     """About 2*sqrt(N) lists, but at least 39 training points per list for k-means.
 
     Fewer, longer lists than faiss's usual 4-16*sqrt(N) suit a search that scores lists by
-    matrix products (ivf_scan.py), and k-means costs nlist**2. Measured on 1M derived vectors
-    (k=32): 2,000 lists reach recall 0.9579 at nprobe 16 against 0.9566 for 4,000, search as
-    fast, and train 3.4x faster (20 iterations each)."""
+    matrix products (ivf_scan.py), and k-means costs nlist**2: on 1M derived vectors, 2,000
+    lists reach the recall of 4,000, search as fast and train several times faster
+    (benchmarks/results/graph_choices.txt)."""
     return max(1, min(round(2 * math.sqrt(n)), n // 39))
 
 
@@ -115,7 +114,8 @@ def _trained_index(arr, kind: str, nlist: int, block_rows: int, seed: int):
 
 def _blocks_with_lists(arr, centroids: torch.Tensor, block_rows: int):
     """(stored fp16 block, each row's list) over the store, in order. The lists come from
-    torch's products, which run 2x (fp32) to 5x (bf16) faiss's here."""
+    torch's products, faster than faiss's here in fp32 and more so in bf16
+    (graph_choices.txt)."""
     for lo in range(0, arr.shape[0], block_rows):
         x = torch.from_numpy(np.asarray(arr[lo:lo + block_rows]))
         yield x, np.ascontiguousarray(nearest_list(x, centroids), np.int64)
@@ -131,7 +131,7 @@ def build_index(arr, kind: str, nlist: int, block_rows: int, seed: int = SEED):
     t1 = time.perf_counter()
     centroids = torch.from_numpy(index.quantizer.reconstruct_n(0, nlist))
     for x, lists in _blocks_with_lists(arr, centroids, block_rows):
-        x = x.float().numpy()  # torch converts fp16 ~10x faster than numpy
+        x = x.float().numpy()  # torch converts fp16 far faster than numpy
         index.add_core(len(x), faiss.swig_ptr(x), None, faiss.swig_ptr(lists))
     log.info("built %s index: %d lists over %d vectors (train %.1fs, add %.1fs)", kind, nlist,
              arr.shape[0], t1 - t0, time.perf_counter() - t1)
@@ -146,8 +146,8 @@ def build_lists(arr, nlist: int, block_rows: int, seed: int = SEED,
     (ivf_scan.ListScan) needs no second copy on disk or in memory.
 
     The centroids are torch's spherical k-means in `centroid_dtype()`. faiss's IVF k-means
-    is spherical too, but in fp32: at 1M it trained on 40 rows a list in 8.9-10.8 s, torch
-    on 80 a list in 9.0-11.2 s, in the same hours."""
+    is spherical too, but in fp32: in the time it trains on 40 rows a list, torch's trains on
+    80 (graph_choices.txt)."""
     t0 = time.perf_counter()
     n = arr.shape[0]
     train = gather_rows(arr, sample_ids(n, LIST_TRAIN_PER_LIST * nlist, seed), block_rows)
@@ -192,7 +192,7 @@ def on_gpu_if_available(index):
 def ground_truth(arr, queries: np.ndarray, k: int, block_rows: int) -> np.ndarray:
     """Exact top-k ids of query rows (self excluded, equal scores by smaller id), streaming
     the rows. Where the CPU multiplies bf16 in hardware, bf16 products pick candidates and
-    their exact scores rank them (`_rescored_truth`, 2x faster at 1M); a query whose
+    their exact scores rank them (`_rescored_truth`, at bf16's rate); a query whose
     candidates cannot be shown to hold its exact top-k is scored again in fp32."""
     if not has_native_bf16():
         return _fp32_truth(arr, queries, k, block_rows)
@@ -214,7 +214,7 @@ def _fp32_truth(arr, queries: np.ndarray, k: int, block_rows: int) -> np.ndarray
     best_s, best_i = empty_heaps(len(queries), k, np.int64)
     step = min(block_rows, GROUND_TRUTH_ROWS)
     for lo in range(0, n, step):
-        # torch converts fp16 to fp32 ~10x faster than numpy
+        # torch converts fp16 to fp32 far faster than numpy
         block = torch.from_numpy(np.asarray(arr[lo:lo + step])).float()
         sims = xq @ block.T
         _exclude_self(sims, own, lo)
@@ -232,8 +232,8 @@ def _exclude_self(sims: torch.Tensor, own: torch.Tensor, lo: int) -> None:
 def _rescored_truth(arr, queries: np.ndarray, k: int, block_rows: int,
                     candidates: int | None = None) -> tuple[np.ndarray, np.ndarray]:
     """(top-k ids, which queries are proven exact): each query keeps its `candidates` best
-    by bf16 product (about 2.2x fp32's rate here), each with its exact score
-    (kernels.offer_rescored), and ranks them by that score, ties by id.
+    by bf16 product, each with its exact score (kernels.offer_rescored), and ranks them by
+    that score, ties by id.
 
     Proof: a row left out scored v <= w by bf16, w the query's worst candidate. bf16
     products of rows whose norms are at most N (rounded to bf16: at most N~, so N <=
@@ -314,7 +314,7 @@ def search(index, xq: np.ndarray, rows: np.ndarray, k: int, nprobe: int,
 def _best_first(s: np.ndarray, i: np.ndarray, rows: np.ndarray, k: int,
                 ) -> tuple[np.ndarray, np.ndarray]:
     """Each row's k best (sims, ids), self and empty slots (-1) dropped to -inf, equal sims by
-    smaller id: one sort of packed (descending sim, id) keys, 3.5x numpy's lexsort. Ids take
+    smaller id: one sort of packed (descending sim, id) keys, faster than numpy's lexsort. Ids take
     31 bits: stores of up to 2**31 rows."""
     s, i = torch.from_numpy(s), torch.from_numpy(i).long()
     s = s.masked_fill((i == torch.from_numpy(rows)[:, None]) | (i < 0), float("-inf"))

@@ -25,9 +25,9 @@ The plan, for rows R of an fp16 matrix X (unit-norm rows) against all its rows:
 6. Locality order. R's rows are searched in an order that puts similar rows together (a few
    bf16 k-means iterations, clusters about one block each, chained so neighbouring clusters
    are alike). Each row's diagonal block then holds most of its neighbours, so its first
-   threshold is close to the final one and far blocks pass almost nothing: on 90k real
-   captions this halves the hits offered. Candidates carry original ids throughout and
-   results are returned in the original order, so the order changes speed, never output.
+   threshold is close to the final one and far blocks pass almost nothing. Candidates carry
+   original ids throughout and results are returned in the original order, so the order
+   changes speed, never output.
 
 Exact scores are fp64 dot products of the stored fp16 values: every product of two fp16
 numbers is a multiple of 2**-48 with at most 22 significant bits (so it is also exact in
@@ -270,7 +270,7 @@ class _Candidates:
 
         m = self.capacity + 1
         if counted:
-            # int32 sums: a bool sum widens to int64 and runs ~3x slower on CPU
+            # int32 sums: a bool sum widens to int64 and runs slower on CPU
             hits = (scores.float() >= self.thr[lo:hi, None]).sum(dim=1, dtype=torch.int32)
             m = min(m, int(hits.max()))
             if m == 0:

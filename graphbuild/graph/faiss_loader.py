@@ -2,11 +2,11 @@
 
 The faiss-cpu wheels bundle an OpenBLAS (0.3.15 in faiss-cpu 1.15.1) older than the CPUs it
 now runs on. On this project's Sapphire Rapids machines it takes the CPU for a "Prescott" and
-uses generic kernels: IndexFlatIP searched at 32 GFLOP/s against 196 GFLOP/s with its
-AVX-512 ("SkylakeX") kernels, and k-means, which IVF training runs, slows alike. OpenBLAS
-reads OPENBLAS_CORETYPE once, when it loads, so `load_faiss` sets it for that moment, to the
-best kernel set the CPU's flags allow, unless the user set it; numpy's and torch's BLAS are
-not affected (they are loaded already, or are not OpenBLAS).
+uses generic kernels, several times slower for IndexFlatIP than its AVX-512 ("SkylakeX")
+kernels (benchmarks/results/graph_choices.txt), and k-means, which IVF training runs, slows
+alike. OpenBLAS reads OPENBLAS_CORETYPE once, when it loads, so `load_faiss` sets it for that
+moment, to the best kernel set the CPU's flags allow, unless the user set it; numpy's and
+torch's BLAS are not affected (they are loaded already, or are not OpenBLAS).
 """
 
 from __future__ import annotations

@@ -2,13 +2,11 @@
 
 ivf_scan's list search:
 - `offer`: each query keeps its best kk (score, id) in a heap; a list's score block offers
-  every score to its query's heap, and the heap's worst is the bar to pass. This replaces a
-  top-k per nearest list, a compare and `flatnonzero` per other list, the hits those leave
-  and their final sort (about 2.5 s of a 6.7 s block of 65,536 queries at 1M rows).
-  Order: higher score first, equal scores by smaller id, so a query's result does not
-  depend on the order its lists are scanned in.
+  every score to its query's heap, and the heap's worst is the bar to pass: no top-k passes,
+  no lists of hits, no final sort. Order: higher score first, equal scores by smaller id, so
+  a query's result does not depend on the order its lists are scanned in.
 - `probe_lists`: each query's nearest list and the lists within the gap of it, from the
-  centroid scores, in one pass a row (0.9 s a block with torch's max, compare, nonzero).
+  centroid scores, in one pass a row.
 
 exact's re-rank:
 - `exact_dots`: dot products of fp16 rows, converted through a table and summed in fp64,
@@ -16,10 +14,10 @@ exact's re-rank:
 
 exact's candidate buffers on CPUs (`offer_dense`, `offer_to_rows`, `offer_to_columns`,
 `kth_keys`): bf16 scores as int16 keys appended to per-row buffers, compacted by
-quickselect; they replaced torch's top-k merges and hit lists (1.6x the 90k search).
+quickselect, without torch's top-k merges and hit lists.
 
 ann's ground truth (`offer_rescored`): heaps of bf16 products whose entries carry their exact
-scores, so tuning's exact search runs at bf16's rate (6.0 s to 3.6 s at 1M)."""
+scores, so tuning's exact search runs at bf16's rate."""
 
 from __future__ import annotations
 
@@ -198,8 +196,8 @@ def exact_dots(x_bits, q32, rr, cols, out):
 # like the bf16 values (`_ordered`), so every comparison is an integer one. A row's scores
 # that reach its filter key are appended to its buffer; a full buffer is compacted: the
 # k-th best found by selection sets the filter key (through `filter_keys`, built by exact.py
-# from the error bound) and what falls below it goes. Heaps kept exact k-th bests at every
-# score taken in, but their branchy sifts cost ~150 ns a score; an append costs a few.
+# from the error bound) and what falls below it goes. An append costs a few ns a score, far
+# less than the branchy sift of a heap that kept the exact k-th best at every score.
 EMPTY_KEY = -32768   # below the key of -inf: nothing is dropped yet
 NO_PASS_KEY = 32767  # a filter key no score reaches (above +inf's): padding rows
 _KEYS = np.arange(-32768, 32768, dtype=np.int32)
