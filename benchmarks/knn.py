@@ -161,18 +161,16 @@ def derived_vectors(x16: np.ndarray, nn_sim: np.ndarray, n_out: int, frac: float
 
 
 def write_store(run: Path, x16: np.ndarray, attrs: dict) -> None:
-    """An embeddings.zarr as the embed stage leaves it (chunks marked done)."""
-    import zarr
-
+    """An embeddings.zarr as the embed stage leaves it (its own store format, chunks marked
+    done)."""
+    from graphbuild.embedding.stage import _open_store
     from graphbuild.rundir.files import mark_done
     from graphbuild.rundir.paths import RunDir
 
     if run.exists():
         shutil.rmtree(run)
     chunk = 8192
-    arr = zarr.create_array(store=str(run / "embeddings.zarr"), shape=x16.shape,
-                            chunks=(chunk, x16.shape[1]), dtype="float16", fill_value=0,
-                            attributes={**attrs, "n_nodes": len(x16), "chunk_rows": chunk})
+    arr = _open_store(RunDir(run), {**attrs, "n_nodes": len(x16)}, chunk)
     for lo in range(0, len(x16), chunk * 8):
         arr[lo:lo + chunk * 8] = x16[lo:lo + chunk * 8]
     for c in range(-(-len(x16) // chunk)):
