@@ -1,10 +1,5 @@
-"""`graphbuild`: the command line, a thin layer over the library.
-
-The app and its shared options live in app.py; the commands register on it from build.py
-(embed, knn, run), inspect.py (neighbors, stats, validate, report) and scale.py (status,
-submit slurm). `main` is the entry point: a user's error is one line and exit 2, never a
-traceback. Heavy imports happen inside each command, so `graphbuild --help` is quick.
-"""
+"""The command line's run: the commands registered on the app, and how it ends. A user's
+error is one line and exit 2, never a traceback."""
 
 from __future__ import annotations
 
@@ -24,7 +19,7 @@ CLICK_ERRORS = tuple({click.ClickException, getattr(typer, "TyperException", cli
 STORAGE_ERRORS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EFBIG)
 
 
-def main() -> None:
+def run() -> None:
     try:
         # Typer turns Ctrl-C into a return value of 130 when not in standalone mode.
         code = app(standalone_mode=False)
