@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import shutil
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -236,6 +237,29 @@ def test_approximate_pq_when_over_budget(run):
     r = knn(run, 5, method="approximate", memory_budget=1)
     info = json.loads((run / "graph" / "_index" / "index.json").read_text())
     assert info["index"]["kind"] == "ivf-pq" and r.complete and r.recall > 0
+
+
+def test_approximate_on_a_cpu_needs_no_faiss(embedded, tmp_path, monkeypatch):
+    """faiss is an extra: without it the CPU's approximate search (its own lists) writes the
+    same graph, byte for byte, as with faiss installed."""
+    runs = with_faiss, without = tmp_path / "with", tmp_path / "without"
+    for out in runs:
+        shutil.copytree(embedded, out)
+    knn(with_faiss, 10, method="approximate", recall_target=0.9)
+    monkeypatch.setitem(sys.modules, "faiss", None)  # `import faiss` fails from here on
+    knn(without, 10, method="approximate", recall_target=0.9)
+    parts = [sorted((out / "graph").glob("part-*.parquet")) for out in runs]
+    assert len(parts[0]) == 1 and [p.name for p in parts[0]] == [p.name for p in parts[1]]
+    assert all(a.read_bytes() == b.read_bytes() for a, b in zip(*parts))
+
+
+def test_ivf_pq_without_faiss_is_one_line_before_any_work(run, monkeypatch):
+    monkeypatch.setitem(sys.modules, "faiss", None)
+    with pytest.raises(GraphbuildError) as e:
+        knn(run, 5, method="approximate", memory_budget=1)
+    assert "IVF-PQ" in str(e.value) and "pip install 'graphbuild[faiss-cpu]'" in str(e.value)
+    assert "\n" not in str(e.value)
+    assert not (run / "graph").exists() and not (run / "_state" / "knn").exists()
 
 
 def test_auto_gives_a_reason():

@@ -188,10 +188,11 @@ def index_from_lists(lists: tuple[np.ndarray, np.ndarray, np.ndarray], arr, bloc
 
 
 def faiss_gpus() -> int:
-    """GPUs faiss can use: 0 with faiss-cpu."""
-    from graphbuild.graph.faiss_loader import load_faiss
+    """GPUs faiss can use: 0 with faiss-cpu, or without faiss."""
+    from graphbuild.graph.faiss_loader import faiss_if_installed
 
-    return getattr(load_faiss(), "get_num_gpus", lambda: 0)()
+    faiss = faiss_if_installed()
+    return 0 if faiss is None else getattr(faiss, "get_num_gpus", lambda: 0)()
 
 
 def on_gpu_if_available(index):

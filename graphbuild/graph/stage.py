@@ -12,8 +12,9 @@ _state/knn/params.json and each shard marker. A request that differs from any of
 method, shard layout, recall target, or the store's provenance: a stale graph) is refused,
 whichever of them are missing; --overwrite replaces the graph.
 
-Methods: exact (exact.py; the same bytes for any shard count) or approximate (ann.py; faiss
-IVF with nprobe tuned to a recall target). auto picks one from N, d, k and free memory.
+Methods: exact (exact.py; the same bytes for any shard count) or approximate (ann.py; IVF
+with nprobe tuned to a recall target: its own lists on a CPU, a faiss index for IVF-PQ or
+on faiss's GPUs). auto picks one from N, d, k and free memory.
 """
 
 from __future__ import annotations
@@ -48,6 +49,9 @@ CPU_HALF_FLOPS = 300e9
 NORM_TOLERANCE = 1e-2
 # What a graph is, as params.json, _meta.json and the shard markers record it (with provenance).
 SETTINGS = ("k", "method", "num_shards", "recall_target")
+# What needs faiss on a CPU (the extra; ivf-sq16 lists are searched without it)
+IVF_PQ_USE = ("approximate knn with an IVF-PQ index (chosen when fp16 codes of every row "
+              "exceed half the free memory)")
 
 
 @dataclass
@@ -320,6 +324,10 @@ def knn_shard(out: str | Path, k: int, method: str = "auto", shard: int = 0,
                               f"(n_nodes={attrs['n_nodes']}, dim={attrs['dim']})")
     budget = memory_budget or available_memory()
     k, method, reason = _resolve(out, k, method, n, d, block_rows, budget)
+    if method == "approximate" and _index_kind(n, d, budget) == "ivf-pq":
+        from graphbuild.graph.faiss_loader import load_faiss
+
+        load_faiss(IVF_PQ_USE)  # before any work: one line naming what to install
     log.info("knn %s: %s", shard_name(shard, num_shards), reason)
     params = _params(k, method, num_shards, recall_target, attrs)
     _claim(run, params, overwrite)
@@ -448,7 +456,6 @@ def _index(run: RunDir, arr, attrs: dict, k: int, recall_target: float, block_ro
         build_index,
         build_lists,
         faiss_gpus,
-        index_kind,
         nlist_for,
         on_gpu_if_available,
         tune_nprobe,
@@ -458,7 +465,7 @@ def _index(run: RunDir, arr, attrs: dict, k: int, recall_target: float, block_ro
     n, d = arr.shape
     step = max(1, block_rows // arr.chunks[0]) * arr.chunks[0]
     folder = run.graph / "_index"
-    kind = index_kind(n, d, budget // 2)
+    kind = _index_kind(n, d, budget)
     list_scan = kind == "ivf-sq16" and faiss_gpus() == 0
     want = {"kind": kind, "nlist": nlist_for(n), "n_nodes": n, "dim": d,
             "model": attrs["model"], "model_revision": attrs["model_revision"],
@@ -478,7 +485,7 @@ def _index(run: RunDir, arr, attrs: dict, k: int, recall_target: float, block_ro
                 info = {"index": want}
             searcher = ivf_scan.ListScan.from_lists(*lists, arr, step)
         else:
-            faiss = load_faiss()
+            faiss = load_faiss(IVF_PQ_USE if kind == "ivf-pq" else f"a faiss {kind} index")
             if reuse:
                 index = faiss.read_index(str(path))
             else:
@@ -498,6 +505,13 @@ def _index(run: RunDir, arr, attrs: dict, k: int, recall_target: float, block_ro
                      t.recall, t.sample, recall_target)
             write_json(folder / "index.json", info)
     return searcher, {**info["tuning"][tune_key], "kind": kind, "nlist": searcher.nlist}
+
+
+def _index_kind(n: int, d: int, budget: int) -> str:
+    """The approximate index's kind: its codes get half the memory budget."""
+    from graphbuild.graph.ann import index_kind
+
+    return index_kind(n, d, budget // 2)
 
 
 def _replace_index_files(folder: Path, path: Path, write) -> None:
