@@ -1,9 +1,10 @@
 """`graphbuild`: the command line, a thin layer over the library.
 
 The app and its shared options live in app.py; the commands register on it from build.py
-(embed, knn, run), inspect.py (neighbors, stats, validate, report) and scale.py (status,
-submit slurm). `main` is the entry point: a user's error is one line and exit 2, never a
-traceback. Heavy imports happen inside each command, so `graphbuild --help` is quick.
+(embed, knn, run: each a call of graphbuild.embed / knn / run, graphbuild/api.py), inspect.py
+(neighbors, stats, validate, report) and scale.py (status, submit slurm). `main` is the entry
+point: a user's error is one line and exit 2, never a traceback. Heavy imports happen inside
+each command, so `graphbuild --help` is quick.
 """
 
 from __future__ import annotations
