@@ -184,7 +184,7 @@ import json, logging, sys, time
 def peak_kib():  # VmHWM: ru_maxrss would carry this benchmark's own peak over fork and exec
     return next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith("VmHWM"))
 logging.basicConfig(level=logging.INFO, format="  [child] %(message)s", stream=sys.stdout)
-from graphbuild.knn import knn_shard
+from graphbuild.graph.stage import knn_shard
 t0 = time.perf_counter()
 r = knn_shard(sys.argv[1], int(sys.argv[2]), method=sys.argv[3], shard=int(sys.argv[4]),
               num_shards=int(sys.argv[5]), overwrite=True)

@@ -50,7 +50,6 @@ from pathlib import Path
 import numpy as np
 
 from graphbuild import options
-from graphbuild.embedding.models import DEFAULT_MODEL
 from graphbuild.errors import GraphbuildError
 from graphbuild.faults import kill_point
 from graphbuild.memory import return_freed_memory
@@ -71,17 +70,17 @@ from graphbuild.shards import shard_name, shard_range
 
 log = logging.getLogger(__name__)
 
-CHUNK_ROWS = 8192  # 6 MiB of fp16 at d=384: small enough for cheap random row reads
 NORM_TOLERANCE = 1e-2  # a stored row's norm is 1 within this, as knn and validate check
 
 
 @dataclass
 class EmbedConfig:
-    model: str = DEFAULT_MODEL
+    """How embed_shard embeds; the defaults are graphbuild/options.py's."""
+    model: str = options.MODEL
     device: str = "auto"
     precision: str = "auto"
     token_budget: int | None = None
-    chunk_rows: int = CHUNK_ROWS
+    chunk_rows: int = options.CHUNK_ROWS
     skip_bad_rows: bool = False
     trust_remote_code: bool = False
 

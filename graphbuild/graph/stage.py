@@ -32,7 +32,7 @@ import numpy as np
 from graphbuild import options
 from graphbuild.errors import GraphbuildError
 from graphbuild.faults import kill_point
-from graphbuild.graph.exact import DEFAULT_BLOCK_ROWS, default_capacity
+from graphbuild.graph.exact import default_capacity
 from graphbuild.progress import Reporter
 from graphbuild.rundir.files import atomic_path, mark_done, marker, read_json, write_json
 from graphbuild.rundir.graph import FORMAT_VERSION, meta_path, part_path, part_problem, write_part
@@ -96,7 +96,7 @@ def exact_memory(n: int, d: int, rows: int, k: int, block_rows: int) -> int:
 
 
 def choose_method(n: int, d: int, k: int, budget: int,
-                  block_rows: int = DEFAULT_BLOCK_ROWS) -> tuple[str, str]:
+                  block_rows: int = options.BLOCK_ROWS) -> tuple[str, str]:
     """(method, one-line reason) for method="auto"."""
     need = exact_memory(n, d, n, k, block_rows)
     est = n * n * d / CPU_HALF_FLOPS  # symmetric products: N*N*d multiply-adds in all
@@ -306,9 +306,9 @@ def resumed_method(out: str | Path, k: int) -> str | None:
     return None
 
 
-def knn_shard(out: str | Path, k: int, method: str = "auto", shard: int = 0,
-              num_shards: int = 1, block_rows: int = DEFAULT_BLOCK_ROWS,
-              recall_target: float = 0.95, reporter: Reporter | None = None,
+def knn_shard(out: str | Path, k: int = options.K, method: str = "auto", shard: int = 0,
+              num_shards: int = 1, block_rows: int = options.BLOCK_ROWS,
+              recall_target: float = options.RECALL_TARGET, reporter: Reporter | None = None,
               overwrite: bool = False, memory_budget: int | None = None,
               device: str | None = None) -> KnnResult:
     """Build shard `shard` of `num_shards` of the top-k graph. Safe to rerun."""

@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 
+from graphbuild import options
 from graphbuild.errors import GraphbuildError
 from graphbuild.rundir.paths import RunDir
 
@@ -141,7 +142,7 @@ def _result(out: str | Path, query: str, node: int | None, ids: np.ndarray, sims
                      meta["k"], rows)
 
 
-def node_neighbors(out: str | Path, node: int, k: int = 10) -> Neighbors:
+def node_neighbors(out: str | Path, node: int, k: int = options.NEIGHBORS) -> Neighbors:
     """A node's best `k` neighbours from the graph (at most the k the graph stores)."""
     meta = open_run(out)
     _check_node(out, node, meta["n_nodes"])
@@ -153,7 +154,7 @@ def node_neighbors(out: str | Path, node: int, k: int = 10) -> Neighbors:
     return _result(out, text, node, ids[:k], sims[:k], counts, "graph", meta)
 
 
-def text_neighbors(out: str | Path, text: str, k: int = 10, device: str = "auto",
+def text_neighbors(out: str | Path, text: str, k: int = options.NEIGHBORS, device: str = "auto",
                    model: str | None = None) -> Neighbors:
     """The best `k` nodes for any text: from the graph when the text is a node, else by
     embedding it with the run's model and an exact search over the stored rows. `model`
@@ -177,6 +178,24 @@ def text_neighbors(out: str | Path, text: str, k: int = 10, device: str = "auto"
     result = _result(out, clean, None, ids, sims, counts, "exact search", meta)
     result.model, result.precision, result.vector = attrs["model"], precision, vector
     return result
+
+
+def example_neighbors(out: str | Path, texts: list[str],
+                      k: int = options.EXAMPLES) -> dict[str, list[tuple[str, float]]]:
+    """The first `k` neighbours (text, cosine) in the built graph of those `texts` that are
+    nodes of the run (a manifest's `examples`); with none of them, of three nodes spread over
+    the run (first, middle, last). What `graphbuild run` prints."""
+    from graphbuild.rundir.graph import read_graph_csr
+
+    found = find_nodes(out, texts) if texts else {}
+    if not found:
+        n = RunDir(out).read_run()["dataset"]["figures"]["nodes"]
+        found = {t: i for i, t in node_texts(out, [0, n // 2, n - 1]).items()}
+    indptr, indices, sims = read_graph_csr(out)
+    rows = {q: slice(indptr[i], min(indptr[i] + k, indptr[i + 1])) for q, i in found.items()}
+    names = node_texts(out, np.concatenate([indices[r] for r in rows.values()]))
+    return {q: [(names[int(i)], float(s)) for i, s in zip(indices[r], sims[r])]
+            for q, r in rows.items()}
 
 
 def _open_store(out: str | Path):

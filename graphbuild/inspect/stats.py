@@ -16,15 +16,13 @@ from pathlib import Path
 
 import numpy as np
 
+from graphbuild import options
 from graphbuild.rundir.paths import RunDir
 
 PERCENTILES = {"min": 0, "p1": 1, "p5": 5, "p25": 25, "p50": 50, "p75": 75, "p95": 95,
                "p99": 99, "max": 100}
 HUB_SHARE = 0.01          # hubness: the share of edges held by this top fraction of nodes
 NEAR_DUPLICATE = 0.99     # a node whose best neighbour is at least this similar
-BATCH_SIZE = 1024
-BATCHES = 8
-SEED = 0
 
 
 @dataclass
@@ -140,8 +138,8 @@ def row_entropy(cos: np.ndarray, tau_s: float) -> tuple[np.ndarray, np.ndarray]:
 
 
 def soft_target_entropy(out: str | Path, sample_nodes: np.ndarray, taus: list[float],
-                        batch_size: int = BATCH_SIZE, batches: int = BATCHES,
-                        seed: int = SEED) -> list[dict]:
+                        batch_size: int = options.BATCH_SIZE, batches: int = options.BATCHES,
+                        seed: int = options.SEED) -> list[dict]:
     """Per tau_s: the row entropy of soft targets over random batches of samples."""
     idx = random_batches(sample_nodes, batch_size, batches, seed)
     nodes = np.concatenate([sample_nodes[i] for i in idx])
@@ -164,8 +162,9 @@ def soft_target_entropy(out: str | Path, sample_nodes: np.ndarray, taus: list[fl
     return result
 
 
-def figures(data: RunArrays, tau_s: float = 0.1, batch_size: int = BATCH_SIZE,
-            batches: int = BATCHES, seed: int = SEED) -> dict:
+def figures(data: RunArrays, tau_s: float = options.TAU_S,
+            batch_size: int = options.BATCH_SIZE, batches: int = options.BATCHES,
+            seed: int = options.SEED) -> dict:
     """All figures of `run_stats`, from loaded arrays."""
     meta, n = data.meta, data.n_nodes
     samples = len(data.sample_nodes)
@@ -202,11 +201,10 @@ def figures(data: RunArrays, tau_s: float = 0.1, batch_size: int = BATCH_SIZE,
     }
 
 
-def run_stats(out: str | Path, tau_s: float = 0.1, batch_size: int = BATCH_SIZE,
-              batches: int = BATCHES, seed: int = SEED) -> dict:
+def run_stats(out: str | Path, tau_s: float = options.TAU_S,
+              batch_size: int = options.BATCH_SIZE, batches: int = options.BATCHES,
+              seed: int = options.SEED) -> dict:
     """The figures `graphbuild stats` prints (and writes with --json)."""
-    from graphbuild import options
-
     options.entropy_options(tau_s, batch_size, batches)
     return figures(load(out), tau_s, batch_size, batches, seed)
 
