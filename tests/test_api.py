@@ -178,7 +178,7 @@ del sys.modules["graphbuild"]
 
 import graphbuild
 import typer.main
-from graphbuild.cli import app
+from graphbuild.cli.entry import app
 
 GOVERNED = json.loads(sys.argv[2])
 OWN = {tuple(x) for x in json.loads(sys.argv[3])}
