@@ -109,30 +109,6 @@ def _check_node(out: str | Path, node: int, n_nodes: int) -> None:
         raise GraphbuildError(f"{RunDir(out).nodes}: node {node} out of range 0..{n_nodes - 1}")
 
 
-def graph_row(out: str | Path, meta: dict, node: int) -> tuple[np.ndarray, np.ndarray]:
-    """(neighbour ids, sims) of one node, read from the one part (and row group) holding it."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    from graphbuild.rundir.graph import PAGE_CHECKS, meta_path
-
-    part = next((p for p in meta["parts"] if p["first"] <= node < p["stop"]), None)
-    if part is None:
-        raise GraphbuildError(f"{meta_path(out)}: no part holds node {node}")
-    path = RunDir(out).graph / part["file"]
-    try:
-        t = pq.read_table(path, columns=["node", "neighbors", "sims"],
-                          filters=[("node", "=", node)], **PAGE_CHECKS)
-    except (OSError, ValueError, pa.ArrowException) as e:
-        raise GraphbuildError(f"{path}: cannot read graph part: "
-                              f"{str(e).strip().splitlines()[0]}") from None
-    if t.num_rows != 1:
-        raise GraphbuildError(f"{path}: holds {t.num_rows} rows for node {node}, not one")
-    ids = np.asarray(t.column("neighbors")[0].as_py(), np.int64)
-    sims = np.asarray(t.column("sims")[0].as_py(), np.float32)
-    return ids, sims
-
-
 def _result(out: str | Path, query: str, node: int | None, ids: np.ndarray, sims: np.ndarray,
             counts: np.ndarray, source: str, meta: dict) -> Neighbors:
     texts = node_texts(out, ids)
@@ -144,11 +120,13 @@ def _result(out: str | Path, query: str, node: int | None, ids: np.ndarray, sims
 
 def node_neighbors(out: str | Path, node: int, k: int = 10) -> Neighbors:
     """A node's best `k` neighbours from the graph (at most the k the graph stores)."""
+    from graphbuild.rundir.graph import read_node_row
+
     meta = open_run(out)
     _check_node(out, node, meta["n_nodes"])
     if k < 1:
         raise GraphbuildError(f"{RunDir(out).graph}: --k must be >= 1, got {k}")
-    ids, sims = graph_row(out, meta, node)
+    ids, sims = read_node_row(out, meta, node)
     counts = sample_counts(out, meta["n_nodes"])
     text = node_texts(out, np.array([node])).get(node, "")
     return _result(out, text, node, ids[:k], sims[:k], counts, "graph", meta)

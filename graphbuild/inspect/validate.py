@@ -367,9 +367,8 @@ def _parts(v: Validation, run: RunDir, meta: dict, n_nodes: int | None) -> dict 
     """Row-level checks of every part; returns sampled edges (node, neighbour, sim) for
     sims-match."""
     import pyarrow as pa
-    import pyarrow.parquet as pq
 
-    from graphbuild.rundir.graph import PAGE_CHECKS
+    from graphbuild.rundir.graph import read_footer, read_row_group
 
     n = n_nodes if n_nodes is not None else int(meta["n_nodes"])
     k = int(meta["k"])
@@ -381,12 +380,12 @@ def _parts(v: Validation, run: RunDir, meta: dict, n_nodes: int | None) -> dict 
         if not path.is_file():
             continue  # knn-done said so
         try:
-            pf = pq.ParquetFile(path, **PAGE_CHECKS)
-            names = pf.schema_arrow.names
-            types = {f.name: f.type for f in pf.schema_arrow}
-        except (OSError, pa.ArrowException) as e:
-            v.fail("graph-schema", path, f"cannot read: {str(e).splitlines()[0]}")
+            footer = read_footer(path)
+        except GraphbuildError as e:
+            v.fail("graph-schema", path, _unprefixed(e, path))
             continue
+        schema = footer.schema.to_arrow_schema()
+        names, types = schema.names, {f.name: f.type for f in schema}
         want_ok = (names == ["node", "neighbors", "sims"] and types["node"] == pa.int64()
                    and pa.types.is_list(types["neighbors"])
                    and pa.types.is_integer(types["neighbors"].value_type)
@@ -398,8 +397,8 @@ def _parts(v: Validation, run: RunDir, meta: dict, n_nodes: int | None) -> dict 
         checks = _PartChecks()
         expect = part.get("first", 0)
         try:
-            for g in range(pf.num_row_groups):
-                t = pf.read_row_group(g)
+            for g in range(footer.num_row_groups):
+                t = read_row_group(path, g)  # page checksums verified
                 total += t.num_rows
                 edges = _row_group(checks, t, g, expect, n, k)
                 expect += t.num_rows
@@ -407,8 +406,8 @@ def _parts(v: Validation, run: RunDir, meta: dict, n_nodes: int | None) -> dict 
                     take = rng.choice(len(edges[0]), min(SAMPLED_EDGES, len(edges[0])),
                                       replace=False)
                     sampled.append((*(e[take] for e in edges), np.full(len(take), p)))
-        except (OSError, pa.ArrowException) as e:
-            v.fail("graph-schema", path, f"cannot read: {str(e).splitlines()[0]}")
+        except GraphbuildError as e:
+            v.fail("graph-schema", path, _unprefixed(e, path))
             continue
         if expect != part.get("stop"):
             checks.add("rows-sorted", np.array([True]), lambda _: f"{expect - part.get('first', 0)}"
@@ -424,6 +423,11 @@ def _parts(v: Validation, run: RunDir, meta: dict, n_nodes: int | None) -> dict 
         take = np.sort(rng.choice(len(edges["node"]), MAX_SAMPLED_EDGES, replace=False))
         edges = {name: e[take] for name, e in edges.items()}
     return edges
+
+
+def _unprefixed(e: GraphbuildError, path: Path) -> str:
+    """A one-line error about `path` without the path (a problem line names it apart)."""
+    return str(e).removeprefix(f"{path}: ")
 
 
 def _row_group(checks: _PartChecks, t, g: int, first: int, n: int, k: int):

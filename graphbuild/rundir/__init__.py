@@ -19,6 +19,7 @@ google-crc32c only (never zarr, polars or torch), so the trainer imports it.
   store.py    embeddings.zarr's layout and StoredRows, the one checked reader of its rows
               (a range, chunk-aligned blocks, all, or a gather; in RAM or memory-mapped);
               NORM_TOLERANCE, the unit norm a stored row keeps
-  graph.py    graph parts: writer, footer check, _meta.json and its provenance, readers
+  graph.py    graph parts: writer, footer check, _meta.json and its provenance, and the one
+              reader of each kind: the CSR, a row group, one node's row, a footer
   samples.py  samples.parquet and the source's record, as the trainer joins by id
 """
