@@ -92,9 +92,11 @@ def skewness(x: np.ndarray) -> float:
     return round(float(((x - x.mean()) ** 3).mean() / sd ** 3), 4) if sd > 0 else 0.0
 
 
-def random_batches(sample_nodes: np.ndarray, batch_size: int, batches: int,
-                   seed: int) -> list[np.ndarray]:
-    """`batches` batches of sample indices, each drawn uniformly without replacement."""
+def independent_batches(sample_nodes: np.ndarray, batch_size: int, batches: int,
+                        seed: int) -> list[np.ndarray]:
+    """`batches` batches of sample indices, each drawn uniformly without replacement and on
+    its own, so two may share samples and there may be more full batches than the samples
+    fill (an epoch's batches, xclr.data.random_batches, are disjoint and end with them)."""
     rng = np.random.default_rng(seed)
     b = min(batch_size, len(sample_nodes))
     return [rng.choice(len(sample_nodes), size=b, replace=False) for _ in range(batches)]
@@ -125,7 +127,7 @@ def soft_target_entropy(out: str | Path, sample_nodes: np.ndarray, taus: list[fl
                         batch_size: int = BATCH_SIZE, batches: int = BATCHES,
                         seed: int = SEED) -> list[dict]:
     """Per tau_s: the row entropy of soft targets over random batches of samples."""
-    idx = random_batches(sample_nodes, batch_size, batches, seed)
+    idx = independent_batches(sample_nodes, batch_size, batches, seed)
     nodes = np.concatenate([sample_nodes[i] for i in idx])
     uniq, inv = np.unique(nodes, return_inverse=True)
     rows = StoredRows(RunDir(out).embeddings).gather(uniq)
