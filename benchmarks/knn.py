@@ -163,6 +163,7 @@ def derived_vectors(x16: np.ndarray, nn_sim: np.ndarray, n_out: int, frac: float
 def write_store(run: Path, x16: np.ndarray, attrs: dict) -> None:
     """An embeddings.zarr as the embed stage leaves it (chunks marked done)."""
     import zarr
+    from zarr.codecs import Crc32cCodec
 
     from graphbuild.rundir.files import mark_done
     from graphbuild.rundir.paths import RunDir
@@ -172,6 +173,7 @@ def write_store(run: Path, x16: np.ndarray, attrs: dict) -> None:
     chunk = 8192
     arr = zarr.create_array(store=str(run / "embeddings.zarr"), shape=x16.shape,
                             chunks=(chunk, x16.shape[1]), dtype="float16", fill_value=0,
+                            compressors=[Crc32cCodec()],  # the layout rundir/store.py reads
                             attributes={**attrs, "n_nodes": len(x16), "chunk_rows": chunk})
     for lo in range(0, len(x16), chunk * 8):
         arr[lo:lo + chunk * 8] = x16[lo:lo + chunk * 8]

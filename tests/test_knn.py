@@ -295,11 +295,10 @@ def test_ground_truth_by_bf16_candidates_is_proven_exact(embedded):
     """nprobe tuning's ground truth: bf16 candidates ranked by their exact scores, and only
     the queries whose candidates provably hold their top-k kept (the rest scored in fp32),
     against brute force on real captions; with no candidates beyond k, few are proven."""
-    import zarr
-
     from graphbuild.graph.ann import _fp32_truth, _rescored_truth, ground_truth
+    from graphbuild.rundir.store import StoredRows
 
-    arr = zarr.open_array(str(embedded / "embeddings.zarr"), mode="r")
+    arr = StoredRows(embedded / "embeddings.zarr")
     x = np.asarray(arr[:], np.float64)
     sample = np.arange(0, len(x), 7)
     _, ref_s = brute_force(embedded, 10)
@@ -318,12 +317,11 @@ def test_ground_truth_by_bf16_candidates_is_proven_exact(embedded):
 def test_list_scan_equals_faiss_and_brute_force(embedded):
     """ivf_scan.ListScan probes the lists faiss would and scores the stored rows: with every
     list probed it is exact search, and at a small nprobe it finds what faiss's IVF finds."""
-    import zarr
-
     from graphbuild.graph.ann import build_lists, ground_truth, index_from_lists, search
     from graphbuild.graph.ivf_scan import ListScan, lists_of
+    from graphbuild.rundir.store import StoredRows
 
-    arr = zarr.open_array(str(embedded / "embeddings.zarr"), mode="r")
+    arr = StoredRows(embedded / "embeddings.zarr")
     x32 = np.asarray(arr[:], np.float32)
     lists = build_lists(arr, 16, 1024)
     index = index_from_lists(lists, arr, 1000)  # faiss's index of the same lists
@@ -348,7 +346,6 @@ def test_adaptive_probes_search_the_lists_within_the_gap(embedded):
     its nearest one's (4 to 32 of them), the gap tuned to give nprobe on average; the search
     returns the exact top k among the rows of those lists (numpy brute force)."""
     import torch
-    import zarr
 
     from graphbuild.graph.ann import build_lists, search
     from graphbuild.graph.ivf_scan import (
@@ -359,8 +356,9 @@ def test_adaptive_probes_search_the_lists_within_the_gap(embedded):
         probe_gap_for,
         probes,
     )
+    from graphbuild.rundir.store import StoredRows
 
-    arr = zarr.open_array(str(embedded / "embeddings.zarr"), mode="r")
+    arr = StoredRows(embedded / "embeddings.zarr")
     x32 = np.asarray(arr[:], np.float32)
     scan = ListScan.from_lists(*build_lists(arr, 64, 1024), arr, 1024)
     rows = np.arange(0, len(x32), 7)
@@ -393,12 +391,11 @@ def test_adaptive_probes_search_the_lists_within_the_gap(embedded):
 
 def test_list_scan_reads_rows_in_store_order(embedded):
     """Tuning's exact search reads the scan's in-memory rows as store slices: the same bytes."""
-    import zarr
-
     from graphbuild.graph.ann import build_index
     from graphbuild.graph.ivf_scan import ListScan, lists_of
+    from graphbuild.rundir.store import StoredRows
 
-    arr = zarr.open_array(str(embedded / "embeddings.zarr"), mode="r")
+    arr = StoredRows(embedded / "embeddings.zarr")
     view = ListScan.from_lists(*lists_of(build_index(arr, "ivf-sq16", 16, 1024)), arr,
                                1024).in_store_order()
     assert view.shape == arr.shape
@@ -519,12 +516,11 @@ def test_list_scan_small_lists_search_more(embedded):
 def test_tuned_nprobe_is_the_smallest_reaching_the_target(embedded):
     """Doubling, then bisecting: every nprobe tried below the chosen one misses the target,
     and the one just below it was tried (so no smaller one reaches it)."""
-    import zarr
-
     from graphbuild.graph.ann import build_index, tune_nprobe
     from graphbuild.graph.ivf_scan import ListScan, lists_of
+    from graphbuild.rundir.store import StoredRows
 
-    arr = zarr.open_array(str(embedded / "embeddings.zarr"), mode="r")
+    arr = StoredRows(embedded / "embeddings.zarr")
     scan = ListScan.from_lists(*lists_of(build_index(arr, "ivf-sq16", 64, 1024)), arr, 1024)
     t = tune_nprobe(scan, arr, 10, 0.97, 1024, sample=300)
     tried = {c["nprobe"]: c["recall"] for c in t.curve}

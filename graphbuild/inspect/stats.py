@@ -18,6 +18,7 @@ import numpy as np
 
 from graphbuild import options
 from graphbuild.rundir.paths import RunDir
+from graphbuild.rundir.store import StoredRows
 
 PERCENTILES = {"min": 0, "p1": 1, "p5": 5, "p25": 25, "p50": 50, "p75": 75, "p95": 95,
                "p99": 99, "max": 100}
@@ -89,28 +90,11 @@ def skewness(x: np.ndarray) -> float:
     return round(float(((x - x.mean()) ** 3).mean() / sd ** 3), 4) if sd > 0 else 0.0
 
 
-def gather_rows(out: str | Path, nodes: np.ndarray) -> np.ndarray:
-    """fp16 rows of the given nodes, in order, reading only the chunks that hold them."""
-    import zarr
-
-    from graphbuild.inspect.neighbors import read_rows
-
-    where = RunDir(out).embeddings
-    arr = zarr.open_array(str(where), mode="r")
-    step = arr.chunks[0]
-    nodes = np.asarray(nodes, np.int64)
-    x = np.empty((len(nodes), arr.shape[1]), np.float16)
-    chunk = nodes // step
-    for c in np.unique(chunk):
-        sel = np.flatnonzero(chunk == c)
-        block = read_rows(arr, where, int(c) * step, (int(c) + 1) * step)
-        x[sel] = block[nodes[sel] - int(c) * step]
-    return x
-
-
-def random_batches(sample_nodes: np.ndarray, batch_size: int, batches: int,
-                   seed: int) -> list[np.ndarray]:
-    """`batches` batches of sample indices, each drawn uniformly without replacement."""
+def independent_batches(sample_nodes: np.ndarray, batch_size: int, batches: int,
+                        seed: int) -> list[np.ndarray]:
+    """`batches` batches of sample indices, each drawn uniformly without replacement and on
+    its own, so two may share samples and there may be more full batches than the samples
+    fill (an epoch's batches, xclr.data.random_batches, are disjoint and end with them)."""
     rng = np.random.default_rng(seed)
     b = min(batch_size, len(sample_nodes))
     return [rng.choice(len(sample_nodes), size=b, replace=False) for _ in range(batches)]
@@ -141,10 +125,10 @@ def soft_target_entropy(out: str | Path, sample_nodes: np.ndarray, taus: list[fl
                         batch_size: int = options.BATCH_SIZE, batches: int = options.BATCHES,
                         seed: int = options.SEED) -> list[dict]:
     """Per tau_s: the row entropy of soft targets over random batches of samples."""
-    idx = random_batches(sample_nodes, batch_size, batches, seed)
+    idx = independent_batches(sample_nodes, batch_size, batches, seed)
     nodes = np.concatenate([sample_nodes[i] for i in idx])
     uniq, inv = np.unique(nodes, return_inverse=True)
-    rows = gather_rows(out, uniq)
+    rows = StoredRows(RunDir(out).embeddings).gather(uniq)
     b = len(idx[0])
     cosines = [batch_cosines(rows[inv[j * b:(j + 1) * b]]) for j in range(len(idx))]
     result = []

@@ -11,7 +11,7 @@ the same checks (crc32c of every chunk, the graph's provenance against the store
 """
 
 from graphbuild.rundir.samples import read_sample_nodes
-from graphbuild.rundir.store import ZarrRows
+from graphbuild.rundir.store import ZarrRows  # the store's reader, StoredRows
 from graphbuild.xclr.data import NO_TARGET, GraphRows, NeighborBatchSampler, SampleJoin, WithNodes
 from graphbuild.xclr.graph import Graph
 from graphbuild.xclr.loss import simclr_targets, supcon_targets, xclr_loss

@@ -63,7 +63,7 @@ from graphbuild.errors import GraphbuildError
 from graphbuild.rundir.graph import meta_path
 from graphbuild.rundir.paths import RunDir
 from graphbuild.rundir.samples import check_nodes_fit, check_store_matches_tables, read_sample_nodes
-from graphbuild.rundir.store import ZarrRows
+from graphbuild.rundir.store import StoredRows
 from graphbuild.xclr.data import NO_TARGET
 from graphbuild.xclr.graph import Graph
 
@@ -145,7 +145,7 @@ class SoftTargets:
         self.mode, self.tau_s, self.diagonal = mode, tau_s, diagonal
         self.device, self.dtype = torch.device(device), dtype
         self.rule, self.floor = rule, floor
-        self.rows = ZarrRows(RunDir(run).embeddings, mmap=mmap) if mode == "exact" else None
+        self.rows = StoredRows(RunDir(run).embeddings, mmap=mmap) if mode == "exact" else None
         # graph: an in-memory Graph to use instead of the run's (e.g. one cut to another k)
         self.graph = (graph or Graph(run, k)) if mode == "graph" else None
         self._nodes: np.ndarray | None = None
@@ -251,7 +251,7 @@ class SoftTargets:
 
     def _exact(self, nodes: np.ndarray, scale: float) -> torch.Tensor:
         if self.rows.mmap:
-            x = torch.from_numpy(self.rows.rows(nodes)).to(self.device)
+            x = torch.from_numpy(self.rows.gather(nodes)).to(self.device)
         else:
             if self._table is None:  # fp16 rows in RAM (or on the device), loaded once
                 self._table = torch.from_numpy(self.rows.load()).to(self.device)
