@@ -13,10 +13,16 @@ of one caption (node), and items without a target (-1)."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
+import warnings
+
 import numpy as np
 import pytest
 import torch
 import torch.multiprocessing as mp
+
+from tests.conftest import REPO
 
 B, DIM, TAU, TAU_S = 12, 16, 0.2, 0.1
 CASES = [(mode, diagonal, views) for mode in ("exact", "graph") for diagonal in ("mask", "keep")
@@ -64,7 +70,9 @@ def gather_views(z: torch.Tensor, views: int) -> torch.Tensor:
     each view gathered on its own, with gradients back to the rank that owns the rows."""
     from torch.distributed.nn.functional import all_gather
 
-    return torch.cat([torch.cat(all_gather(part)) for part in z.chunk(views)])
+    with warnings.catch_warnings():  # torch 2.13 names a successor; this one runs on 2.4+
+        warnings.simplefilter("ignore", FutureWarning)
+        return torch.cat([torch.cat(all_gather(part)) for part in z.chunk(views)])
 
 
 def rank_main(rank: int, world: int, run: str, out: str) -> None:
@@ -224,3 +232,19 @@ def test_moco_queue_targets_and_loss_equal_a_float64_formula(coco3k):
         (q, k))
     loss.backward()
     assert q.grad.abs().sum() > 0 and k.grad.abs().sum() > 0
+
+
+def test_digits_example_trains_on_two_processes(tmp_path):
+    """examples/digits_xclr.py --ddp 2: each objective trained on 2 gloo processes with
+    gathered negatives, and the kNN accuracy printed as in one process."""
+    pytest.importorskip("sklearn")
+    done = subprocess.run([sys.executable, str(REPO / "examples" / "digits_xclr.py"), "--run",
+                           str(tmp_path / "digits"), "--epochs", "1", "--seeds", "0",
+                           "--limit", "256", "--ddp", "2"], cwd=REPO, capture_output=True,
+                          text=True, timeout=600, check=False)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "batch 128 (2 processes)" in done.stdout
+    for objective in ("simclr", "supcon", "xclr"):
+        line = next(x for x in done.stdout.splitlines()
+                    if x.startswith(f"  {objective:7s} seed 0: kNN acc"))
+        assert 0.5 < float(line.split()[5]) <= 1.0, line  # 10 classes: chance is 0.1
