@@ -123,6 +123,8 @@ def test_simclr_and_supcon_against_keys_are_the_square_rows():
                            supcon_targets(labels, views=views)[rows])
     with pytest.raises(GraphbuildError, match="label differs"):
         supcon_targets(labels[:3], columns=labels, self_at=1)
+    with pytest.raises(GraphbuildError, match="self_at must place the rows"):
+        simclr_targets(3, columns=n, self_at=None)
 
 
 def test_loss_against_keys_with_rows_among_them_is_the_square_loss():

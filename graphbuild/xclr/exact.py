@@ -10,7 +10,9 @@ The product. Rows are renormalised in float32 and scaled by sqrt(1/tau_s), so on
 gives the logits, in the `dtype` asked for. Three branches, by how many items share a node:
 none, a product in batch order; a few (under half), the same product, then every same-node
 pair set to exactly 1/tau_s; many, one product over the distinct nodes, expanded to the batch.
-A node with itself is exactly 1/tau_s, never 1 +- rounding.
+A node with itself is exactly 1/tau_s, never 1 +- rounding. Rows against columns: one
+(B, C) product, each axis in batch order or over its distinct nodes (when at least half its
+items share one), same-node pairs set to exactly 1/tau_s.
 """
 
 from __future__ import annotations

@@ -1,9 +1,11 @@
 """The layout of a batch's targets around its logits: items without a target, views, the
-diagonal, the row softmax. Shared by exact and graph targets, so both lay a batch out alike.
+diagonal (or, against columns, each row's own column as self_at states it), the row softmax.
+Shared by exact and graph targets, square and rectangular, so all lay a batch out alike.
 
 A logits function `logits_of(keep)` gives scale * cos over the batch's items that have a
-target: keep=None for all of them in batch order, else the positions `keep` (int64). Its
-result is a fresh float32 tensor, ours to change in place.
+target: keep=None for all of them in batch order, else the positions `keep` (int64); against
+columns, `logits_of(keep_rows, keep_columns)`. Its result is a fresh float32 tensor, ours to
+change in place.
 """
 
 from __future__ import annotations

@@ -44,9 +44,11 @@ def xclr_loss(z: torch.Tensor, targets: torch.Tensor, tau: float = 0.1,
     check_choice("diagonal", diagonal, DIAGONALS)
     check_choice("reduction", reduction, REDUCTIONS)
     check_tau("tau", tau)
-    if z.ndim != 2 or len(z) == 0:
-        raise GraphbuildError(f"xclr_loss: z must be a non-empty (n, dim) matrix, got shape "
+    if z.ndim != 2:
+        raise GraphbuildError(f"xclr_loss: z must be an (n, dim) matrix, got shape "
                               f"{tuple(z.shape)}")
+    if len(z) == 0:
+        raise GraphbuildError("xclr_loss: empty batch (z has 0 rows)")
     dtype = torch.float64 if z.dtype == torch.float64 else torch.float32
     if keys is None:
         if self_at is not UNSTATED or views != 1:
@@ -76,10 +78,10 @@ def _square(z: torch.Tensor, targets: torch.Tensor, diagonal: str, dtype: torch.
         raise GraphbuildError(f"targets must be ({len(z)}, {len(z)}) for z of shape "
                               f"{tuple(z.shape)}, got {tuple(targets.shape)}")
     targets = targets.to(z.device, dtype)
-    _check_targets(targets, diagonal)
+    diag = torch.arange(len(z), device=z.device)
+    _check_targets(targets, diagonal, (diag, diag))
     z = F.normalize(z, dim=1)
     logits = (z @ z.T).to(dtype) / tau
-    diag = torch.arange(len(z), device=z.device)
     return targets, logits, (diag, diag)
 
 
@@ -104,33 +106,39 @@ def _cross(z: torch.Tensor, keys: torch.Tensor, targets: torch.Tensor, diagonal:
     own = (torch.from_numpy(r).to(z.device), torch.from_numpy(c).to(z.device)) \
         if len(r) else None
     targets = targets.to(z.device, dtype)
-    _check_targets(targets, diagonal, own)
+    _check_targets(targets, diagonal, own, against_keys=True)
     q, k = F.normalize(z, dim=1), F.normalize(keys.to(z.dtype), dim=1)
     return targets, (q @ k.T).to(dtype) / tau, own
 
 
-def _check_targets(targets: torch.Tensor, diagonal: str, own: tuple | None = ...) -> None:
+def _check_targets(targets: torch.Tensor, diagonal: str, own: tuple | None,
+                   against_keys: bool = False) -> None:
     """Refuse targets with NaN, inf or negative entries, or built with the other diagonal
-    (or, against keys, another self_at): `own` holds each row's own position (default: the
-    diagonal; None: no row has one)."""
+    (or, against keys, another self_at): `own` holds (rows, columns) of each row's own item,
+    None when no row has one among the columns."""
     if not bool((torch.isfinite(targets) & (targets >= 0)).all()):
         raise GraphbuildError("targets hold NaN, inf or negative entries")
     if own is None:
         return
-    rows = torch.arange(len(targets), device=targets.device) if own is ... else own[0]
-    at_own = targets.diagonal() if own is ... else targets[own]
-    where = "a zero diagonal" if own is ... else "zeros where self_at puts each row's own key"
+    at_own = targets[own]
     if diagonal == "mask" and bool(at_own.abs().max() > 0):
-        raise GraphbuildError(f"diagonal='mask' needs targets with {where}; build them with "
-                              f"diagonal='mask' too" + ("" if own is ... else
-                                                        " and the same self_at and views"))
+        if against_keys:
+            raise GraphbuildError("diagonal='mask' needs targets with zeros where self_at puts "
+                                  "each row's own key; build them with diagonal='mask' too "
+                                  "and the same self_at and views")
+        raise GraphbuildError("diagonal='mask' needs targets with a zero diagonal; build "
+                              "them with diagonal='mask' too")
     if diagonal == "keep":
-        massless_self = (targets[rows].sum(dim=1) > 0) & (at_own <= 0)
+        massless_self = (targets[own[0]].sum(dim=1) > 0) & (at_own <= 0)
         if bool(massless_self.any()):
-            place = "on the diagonal" if own is ... else "where self_at puts each row's own key"
-            raise GraphbuildError(f"diagonal='keep' needs targets with mass {place}; these "
-                                  f"have none (built with diagonal='mask', or another "
-                                  f"self_at): give xclr_loss diagonal='mask'")
+            if against_keys:
+                raise GraphbuildError("diagonal='keep' needs targets with mass where self_at "
+                                      "puts each row's own key; these have none (built with "
+                                      "diagonal='mask', or another self_at): give xclr_loss "
+                                      "diagonal='mask'")
+            raise GraphbuildError("diagonal='keep' needs targets with mass on the diagonal; "
+                                  "these have a zero one (built with diagonal='mask'): give "
+                                  "xclr_loss diagonal='mask'")
 
 
 def simclr_targets(batch_size: int, device: str | torch.device = "cpu", *,
@@ -150,6 +158,9 @@ def simclr_targets(batch_size: int, device: str | torch.device = "cpu", *,
         t[i, i + batch_size] = 1.0
         t[i + batch_size, i] = 1.0
         return t
+    if self_at is None:
+        raise GraphbuildError("simclr_targets: a row's positive is its own sample's other "
+                              "view among the columns, so self_at must place the rows")
     at = stated_positions(self_at, batch_size, columns, "mask", "simclr_targets")
     r, c = own_items(at, batch_size, columns, 2)
     t = torch.zeros(2 * batch_size, 2 * columns, device=device)
