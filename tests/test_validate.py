@@ -6,6 +6,7 @@ import json
 import shutil
 from pathlib import Path
 
+import google_crc32c
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -160,10 +161,15 @@ def test_a_corrupt_chunk_is_named_in_a_new_process(run, tmp_path):
     flip_byte(broken / "embeddings.zarr/c/2/0")
     r = graphbuild("validate", broken)
     assert r.returncode == 1 and "Traceback" not in r.stderr
-    assert r.stdout.strip().splitlines() == [
-        f"emb-chunks: {broken}/embeddings.zarr/c/2/0: chunk 2 (rows 2048-{n_nodes(run) - 1}) "
-        "cannot be read: "
-        "Stored and computed checksum do not match. " + r.stdout.split("match. ", 1)[1].strip()]
+    # the two checksums, from the damaged file itself: its last 4 bytes, and the crc32c of
+    # the rest (little-endian, as the store's codec writes it)
+    data = (broken / "embeddings.zarr/c/2/0").read_bytes()
+    stored, computed = data[-4:], google_crc32c.value(data[:-4]).to_bytes(4, "little")
+    assert stored != computed
+    want = (f"emb-chunks: {broken}/embeddings.zarr/c/2/0: chunk 2 (rows 2048-"
+            f"{n_nodes(run) - 1}) cannot be read: Stored and computed checksum do not match. "
+            f"Stored: {stored!r}. Computed: {computed!r}.")
+    assert r.stdout.strip().splitlines() == [want]
 
 
 def test_not_a_run_is_exit_2(tmp_path, monkeypatch, capsys):
