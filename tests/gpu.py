@@ -24,11 +24,11 @@ def one_minus_cos(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 
 
 def fp32_reference(model_path, texts: list[str]) -> np.ndarray:
-    """Unit vectors of `texts` by plain sentence-transformers on the CPU in fp32, whatever
-    dtype the model directory stores its weights in."""
-    from sentence_transformers import SentenceTransformer
+    """Unit vectors of `texts` by plain sentence-transformers (encode()) on the CPU in fp32,
+    whatever dtype the model directory stores its weights in."""
+    from graphbuild.embedding.models import load_sentence_transformer, resolve_model
 
-    model = SentenceTransformer(str(model_path), device="cpu", local_files_only=True).float()
+    model = load_sentence_transformer(resolve_model(str(model_path)), "cpu").float()
     return model.encode(texts, batch_size=64, normalize_embeddings=True)
 
 
