@@ -87,9 +87,12 @@ def world(tmp_path_factory):
         refs[name] = tree_bytes(tmp / name)
     ran = tmp / "ran"
     p, timeline = start_run(manifest, ran), {}
-    while p.poll() is None:
+    while True:
+        exited = p.poll() is not None
         timeline.update((name, time.monotonic()) for name in MILESTONES
                         if name not in timeline and (ran / name).exists())
+        if exited:
+            break
         time.sleep(POLL)
     assert p.returncode == 0 and list(timeline) == list(MILESTONES), timeline
     refs["run"] = tree_bytes(ran)
@@ -190,7 +193,8 @@ def kill_mid_run(manifest: Path, out: Path, milestone: str, delay: float) -> str
     for _ in range(3):
         p = start_run(manifest, out)
         deadline = time.monotonic() + 300
-        while not (out / milestone).exists() and p.poll() is None:
+        while not (out / milestone).exists():
+            assert p.poll() is None, f"the run exited ({p.returncode}) before {milestone}"
             assert time.monotonic() < deadline, f"{milestone} never appeared"
             time.sleep(POLL)
         time.sleep(delay)
