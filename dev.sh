@@ -5,43 +5,100 @@
 #   ./dev.sh test     set up with test extras, then run the test suite
 #   ./dev.sh setup    set up only
 #
-# Torch: by default a CPU build (torch==2.13.0), so a CPU machine does not download a
-# multi-GB CUDA build. GRAPHBUILD_TORCH=cuda installs a CUDA torch instead (and faiss-gpu
-# with GRAPHBUILD_FAISS=gpu). GRAPHBUILD_TORCH_INDEX=URL makes pip take torch from that
-# index, e.g. PyTorch's own CPU-only wheel index (see pytorch.org, "Get started").
+# Set-up installs graphbuild with its pipeline and test extras, torch and faiss in a flavour:
+# GRAPHBUILD_TORCH=cpu|cuda and GRAPHBUILD_FAISS=cpu|gpu (faiss-cpu or faiss-gpu-cu12). A new
+# venv gets cpu and cpu; an existing one keeps what it has unless asked for the other flavour,
+# which then replaces it (the venv's torch or faiss is uninstalled, the one asked for
+# installed). torch is torch==2.13.0 from pip's indexes, or from GRAPHBUILD_TORCH_INDEX=URL,
+# e.g. PyTorch's own CPU-only or CUDA wheel index (see pytorch.org, "Get started"): PyPI's
+# torch for Linux x86_64 is a CUDA build, which also runs on a CPU.
 set -euo pipefail
 cd "$(dirname "$0")"
 
 VENV=${GRAPHBUILD_VENV:-.venv}
 PY=${PYTHON:-python3}
+TORCH=torch==2.13.0
+FAISS_GPU=faiss-gpu-cu12
 
-setup() {
-  local extras=$1
-  if [ ! -x "$VENV/bin/python" ]; then
-    "$PY" -m venv "$VENV"
+pip_() { "$VENV/bin/python" -m pip --disable-pip-version-check -q "$@"; }
+
+# The venv's torch: "cuda" for a build with CUDA, "cpu" for one without, "" for none.
+torch_build() {
+  "$VENV/bin/python" -c "import torch; print('cuda' if torch.version.cuda else 'cpu')" \
+    2>/dev/null || true
+}
+
+# torch in the flavour asked for. $VENV/.graphbuild-torch records the flavour installed and
+# the index it came from: where the plain torch line gives a CUDA build, that build stands for
+# "cpu" (it runs on a CPU) until another index is given.
+setup_torch() {
+  local stamp="$VENV/.graphbuild-torch" build recorded=() index=${GRAPHBUILD_TORCH_INDEX:-}
+  build=$(torch_build)
+  [ -f "$stamp" ] && mapfile -t recorded < "$stamp"
+  local want=${GRAPHBUILD_TORCH:-${recorded[0]:-${build:-cpu}}}
+  case "$want" in
+    cpu|cuda) ;;
+    *) echo "dev.sh: GRAPHBUILD_TORCH must be cpu or cuda" >&2; exit 2 ;;
+  esac
+  case "$want/$build" in
+    cpu/cpu|cuda/cuda) return 0 ;;
+    cpu/cuda)  # what the cpu line gave, unless another index is given now
+      [ "${recorded[0]:-}" = cpu ] && [ "${index:-${recorded[1]:-}}" = "${recorded[1]:-}" ] &&
+        return 0 ;;
+  esac
+  if [ -n "$build" ]; then
+    echo "dev.sh: replacing the venv's torch ($build build) for GRAPHBUILD_TORCH=$want" >&2
+    pip_ uninstall -y torch
   fi
-  local pip=("$VENV/bin/python" -m pip --disable-pip-version-check -q)
-  if ! "$VENV/bin/python" -c "import torch" 2>/dev/null; then
-    local index=()
-    [ -n "${GRAPHBUILD_TORCH_INDEX:-}" ] && index=(--index-url "$GRAPHBUILD_TORCH_INDEX")
-    case "${GRAPHBUILD_TORCH:-cpu}" in
-      cpu) echo "dev.sh: installing torch 2.13.0 (CPU build where available)" >&2
-           "${pip[@]}" install "${index[@]}" "torch==2.13.0" ;;
-      cuda) echo "dev.sh: installing a CUDA build of torch" >&2
-            "${pip[@]}" install "${index[@]}" "torch>=2.4" ;;
-      *) echo "dev.sh: GRAPHBUILD_TORCH must be cpu or cuda" >&2; exit 2 ;;
-    esac
+  echo "dev.sh: installing $TORCH for GRAPHBUILD_TORCH=$want${index:+ from $index}" >&2
+  pip_ install ${index:+--index-url "$index"} "$TORCH"
+  build=$(torch_build)
+  if [ "$want" = cuda ] && [ "$build" != cuda ]; then
+    echo "dev.sh: pip installed a torch without CUDA; give GRAPHBUILD_TORCH_INDEX a CUDA" \
+         "wheel index (pytorch.org, \"Get started\")" >&2
+    exit 2
   fi
-  # Reinstall the project only when its dependency list changed.
+  [ "$want" = cpu ] && [ "$build" = cuda ] &&
+    echo "dev.sh: this $TORCH is a CUDA build (it runs on a CPU too); GRAPHBUILD_TORCH_INDEX" \
+         "set to PyTorch's CPU-only wheel index gives a smaller one" >&2
+  printf '%s\n%s\n' "$want" "$index" > "$stamp"
+}
+
+# graphbuild[pipeline,$extras] with faiss in the flavour asked for: faiss-cpu (the extra) or
+# faiss-gpu-cu12. The two ship the same `faiss` module, so a venv holding another faiss has it
+# uninstalled first. The project is reinstalled when its dependency list changed.
+setup_project() {
+  local extras=$1 dists=() have= ok=false packages=()
+  mapfile -t dists < <("$VENV/bin/python" -c "import importlib.metadata as m
+names = sorted({n for d in m.distributions()
+                if (n := (d.metadata['Name'] or '').lower().replace('_', '-')).startswith('faiss')})
+names and print(*names, sep='\n')")
+  case " ${dists[*]} " in *" faiss-gpu"*) have=gpu ;; *" faiss-cpu "*) have=cpu ;; esac
+  local want=${GRAPHBUILD_FAISS:-${have:-cpu}}
+  case "$want" in
+    cpu) [ "${dists[*]}" = faiss-cpu ] && ok=true
+         extras="pipeline,faiss-cpu,$extras" ;;
+    gpu) [ ${#dists[@]} = 1 ] && [[ ${dists[0]} = faiss-gpu* ]] && ok=true
+         $ok || packages=("$FAISS_GPU")
+         extras="pipeline,$extras" ;;
+    *) echo "dev.sh: GRAPHBUILD_FAISS must be cpu or gpu" >&2; exit 2 ;;
+  esac
+  if ! $ok && [ ${#dists[@]} -gt 0 ]; then
+    echo "dev.sh: replacing ${dists[*]} for GRAPHBUILD_FAISS=$want" >&2
+    pip_ uninstall -y "${dists[@]}"
+  fi
   local stamp="$VENV/.graphbuild-$extras-$(cksum < pyproject.toml | cut -d' ' -f1)"
-  if [ ! -f "$stamp" ]; then
-    echo "dev.sh: installing graphbuild[$extras] into $VENV" >&2
-    "${pip[@]}" install -e ".[$extras]"
-    if [ "${GRAPHBUILD_FAISS:-cpu}" = gpu ]; then
-      "${pip[@]}" uninstall -y faiss-cpu && "${pip[@]}" install faiss-gpu-cu12
-    fi
+  if [ ! -f "$stamp" ] || ! $ok; then
+    echo "dev.sh: installing graphbuild[$extras]${packages[*]:+ ${packages[*]}} into $VENV" >&2
+    pip_ install -e ".[$extras]" "${packages[@]}"
     touch "$stamp"
   fi
+}
+
+setup() {
+  [ -x "$VENV/bin/python" ] || "$PY" -m venv "$VENV"
+  setup_torch
+  setup_project "$1"
 }
 
 # Programs some tests drive for real: Chromium (the HTML report), and SLURM with munge (a
@@ -77,5 +134,5 @@ case "${1:-}" in
     shift
     "$VENV/bin/python" -m pytest "$@"
     ;;
-  *) sed -n '2,12p' "$0"; exit 2 ;;
+  *) sed -n '2,14p' "$0"; exit 2 ;;
 esac

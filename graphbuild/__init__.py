@@ -1,7 +1,38 @@
 """graphbuild: embed texts once, build a top-k similarity graph, serve X-CLR soft targets.
 
-Kept import-free on purpose: `graphbuild --help` and the trainer side must not pay for
-torch or sentence-transformers at import time.
+    import graphbuild
+    graphbuild.embed("data_manifests/coco.yaml", "runs/coco")   # -> embeddings.zarr
+    graphbuild.knn("runs/coco", k=64)                          # -> graph/part-*.parquet
+    graphbuild.run("data_manifests/coco.yaml", k=64)           # both, into runs/<name>
+
+embed, knn and run (api.py) are the Python face of the commands of the same names. They
+import their machinery when called, so `import graphbuild` loads no torch,
+sentence-transformers, polars, zarr or typer: the CLI starts quickly and the trainer side
+(graphbuild.xclr) pays only for what it uses. Packages:
+
+  prepare/    stage 1: a manifest's source to the nodes and samples tables
+  embedding/  stage 2: the nodes' texts to embeddings.zarr
+  graph/      stage 3: the stored rows to the top-k graph
+  inspect/    looking at a run: neighbors, stats, validate, report
+  scale/      Dask and SLURM
+  rundir/     the run directory's format, read by everyone
+  xclr/       the trainer side: soft targets, loss, samplers
+  cli/        the command line, a thin layer over api.py
+options.py holds every default and the checks of user values; errors.py the one error type.
 """
 
-__version__ = "0.1.0"
+from graphbuild.api import RunResult, embed, knn, run
+
+__all__ = ["RunResult", "__version__", "embed", "knn", "run"]
+
+
+def __getattr__(name: str):
+    # __version__ on first use: reading package metadata costs more than the rest of the import
+    if name == "__version__":
+        from importlib import metadata
+
+        try:
+            return metadata.version("graphbuild")
+        except metadata.PackageNotFoundError:  # a source tree that was never installed
+            return "0+unknown"
+    raise AttributeError(f"module 'graphbuild' has no attribute {name!r}")

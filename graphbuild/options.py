@@ -1,4 +1,8 @@
-"""Checks of the values a user passes, shared by the CLI and the library entry points.
+"""The defaults of the values a user passes, and their checks; shared by the library, the
+Python API (graphbuild.embed / knn / run), the CLI and `submit slurm`.
+
+Each default is written here once and every entry point takes it from here, so a function
+called from Python, the command and a SLURM task never differ (tests/test_api.py checks it).
 
 Each check raises a one-line GraphbuildError naming the flag, so a bad value stops a command
 before it reads a source or loads a model, and the Python API refuses the same values with the
@@ -11,6 +15,29 @@ import math
 import re
 
 from graphbuild.errors import GraphbuildError
+
+# embed
+MODEL = "all-MiniLM-L6-v2"  # bundled as a package whose files models.py checks by sha256
+CHUNK_ROWS = 8192  # rows per Zarr chunk: 6 MiB of fp16 at d=384, cheap random row reads
+# Padded tokens per forward pass. On a CPU, 1-4k tokens keep the matrix products efficient
+# without spilling the caches; GPUs want far larger batches.
+TOKEN_BUDGET = {"cpu": 2048, "cuda": 65536}
+# knn
+K = 32
+RECALL_TARGET = 0.95  # approximate search: nprobe is tuned until sampled recall@k reaches it
+# Rows per block of the exact search and of the stores' reads. exact_memory counts 4 block
+# pairs of fp32 scores, 64 MiB at 2048 (256 MiB at 4096); every published knn figure
+# (benchmarks/results/knn*.txt, exact_quick.txt) was measured at 2048.
+BLOCK_ROWS = 2048
+# `graphbuild run`: neighbours printed per example text
+EXAMPLES = 5
+# stats and report: the soft-target entropy over random batches
+TAU_S = 0.1
+BATCH_SIZE = 1024
+BATCHES = 8
+SEED = 0
+# `graphbuild neighbors`
+NEIGHBORS = 10
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 DEVICE_PATTERN = re.compile(r"auto|cpu|cuda(:\d+)?")

@@ -163,14 +163,14 @@ def test_entropy_matches_the_trainer_targets(run):
     """The stats' entropy equals that of xclr.SoftTargets rows on the same random batches."""
     import torch
 
-    from graphbuild.inspect.stats import random_batches, run_stats
+    from graphbuild.inspect.stats import independent_batches, run_stats
     from graphbuild.xclr import SoftTargets, read_sample_nodes
 
     tau = 0.1
     got = run_stats(run, tau_s=tau, batch_size=512, batches=2, seed=3)["soft_targets"]
     targets = SoftTargets.from_run(run, mode="exact", tau_s=tau)
     h = []
-    for idx in random_batches(read_sample_nodes(run), 512, 2, seed=3):
+    for idx in independent_batches(read_sample_nodes(run), 512, 2, seed=3):
         p = targets(idx).double()
         h.append(-(p * torch.log(p.clamp_min(1e-300))).sum(1))
     h = torch.cat(h).numpy()

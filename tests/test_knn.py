@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import shutil
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -238,6 +239,29 @@ def test_approximate_pq_when_over_budget(run):
     assert info["index"]["kind"] == "ivf-pq" and r.complete and r.recall > 0
 
 
+def test_approximate_on_a_cpu_needs_no_faiss(embedded, tmp_path, monkeypatch):
+    """faiss is an extra: without it the CPU's approximate search (its own lists) writes the
+    same graph, byte for byte, as with faiss installed."""
+    runs = with_faiss, without = tmp_path / "with", tmp_path / "without"
+    for out in runs:
+        shutil.copytree(embedded, out)
+    knn(with_faiss, 10, method="approximate", recall_target=0.9)
+    monkeypatch.setitem(sys.modules, "faiss", None)  # `import faiss` fails from here on
+    knn(without, 10, method="approximate", recall_target=0.9)
+    parts = [sorted((out / "graph").glob("part-*.parquet")) for out in runs]
+    assert len(parts[0]) == 1 and [p.name for p in parts[0]] == [p.name for p in parts[1]]
+    assert all(a.read_bytes() == b.read_bytes() for a, b in zip(*parts))
+
+
+def test_ivf_pq_without_faiss_is_one_line_before_any_work(run, monkeypatch):
+    monkeypatch.setitem(sys.modules, "faiss", None)
+    with pytest.raises(GraphbuildError) as e:
+        knn(run, 5, method="approximate", memory_budget=1)
+    assert "IVF-PQ" in str(e.value) and "pip install 'graphbuild[faiss-cpu]'" in str(e.value)
+    assert "\n" not in str(e.value)
+    assert not (run / "graph").exists() and not (run / "_state" / "knn").exists()
+
+
 def test_auto_gives_a_reason():
     from graphbuild.graph.stage import choose_method
 
@@ -271,11 +295,10 @@ def test_ground_truth_by_bf16_candidates_is_proven_exact(embedded):
     """nprobe tuning's ground truth: bf16 candidates ranked by their exact scores, and only
     the queries whose candidates provably hold their top-k kept (the rest scored in fp32),
     against brute force on real captions; with no candidates beyond k, few are proven."""
-    import zarr
-
     from graphbuild.graph.ann import _fp32_truth, _rescored_truth, ground_truth
+    from graphbuild.rundir.store import StoredRows
 
-    arr = zarr.open_array(str(embedded / "embeddings.zarr"), mode="r")
+    arr = StoredRows(embedded / "embeddings.zarr")
     x = np.asarray(arr[:], np.float64)
     sample = np.arange(0, len(x), 7)
     _, ref_s = brute_force(embedded, 10)
@@ -295,12 +318,11 @@ def test_list_scan_equals_faiss_and_brute_force(embedded):
     """ivf_scan.ListScan probes the lists faiss would and scores the stored rows: with every
     list probed it is exact search, and at a small nprobe it finds what faiss's IVF finds in
     the same lists."""
-    import zarr
-
     from graphbuild.graph.ann import build_index, build_lists, ground_truth, search
     from graphbuild.graph.ivf_scan import ListScan, lists_of
+    from graphbuild.rundir.store import StoredRows
 
-    arr = zarr.open_array(str(embedded / "embeddings.zarr"), mode="r")
+    arr = StoredRows(embedded / "embeddings.zarr")
     x32 = np.asarray(arr[:], np.float32)
     scan = ListScan.from_lists(*build_lists(arr, 16, 1024), arr, 1024)
     rows = np.arange(len(x32))
@@ -323,7 +345,6 @@ def test_adaptive_probes_search_the_lists_within_the_gap(embedded):
     its nearest one's (4 to 32 of them), the gap tuned to give nprobe on average; the search
     returns the exact top k among the rows of those lists (numpy brute force)."""
     import torch
-    import zarr
 
     from graphbuild.graph.ann import build_lists, search
     from graphbuild.graph.ivf_scan import (
@@ -334,8 +355,9 @@ def test_adaptive_probes_search_the_lists_within_the_gap(embedded):
         probe_gap_for,
         probes,
     )
+    from graphbuild.rundir.store import StoredRows
 
-    arr = zarr.open_array(str(embedded / "embeddings.zarr"), mode="r")
+    arr = StoredRows(embedded / "embeddings.zarr")
     x32 = np.asarray(arr[:], np.float32)
     scan = ListScan.from_lists(*build_lists(arr, 64, 1024), arr, 1024)
     rows = np.arange(0, len(x32), 7)
@@ -368,12 +390,11 @@ def test_adaptive_probes_search_the_lists_within_the_gap(embedded):
 
 def test_list_scan_reads_rows_in_store_order(embedded):
     """Tuning's exact search reads the scan's in-memory rows as store slices: the same bytes."""
-    import zarr
-
     from graphbuild.graph.ann import build_index
     from graphbuild.graph.ivf_scan import ListScan, lists_of
+    from graphbuild.rundir.store import StoredRows
 
-    arr = zarr.open_array(str(embedded / "embeddings.zarr"), mode="r")
+    arr = StoredRows(embedded / "embeddings.zarr")
     view = ListScan.from_lists(*lists_of(build_index(arr, "ivf-sq16", 16, 1024)), arr,
                                1024).in_store_order()
     assert view.shape == arr.shape
@@ -494,12 +515,11 @@ def test_list_scan_small_lists_search_more(embedded):
 def test_tuned_nprobe_is_the_smallest_reaching_the_target(embedded):
     """Doubling, then bisecting: every nprobe tried below the chosen one misses the target,
     and the one just below it was tried (so no smaller one reaches it)."""
-    import zarr
-
     from graphbuild.graph.ann import build_index, tune_nprobe
     from graphbuild.graph.ivf_scan import ListScan, lists_of
+    from graphbuild.rundir.store import StoredRows
 
-    arr = zarr.open_array(str(embedded / "embeddings.zarr"), mode="r")
+    arr = StoredRows(embedded / "embeddings.zarr")
     scan = ListScan.from_lists(*lists_of(build_index(arr, "ivf-sq16", 64, 1024)), arr, 1024)
     t = tune_nprobe(scan, arr, 10, 0.97, 1024, sample=300)
     tried = {c["nprobe"]: c["recall"] for c in t.curve}

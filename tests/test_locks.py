@@ -27,7 +27,7 @@ from tests.conftest import REPO, graphbuild, one_error
 HOLD = """
 import sys, time
 from pathlib import Path
-from graphbuild.storage import file_lock
+from graphbuild.rundir.locks import file_lock
 with file_lock(Path(sys.argv[1])):
     print("held", flush=True)
     time.sleep(3600)

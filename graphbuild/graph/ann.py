@@ -13,7 +13,9 @@ search reads the rows from the store (ivf_scan.ListScan), so fp16 codes would on
 store. nprobe is tuned on a seeded sample of queries against exact search: the
 smallest of 1, 2, 4, ..., nlist whose recall@k reaches the target.
 
-Vectors come from `arr[lo:hi]` slices (a zarr array or a numpy array), one block at a time.
+Vectors come from `arr[lo:hi]` slices, one block at a time, and `arr[ids]` gathers of sampled
+rows: `arr` is the store's reader (rundir.store.StoredRows), a ListScan's rows in store
+order, or a numpy array.
 """
 
 from __future__ import annotations
@@ -75,23 +77,12 @@ def pq_subquantizers(d: int) -> int:
     return max(m for m in range(1, d // 4 + 1) if d % m == 0) if d >= 4 else d
 
 
-def gather_rows(arr, ids: np.ndarray, block_rows: int) -> np.ndarray:
-    """Rows `ids` (sorted) as fp32, read block by block so no random chunk reads happen."""
-    n = arr.shape[0]
-    out = np.empty((len(ids), arr.shape[1]), np.float32)
-    for lo in range(0, n, block_rows):
-        a, b = np.searchsorted(ids, [lo, lo + block_rows])
-        if a < b:
-            out[a:b] = np.asarray(arr[lo:lo + block_rows])[ids[a:b] - lo]  # then to fp32
-    return out
-
-
 def sample_ids(n: int, size: int, seed: int) -> np.ndarray:
     rng = np.random.default_rng(seed)
     return np.sort(rng.choice(n, size=min(size, n), replace=False))
 
 
-def _trained_index(arr, kind: str, nlist: int, block_rows: int, seed: int):
+def _trained_index(arr, kind: str, nlist: int, seed: int):
     """An empty IVF index of `kind`, its k-means trained on a seeded sample of rows."""
     from graphbuild.graph.faiss_loader import load_faiss
 
@@ -108,7 +99,7 @@ def _trained_index(arr, kind: str, nlist: int, block_rows: int, seed: int):
     quantizer.this.disown()
     index.cp.seed = seed
     index.cp.niter = KMEANS_ITERS
-    index.train(gather_rows(arr, sample_ids(n, TRAIN_PER_LIST * nlist, seed), block_rows))
+    index.train(np.asarray(arr[sample_ids(n, TRAIN_PER_LIST * nlist, seed)], np.float32))
     return index
 
 
@@ -127,7 +118,7 @@ def build_index(arr, kind: str, nlist: int, block_rows: int, seed: int = SEED):
 
     faiss = load_faiss()
     t0 = time.perf_counter()
-    index = _trained_index(arr, kind, nlist, block_rows, seed)
+    index = _trained_index(arr, kind, nlist, seed)
     t1 = time.perf_counter()
     centroids = torch.from_numpy(index.quantizer.reconstruct_n(0, nlist))
     for x, lists in _blocks_with_lists(arr, centroids, block_rows):
@@ -150,7 +141,7 @@ def build_lists(arr, nlist: int, block_rows: int, seed: int = SEED,
     80 (graph_choices.txt)."""
     t0 = time.perf_counter()
     n = arr.shape[0]
-    train = gather_rows(arr, sample_ids(n, LIST_TRAIN_PER_LIST * nlist, seed), block_rows)
+    train = np.asarray(arr[sample_ids(n, LIST_TRAIN_PER_LIST * nlist, seed)], np.float32)
     centroids = spherical_kmeans(torch.from_numpy(train).to(centroid_dtype()), nlist,
                                  KMEANS_ITERS, seed).numpy()
     train = None
@@ -165,10 +156,11 @@ def build_lists(arr, nlist: int, block_rows: int, seed: int = SEED,
 
 
 def faiss_gpus() -> int:
-    """GPUs faiss can use: 0 with faiss-cpu."""
-    from graphbuild.graph.faiss_loader import load_faiss
+    """GPUs faiss can use: 0 with faiss-cpu, or without faiss."""
+    from graphbuild.graph.faiss_loader import faiss_if_installed
 
-    return getattr(load_faiss(), "get_num_gpus", lambda: 0)()
+    faiss = faiss_if_installed()
+    return 0 if faiss is None else getattr(faiss, "get_num_gpus", lambda: 0)()
 
 
 def on_gpu_if_available(index):
@@ -207,7 +199,7 @@ def ground_truth(arr, queries: np.ndarray, k: int, block_rows: int) -> np.ndarra
 def _fp32_truth(arr, queries: np.ndarray, k: int, block_rows: int) -> np.ndarray:
     """ground_truth by fp32 scores; each query's best kept in a heap (kernels.offer)."""
     n = arr.shape[0]
-    xq = torch.from_numpy(gather_rows(arr, queries, block_rows))
+    xq = torch.from_numpy(np.asarray(arr[queries], np.float32))
     own = torch.from_numpy(queries)
     every = np.arange(len(queries), dtype=np.int32)
     threads_as_torch()
@@ -250,7 +242,7 @@ def _rescored_truth(arr, queries: np.ndarray, k: int, block_rows: int,
 
     n, d = arr.shape
     kk = min(candidates or default_capacity(k), n - 1)
-    q32 = gather_rows(arr, queries, block_rows)
+    q32 = np.asarray(arr[queries], np.float32)
     xq = torch.from_numpy(q32).bfloat16()
     own = torch.from_numpy(queries)
     threads_as_torch()
@@ -331,7 +323,7 @@ def tune_nprobe(index, arr, k: int, target: float, block_rows: int,
     where it can: nprobe lists on average, at the gap that gives that on the sample."""
     queries = sample_ids(index.ntotal, sample, seed + 1)
     truth = ground_truth(arr, queries, k, block_rows)
-    xq = gather_rows(arr, queries, block_rows)
+    xq = np.asarray(arr[queries], np.float32)
     curve, recalls, gaps = [], {}, {}
 
     def measure(nprobe: int) -> float:

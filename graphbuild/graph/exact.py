@@ -46,6 +46,7 @@ from typing import Any
 
 import numpy as np
 
+from graphbuild import options
 from graphbuild.graph.hits import padded_bands
 from graphbuild.memory import return_freed_memory
 
@@ -55,7 +56,6 @@ F32_UNIT_ROUNDOFF = 2.0 ** -24
 # Unit roundoff (half the spacing just above 1.0) of the half-precision compute types.
 HALF_UNIT_ROUNDOFF = {"bf16": 2.0 ** -8, "fp16": 2.0 ** -11}
 THRESHOLD_SLACK = 2e-6     # covers fp32 rounding of the threshold and of the stored sims
-DEFAULT_BLOCK_ROWS = 2048  # 8 MiB of bf16 scores per block pair
 GROUP = 16  # rows per max-pooled group when filtering a block of scores
 MERGE_BANDS = (16, 64)  # hit counts per row that bound one padded merge (hits.py)
 SCORE_FLOOR = -1e30  # below every finite score; filtering thresholds never go lower
@@ -444,7 +444,7 @@ def _blocks(start: int, stop: int, size: int) -> list[tuple[int, int]]:
 
 
 def blocked_topk(x16: np.ndarray, k: int, rows: range | None = None,
-                 block_rows: int = DEFAULT_BLOCK_ROWS, capacity: int | None = None,
+                 block_rows: int = options.BLOCK_ROWS, capacity: int | None = None,
                  device: str | None = None, bound: ErrorBound | None = None,
                  on_progress: Callable[[int], None] | None = None,
                  reload: Callable[[], np.ndarray] | None = None,

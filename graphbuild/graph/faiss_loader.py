@@ -7,6 +7,10 @@ kernels (benchmarks/results/graph_choices.txt), and k-means, which IVF training 
 alike. OpenBLAS reads OPENBLAS_CORETYPE once, when it loads, so `load_faiss` sets it for that
 moment, to the best kernel set the CPU's flags allow, unless the user set it; numpy's and
 torch's BLAS are not affected (they are loaded already, or are not OpenBLAS).
+
+faiss is an extra (pyproject.toml): approximate search on a CPU runs without it
+(ivf_scan.py). Not installed, it has no GPUs (`faiss_if_installed` is None), and a step that
+truly needs it (an IVF-PQ index, a faiss index on a GPU) is one line naming what to install.
 """
 
 from __future__ import annotations
@@ -15,6 +19,9 @@ import os
 import sys
 
 from graphbuild.cpu import cpu_flags
+from graphbuild.errors import GraphbuildError
+
+INSTALL_FAISS = "pip install 'graphbuild[faiss-cpu]', or faiss-gpu-cu12 on a GPU machine"
 
 # OpenBLAS kernel sets, best first, with the CPU flags each needs.
 CORETYPES = (("SkylakeX", {"avx512f", "avx512cd", "avx512bw", "avx512dq", "avx512vl"}),
@@ -28,8 +35,27 @@ def coretype(cpuinfo: str | None = None) -> str | None:
     return next((name for name, need in CORETYPES if need <= flags), None)
 
 
-def load_faiss():
-    """`import faiss`, with OPENBLAS_CORETYPE set for the import when it is not set."""
+def load_faiss(needed_for: str = "this step"):
+    """`import faiss` (see `faiss_if_installed`); not installed, a GraphbuildError saying that
+    `needed_for` needs it and how to install it."""
+    faiss = faiss_if_installed()
+    if faiss is None:
+        raise GraphbuildError(f"{needed_for} needs faiss, which is not installed: {INSTALL_FAISS}")
+    return faiss
+
+
+def faiss_if_installed():
+    """`import faiss`, with OPENBLAS_CORETYPE set for the import when it is not set; None when
+    faiss is not installed. A faiss that is installed but fails to load still raises."""
+    try:
+        return _import_faiss()
+    except ModuleNotFoundError as e:
+        if e.name != "faiss":
+            raise
+        return None
+
+
+def _import_faiss():
     if "faiss" in sys.modules or "OPENBLAS_CORETYPE" in os.environ:
         import faiss
 

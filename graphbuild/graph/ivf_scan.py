@@ -175,8 +175,8 @@ class ListScan:
     @classmethod
     def from_lists(cls, centroids: np.ndarray, offsets: np.ndarray, ids: np.ndarray, arr,
                    block_rows: int) -> ListScan:
-        """Lists (from `lists_of`) over the rows of `arr` (zarr or numpy, fp16), read block by
-        block into list order."""
+        """Lists (from `lists_of`) over the rows of `arr` (the store's reader or numpy, fp16),
+        read block by block into list order."""
         n, d = arr.shape
         position = np.empty(n, np.int64)
         position[ids] = np.arange(n)
@@ -240,7 +240,8 @@ class ListScan:
 
 
 class StoreOrder:
-    """A ListScan's rows by store row number: `view[lo:hi]` is the store's `arr[lo:hi]`."""
+    """A ListScan's rows by store row number: `view[lo:hi]` and `view[ids]` are the store's
+    `arr[lo:hi]` and `arr[ids]`."""
 
     def __init__(self, scan: ListScan):
         self.scan = scan
@@ -248,5 +249,5 @@ class StoreOrder:
         self.position = torch.empty(scan.ntotal, dtype=torch.int64)
         self.position[torch.from_numpy(scan.ids)] = torch.arange(scan.ntotal)
 
-    def __getitem__(self, rows: slice) -> np.ndarray:
+    def __getitem__(self, rows: slice | np.ndarray) -> np.ndarray:
         return self.scan.rows.index_select(0, self.position[rows]).numpy()

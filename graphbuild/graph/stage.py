@@ -12,13 +12,13 @@ _state/knn/params.json and each shard marker. A request that differs from any of
 method, shard layout, recall target, or the store's provenance: a stale graph) is refused,
 whichever of them are missing; --overwrite replaces the graph.
 
-Methods: exact (exact.py; the same bytes for any shard count) or approximate (ann.py; faiss
-IVF with nprobe tuned to a recall target). auto picks one from N, d, k and free memory.
+Methods: exact (exact.py; the same bytes for any shard count) or approximate (ann.py; IVF
+with nprobe tuned to a recall target: its own lists on a CPU, a faiss index for IVF-PQ or
+on faiss's GPUs). auto picks one from N, d, k and free memory.
 """
 
 from __future__ import annotations
 
-import itertools
 import logging
 import os
 import shutil
@@ -31,11 +31,12 @@ import numpy as np
 from graphbuild import options
 from graphbuild.errors import GraphbuildError
 from graphbuild.faults import kill_point
-from graphbuild.graph.exact import DEFAULT_BLOCK_ROWS, default_capacity
+from graphbuild.graph.exact import default_capacity
 from graphbuild.progress import Reporter
 from graphbuild.rundir.files import atomic_path, mark_done, marker, read_json, write_json
 from graphbuild.rundir.graph import FORMAT_VERSION, meta_path, part_path, part_problem, write_part
 from graphbuild.rundir.paths import RunDir
+from graphbuild.rundir.store import StoredRows, unit_norm_misses
 from graphbuild.shards import id_ranges, shard_name, shard_range
 
 log = logging.getLogger(__name__)
@@ -45,9 +46,11 @@ EXACT_MAX_SECONDS = 3600.0
 # bf16 matrix products on a 2-core AVX-512 BF16 CPU (DESIGN.md); a GPU is far faster, so
 # on CPU this is the conservative case for estimating exact time.
 CPU_HALF_FLOPS = 300e9
-NORM_TOLERANCE = 1e-2
 # What a graph is, as params.json, _meta.json and the shard markers record it (with provenance).
 SETTINGS = ("k", "method", "num_shards", "recall_target")
+# What needs faiss on a CPU (the extra; ivf-sq16 lists are searched without it)
+IVF_PQ_USE = ("approximate knn with an IVF-PQ index (chosen when fp16 codes of every row "
+              "exceed half the free memory)")
 
 
 @dataclass
@@ -92,7 +95,7 @@ def exact_memory(n: int, d: int, rows: int, k: int, block_rows: int) -> int:
 
 
 def choose_method(n: int, d: int, k: int, budget: int,
-                  block_rows: int = DEFAULT_BLOCK_ROWS) -> tuple[str, str]:
+                  block_rows: int = options.BLOCK_ROWS) -> tuple[str, str]:
     """(method, one-line reason) for method="auto"."""
     need = exact_memory(n, d, n, k, block_rows)
     est = n * n * d / CPU_HALF_FLOPS  # symmetric products: N*N*d multiply-adds in all
@@ -138,53 +141,15 @@ def _missing_embed_shards(run: RunDir, missing: list[int], n_chunks: int | None)
     return "; " + ", ".join(text)
 
 
-class ChunkReads:
-    """The store with every row slice read one chunk per zarr call (`neighbors.read_rows`):
-    a chunk whose file is missing is an error, not zeros, and a chunk failing its crc32c
-    leaves no concurrent reads of other chunks pending in zarr's event loop (asyncio would
-    report each at exit, many lines after the one-line error). exact.py, ann.py and
-    ivf_scan.py read the store only as `arr[lo:hi]`."""
-
-    def __init__(self, store, where: Path):
-        self.store, self.where = store, where
-        self.shape, self.chunks, self.dtype = store.shape, store.chunks, store.dtype
-        self.attrs = store.attrs
-
-    def __getitem__(self, key):
-        from graphbuild.inspect.neighbors import read_rows
-
-        if not (isinstance(key, slice) and key.step in (None, 1)):
-            raise TypeError(f"the store is read by row slices, not {key!r}")
-        lo, hi, _ = key.indices(self.shape[0])
-        return read_rows(self.store, self.where, lo, hi)
-
-
-def _open(out: str | Path) -> ChunkReads:
-    from graphbuild.rundir.store import CheckedStore
-
-    where = RunDir(out).embeddings
-    return ChunkReads(CheckedStore(where), where)
-
-
-def _read_blocks(arr, rows: range, block_rows: int):
-    """(first row, fp16 block) over `rows`, cut at multiples of the chunk-aligned block size."""
-    step = max(1, block_rows // arr.chunks[0]) * arr.chunks[0]
-    cuts = sorted({rows.start, rows.stop, *range(-(-rows.start // step) * step, rows.stop, step)})
-    for lo, hi in itertools.pairwise(cuts):
-        yield lo, np.asarray(arr[lo:hi], np.float16)
-
-
-def load_rows(arr, block_rows: int, where: Path) -> np.ndarray:
-    """The whole store as one fp16 array, read block by block; checks unit norms."""
-    n, d = arr.shape
-    x16 = np.empty((n, d), np.float16)
-    for lo, block in _read_blocks(arr, range(n), block_rows):
-        norms = np.linalg.norm(block.astype(np.float32), axis=1)
-        bad = np.flatnonzero(~(np.abs(norms - 1) <= NORM_TOLERANCE))
+def load_rows(store: StoredRows, block_rows: int) -> np.ndarray:
+    """The whole store as one fp16 array; refuses a row that is not of unit norm."""
+    x16 = store.load()
+    step = store.block_step(block_rows)
+    for lo in range(0, len(x16), step):
+        norms, bad = unit_norm_misses(x16[lo:lo + step])
         if len(bad):
-            raise GraphbuildError(f"{where}: row {lo + bad[0]} has "
+            raise GraphbuildError(f"{store.path}: row {lo + bad[0]} has "
                                   f"norm {norms[bad[0]]:.4f}; knn needs unit-norm rows")
-        x16[lo:lo + len(block)] = block
     return x16
 
 
@@ -290,9 +255,9 @@ def resumed_method(out: str | Path, k: int) -> str | None:
     return None
 
 
-def knn_shard(out: str | Path, k: int, method: str = "auto", shard: int = 0,
-              num_shards: int = 1, block_rows: int = DEFAULT_BLOCK_ROWS,
-              recall_target: float = 0.95, reporter: Reporter | None = None,
+def knn_shard(out: str | Path, k: int = options.K, method: str = "auto", shard: int = 0,
+              num_shards: int = 1, block_rows: int = options.BLOCK_ROWS,
+              recall_target: float = options.RECALL_TARGET, reporter: Reporter | None = None,
               overwrite: bool = False, memory_budget: int | None = None,
               device: str | None = None) -> KnnResult:
     """Build shard `shard` of `num_shards` of the top-k graph. Safe to rerun."""
@@ -301,13 +266,17 @@ def knn_shard(out: str | Path, k: int, method: str = "auto", shard: int = 0,
     run = RunDir(out)
     reporter = reporter or Reporter()
     attrs = check_embeddings(out)
-    arr = _open(out)
+    arr = StoredRows(run.embeddings)  # every read checks each chunk's crc32c
     n, d = arr.shape
     if (n, d) != (attrs["n_nodes"], attrs["dim"]):
         raise GraphbuildError(f"{run.embeddings}: shape {arr.shape} does not match its attrs "
                               f"(n_nodes={attrs['n_nodes']}, dim={attrs['dim']})")
     budget = memory_budget or available_memory()
     k, method, reason = _resolve(out, k, method, n, d, block_rows, budget)
+    if method == "approximate" and _index_kind(n, d, budget) == "ivf-pq":
+        from graphbuild.graph.faiss_loader import load_faiss
+
+        load_faiss(IVF_PQ_USE)  # before any work: one line naming what to install
     log.info("knn %s: %s", shard_name(shard, num_shards), reason)
     params = _params(k, method, num_shards, recall_target, attrs)
     _claim(run, params, overwrite)
@@ -417,7 +386,7 @@ def _exact_part(out: Path, arr, k: int, rows: range, shard: int, block_rows: int
     log.info("exact search: ~%.2f GiB for rows, candidate buffers, results and block scores",
              exact_memory(n, d, len(rows), k, block_rows) / 2**30)
     def rows_in_memory():
-        return load_rows(arr, block_rows, RunDir(out).embeddings)
+        return load_rows(arr, block_rows)
 
     # no reference to the rows is kept here, so the search can let them go (`reload`)
     ids, sims = blocked_topk(rows_in_memory(), k, rows, block_rows=block_rows, device=device,
@@ -438,7 +407,6 @@ def _index(run: RunDir, arr, attrs: dict, k: int, recall_target: float, block_ro
         build_index,
         build_lists,
         faiss_gpus,
-        index_kind,
         nlist_for,
         on_gpu_if_available,
         tune_nprobe,
@@ -446,9 +414,9 @@ def _index(run: RunDir, arr, attrs: dict, k: int, recall_target: float, block_ro
     from graphbuild.graph.faiss_loader import load_faiss
 
     n, d = arr.shape
-    step = max(1, block_rows // arr.chunks[0]) * arr.chunks[0]
+    step = arr.block_step(block_rows)
     folder = run.graph / "_index"
-    kind = index_kind(n, d, budget // 2)
+    kind = _index_kind(n, d, budget)
     list_scan = kind == "ivf-sq16" and faiss_gpus() == 0
     want = {"kind": kind, "nlist": nlist_for(n), "n_nodes": n, "dim": d,
             "model": attrs["model"], "model_revision": attrs["model_revision"],
@@ -468,7 +436,7 @@ def _index(run: RunDir, arr, attrs: dict, k: int, recall_target: float, block_ro
                 info = {"index": want}
             searcher = ivf_scan.ListScan.from_lists(*lists, arr, step)
         else:
-            faiss = load_faiss()
+            faiss = load_faiss(IVF_PQ_USE if kind == "ivf-pq" else f"a faiss {kind} index")
             if reuse:
                 index = faiss.read_index(str(path))
             else:
@@ -488,6 +456,13 @@ def _index(run: RunDir, arr, attrs: dict, k: int, recall_target: float, block_ro
                      t.recall, t.sample, recall_target)
             write_json(folder / "index.json", info)
     return searcher, {**info["tuning"][tune_key], "kind": kind, "nlist": searcher.nlist}
+
+
+def _index_kind(n: int, d: int, budget: int) -> str:
+    """The approximate index's kind: its codes get half the memory budget."""
+    from graphbuild.graph.ann import index_kind
+
+    return index_kind(n, d, budget // 2)
 
 
 def _replace_index_files(folder: Path, path: Path, write) -> None:
@@ -514,7 +489,7 @@ def _approximate_part(out: Path, arr, attrs: dict, k: int, rows: range, shard: i
     def blocks():
         # Search many queries at once (ListScan's products grow with them), then hand the
         # results on in pieces of block_rows.
-        for lo, block in _read_blocks(arr, rows, max(block_rows, QUERY_STEP)):
+        for lo, block in arr.blocks(rows, max(block_rows, QUERY_STEP)):
             # a ListScan takes the fp16 rows as stored (half the memory of fp32 queries)
             xq = (block if isinstance(index, ListScan)
                   else torch.from_numpy(block).float().numpy())  # far faster than numpy's

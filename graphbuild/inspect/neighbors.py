@@ -5,7 +5,7 @@ node; any other text is embedded with the run's own model, precision and templat
 the embeddings.zarr attributes, the weights checked against the recorded revision), rounded to
 fp16 as a stored row would be, and searched exactly against every stored row: scores are the
 fp64 dot products of the fp16 values rounded to fp32, as the exact graph stores them, and equal
-scores go to the smaller node id. Stored rows are read one chunk at a time (`read_rows`): a
+scores go to the smaller node id. Stored rows are read through rundir.store.StoredRows: a
 chunk whose file is missing or that fails its crc32c is an error naming the file.
 """
 
@@ -18,8 +18,10 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 
+from graphbuild import options
 from graphbuild.errors import GraphbuildError
 from graphbuild.rundir.paths import RunDir
+from graphbuild.rundir.store import StoredRows
 
 log = logging.getLogger(__name__)
 
@@ -108,30 +110,6 @@ def _check_node(out: str | Path, node: int, n_nodes: int) -> None:
         raise GraphbuildError(f"{RunDir(out).nodes}: node {node} out of range 0..{n_nodes - 1}")
 
 
-def graph_row(out: str | Path, meta: dict, node: int) -> tuple[np.ndarray, np.ndarray]:
-    """(neighbour ids, sims) of one node, read from the one part (and row group) holding it."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    from graphbuild.rundir.graph import PAGE_CHECKS, meta_path
-
-    part = next((p for p in meta["parts"] if p["first"] <= node < p["stop"]), None)
-    if part is None:
-        raise GraphbuildError(f"{meta_path(out)}: no part holds node {node}")
-    path = RunDir(out).graph / part["file"]
-    try:
-        t = pq.read_table(path, columns=["node", "neighbors", "sims"],
-                          filters=[("node", "=", node)], **PAGE_CHECKS)
-    except (OSError, ValueError, pa.ArrowException) as e:
-        raise GraphbuildError(f"{path}: cannot read graph part: "
-                              f"{str(e).strip().splitlines()[0]}") from None
-    if t.num_rows != 1:
-        raise GraphbuildError(f"{path}: holds {t.num_rows} rows for node {node}, not one")
-    ids = np.asarray(t.column("neighbors")[0].as_py(), np.int64)
-    sims = np.asarray(t.column("sims")[0].as_py(), np.float32)
-    return ids, sims
-
-
 def _result(out: str | Path, query: str, node: int | None, ids: np.ndarray, sims: np.ndarray,
             counts: np.ndarray, source: str, meta: dict) -> Neighbors:
     texts = node_texts(out, ids)
@@ -141,19 +119,21 @@ def _result(out: str | Path, query: str, node: int | None, ids: np.ndarray, sims
                      meta["k"], rows)
 
 
-def node_neighbors(out: str | Path, node: int, k: int = 10) -> Neighbors:
+def node_neighbors(out: str | Path, node: int, k: int = options.NEIGHBORS) -> Neighbors:
     """A node's best `k` neighbours from the graph (at most the k the graph stores)."""
+    from graphbuild.rundir.graph import read_node_row
+
     meta = open_run(out)
     _check_node(out, node, meta["n_nodes"])
     if k < 1:
         raise GraphbuildError(f"{RunDir(out).graph}: --k must be >= 1, got {k}")
-    ids, sims = graph_row(out, meta, node)
+    ids, sims = read_node_row(out, meta, node)
     counts = sample_counts(out, meta["n_nodes"])
     text = node_texts(out, np.array([node])).get(node, "")
     return _result(out, text, node, ids[:k], sims[:k], counts, "graph", meta)
 
 
-def text_neighbors(out: str | Path, text: str, k: int = 10, device: str = "auto",
+def text_neighbors(out: str | Path, text: str, k: int = options.NEIGHBORS, device: str = "auto",
                    model: str | None = None) -> Neighbors:
     """The best `k` nodes for any text: from the graph when the text is a node, else by
     embedding it with the run's model and an exact search over the stored rows. `model`
@@ -170,7 +150,7 @@ def text_neighbors(out: str | Path, text: str, k: int = 10, device: str = "auto"
         result = node_neighbors(out, found[clean], k)
         result.query = clean
         return result
-    attrs = dict(_open_store(out).attrs)
+    attrs = StoredRows(RunDir(out).embeddings).attrs
     vector, precision = embed_query(out, clean, attrs, device, model)
     ids, sims = exact_search(out, vector, k)
     counts = sample_counts(out, meta["n_nodes"])
@@ -179,10 +159,22 @@ def text_neighbors(out: str | Path, text: str, k: int = 10, device: str = "auto"
     return result
 
 
-def _open_store(out: str | Path):
-    import zarr
+def example_neighbors(out: str | Path, texts: list[str],
+                      k: int = options.EXAMPLES) -> dict[str, list[tuple[str, float]]]:
+    """The first `k` neighbours (text, cosine) in the built graph of those `texts` that are
+    nodes of the run (a manifest's `examples`); with none of them, of three nodes spread over
+    the run (first, middle, last). What `graphbuild run` prints."""
+    from graphbuild.rundir.graph import read_graph_csr
 
-    return zarr.open_array(str(RunDir(out).embeddings), mode="r")
+    found = find_nodes(out, texts) if texts else {}
+    if not found:
+        n = RunDir(out).read_run()["dataset"]["figures"]["nodes"]
+        found = {t: i for i, t in node_texts(out, [0, n // 2, n - 1]).items()}
+    indptr, indices, sims = read_graph_csr(out)
+    rows = {q: slice(indptr[i], min(indptr[i] + k, indptr[i + 1])) for q, i in found.items()}
+    names = node_texts(out, np.concatenate([indices[r] for r in rows.values()]))
+    return {q: [(names[int(i)], float(s)) for i, s in zip(indices[r], sims[r])]
+            for q, r in rows.items()}
 
 
 def embed_query(out: str | Path, text: str, attrs: dict, device: str = "auto",
@@ -211,49 +203,16 @@ def embed_query(out: str | Path, text: str, attrs: dict, device: str = "auto",
     return vec.astype(np.float16), precision
 
 
-def chunk_file(arr, where: Path, c: int) -> Path:
-    """The file of row chunk `c` of the store at `where` (a zarr array, or a view of one as
-    `.arr`), named by the store's own chunk key encoding."""
-    metadata = getattr(arr, "arr", arr).metadata
-    return where / metadata.chunk_key_encoding.encode_chunk_key((c, 0))
-
-
-def read_rows(arr, where: Path, lo: int, hi: int) -> np.ndarray:
-    """Rows [lo, hi) of the store, read one chunk per zarr call. A chunk whose file is missing
-    (zarr would return its fill value, zeros) or that fails its crc32c is a one-line error
-    naming the file. One chunk per call also means a failed read leaves no concurrent reads of
-    other chunks pending in zarr's event loop, which asyncio reports at exit, many lines long."""
-    n, (step, d) = arr.shape[0], arr.chunks
-    lo, hi = max(lo, 0), min(hi, n)
-    rows = np.empty((max(hi - lo, 0), d), arr.dtype)
-    for c in range(lo // step, -(-hi // step)):
-        a, b = max(lo, c * step), min(hi, (c + 1) * step)
-        path = chunk_file(arr, where, c)
-        if not path.is_file():
-            raise GraphbuildError(f"{path}: chunk {c} (rows {c * step}-{min((c + 1) * step, n) - 1}"
-                                  ") is missing; rerun `graphbuild embed` to redo it")
-        try:
-            rows[a - lo:b - lo] = arr[a:b]
-        except ValueError as e:
-            raise GraphbuildError(
-                f"{path}: chunk {c} cannot be read ({str(e).strip().splitlines()[0]}); "
-                "rerun `graphbuild embed` to redo it"
-            ) from None
-    return rows
-
-
 def exact_search(out: str | Path, vector: np.ndarray, k: int,
                  block_rows: int = SEARCH_BLOCK_ROWS) -> tuple[np.ndarray, np.ndarray]:
     """(ids int64, sims float32) of the `k` stored rows nearest an fp16 vector, best first,
     equal sims by smaller id; read block by block."""
-    arr = _open_store(out)
-    n = arr.shape[0]
+    store = StoredRows(RunDir(out).embeddings)
+    n = store.shape[0]
     q = np.asarray(vector, np.float16).astype(np.float64)
     sims = np.empty(n, np.float32)
-    step = max(1, block_rows // arr.chunks[0]) * arr.chunks[0]
-    for lo in range(0, n, step):  # the store is read one chunk per zarr call (read_rows)
-        block = read_rows(arr, RunDir(out).embeddings, lo, lo + step).astype(np.float64)
-        sims[lo:lo + len(block)] = block @ q
+    for lo, block in store.blocks(range(n), block_rows):
+        sims[lo:lo + len(block)] = block.astype(np.float64) @ q
     k = min(k, n)
     top = np.argpartition(-sims, k - 1)[:k] if k < n else np.arange(n)
     cut = sims[top].min()

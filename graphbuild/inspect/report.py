@@ -20,9 +20,6 @@ import numpy as np
 from graphbuild import options
 from graphbuild.errors import GraphbuildError
 from graphbuild.inspect.stats import (
-    BATCH_SIZE,
-    BATCHES,
-    SEED,
     RunArrays,
     figures,
     format_stats,
@@ -66,9 +63,9 @@ class Report:
     stats: dict = field(default_factory=dict)
 
 
-def write_report(out: str | Path, html_path: str | Path, tau_s: float = 0.1,
-                 batch_size: int = BATCH_SIZE, batches: int = BATCHES,
-                 seed: int = SEED) -> Report:
+def write_report(out: str | Path, html_path: str | Path, tau_s: float = options.TAU_S,
+                 batch_size: int = options.BATCH_SIZE, batches: int = options.BATCHES,
+                 seed: int = options.SEED) -> Report:
     """Write the report of run `out` to `html_path` and its PNGs beside it."""
     options.entropy_options(tau_s, batch_size, batches)
     html_path = Path(html_path)
@@ -229,7 +226,7 @@ def _example_nodes(data: RunArrays, seed: int) -> list[tuple[str, int]]:
 def _examples(data: RunArrays) -> str:
     from graphbuild.inspect.neighbors import node_texts
 
-    picked = _example_nodes(data, SEED)
+    picked = _example_nodes(data, options.SEED)
     deg = data.in_degree()
     rows_of = {i: data.indices[data.indptr[i]:min(data.indptr[i] + SHOWN, data.indptr[i + 1])]
                for _, i in picked}

@@ -16,15 +16,14 @@ from pathlib import Path
 
 import numpy as np
 
+from graphbuild import options
 from graphbuild.rundir.paths import RunDir
+from graphbuild.rundir.store import StoredRows
 
 PERCENTILES = {"min": 0, "p1": 1, "p5": 5, "p25": 25, "p50": 50, "p75": 75, "p95": 95,
                "p99": 99, "max": 100}
 HUB_SHARE = 0.01          # hubness: the share of edges held by this top fraction of nodes
 NEAR_DUPLICATE = 0.99     # a node whose best neighbour is at least this similar
-BATCH_SIZE = 1024
-BATCHES = 8
-SEED = 0
 
 
 @dataclass
@@ -91,28 +90,11 @@ def skewness(x: np.ndarray) -> float:
     return round(float(((x - x.mean()) ** 3).mean() / sd ** 3), 4) if sd > 0 else 0.0
 
 
-def gather_rows(out: str | Path, nodes: np.ndarray) -> np.ndarray:
-    """fp16 rows of the given nodes, in order, reading only the chunks that hold them."""
-    import zarr
-
-    from graphbuild.inspect.neighbors import read_rows
-
-    where = RunDir(out).embeddings
-    arr = zarr.open_array(str(where), mode="r")
-    step = arr.chunks[0]
-    nodes = np.asarray(nodes, np.int64)
-    x = np.empty((len(nodes), arr.shape[1]), np.float16)
-    chunk = nodes // step
-    for c in np.unique(chunk):
-        sel = np.flatnonzero(chunk == c)
-        block = read_rows(arr, where, int(c) * step, (int(c) + 1) * step)
-        x[sel] = block[nodes[sel] - int(c) * step]
-    return x
-
-
-def random_batches(sample_nodes: np.ndarray, batch_size: int, batches: int,
-                   seed: int) -> list[np.ndarray]:
-    """`batches` batches of sample indices, each drawn uniformly without replacement."""
+def independent_batches(sample_nodes: np.ndarray, batch_size: int, batches: int,
+                        seed: int) -> list[np.ndarray]:
+    """`batches` batches of sample indices, each drawn uniformly without replacement and on
+    its own, so two may share samples and there may be more full batches than the samples
+    fill (an epoch's batches, xclr.data.random_batches, are disjoint and end with them)."""
     rng = np.random.default_rng(seed)
     b = min(batch_size, len(sample_nodes))
     return [rng.choice(len(sample_nodes), size=b, replace=False) for _ in range(batches)]
@@ -140,13 +122,13 @@ def row_entropy(cos: np.ndarray, tau_s: float) -> tuple[np.ndarray, np.ndarray]:
 
 
 def soft_target_entropy(out: str | Path, sample_nodes: np.ndarray, taus: list[float],
-                        batch_size: int = BATCH_SIZE, batches: int = BATCHES,
-                        seed: int = SEED) -> list[dict]:
+                        batch_size: int = options.BATCH_SIZE, batches: int = options.BATCHES,
+                        seed: int = options.SEED) -> list[dict]:
     """Per tau_s: the row entropy of soft targets over random batches of samples."""
-    idx = random_batches(sample_nodes, batch_size, batches, seed)
+    idx = independent_batches(sample_nodes, batch_size, batches, seed)
     nodes = np.concatenate([sample_nodes[i] for i in idx])
     uniq, inv = np.unique(nodes, return_inverse=True)
-    rows = gather_rows(out, uniq)
+    rows = StoredRows(RunDir(out).embeddings).gather(uniq)
     b = len(idx[0])
     cosines = [batch_cosines(rows[inv[j * b:(j + 1) * b]]) for j in range(len(idx))]
     result = []
@@ -164,8 +146,9 @@ def soft_target_entropy(out: str | Path, sample_nodes: np.ndarray, taus: list[fl
     return result
 
 
-def figures(data: RunArrays, tau_s: float = 0.1, batch_size: int = BATCH_SIZE,
-            batches: int = BATCHES, seed: int = SEED) -> dict:
+def figures(data: RunArrays, tau_s: float = options.TAU_S,
+            batch_size: int = options.BATCH_SIZE, batches: int = options.BATCHES,
+            seed: int = options.SEED) -> dict:
     """All figures of `run_stats`, from loaded arrays."""
     meta, n = data.meta, data.n_nodes
     samples = len(data.sample_nodes)
@@ -202,11 +185,10 @@ def figures(data: RunArrays, tau_s: float = 0.1, batch_size: int = BATCH_SIZE,
     }
 
 
-def run_stats(out: str | Path, tau_s: float = 0.1, batch_size: int = BATCH_SIZE,
-              batches: int = BATCHES, seed: int = SEED) -> dict:
+def run_stats(out: str | Path, tau_s: float = options.TAU_S,
+              batch_size: int = options.BATCH_SIZE, batches: int = options.BATCHES,
+              seed: int = options.SEED) -> dict:
     """The figures `graphbuild stats` prints (and writes with --json)."""
-    from graphbuild import options
-
     options.entropy_options(tau_s, batch_size, batches)
     return figures(load(out), tau_s, batch_size, batches, seed)
 

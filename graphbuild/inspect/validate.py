@@ -12,9 +12,11 @@ names (`CHECKS` holds the names):
   knn-done           graph/_meta.json exists; every shard of its layout has its marker in
                      _state/knn, recording _meta.json's k, method, provenance and the part's
                      rows and edges, and its part file; run.json's knn stage is done
-  emb-shape          embeddings.zarr is float16 (n_nodes, dim), n_nodes = rows of nodes.parquet,
-                     dim and n_nodes as its attrs say, chunks of whole rows
-  emb-chunks         every chunk file exists and passes its crc32c check (the codec is there)
+  emb-shape          embeddings.zarr has graphbuild's layout (rundir/store.py: float16, chunks
+                     of whole rows, crc32c per chunk); (n_nodes, dim) with n_nodes = rows of
+                     nodes.parquet, dim and n_nodes as its attrs say
+  emb-chunks         every chunk file exists, has a chunk's size and passes its crc32c check
+                     (each bad chunk is a line of its own)
   emb-finite         no NaN or inf in any row
   emb-norms          every row has norm 1 +- 0.01
   provenance         graph/_meta.json and _state/knn/params.json carry the embeddings.zarr
@@ -49,12 +51,12 @@ import numpy as np
 from graphbuild.errors import GraphbuildError
 from graphbuild.rundir.files import is_done, read_json
 from graphbuild.rundir.paths import RunDir
+from graphbuild.rundir.store import NORM_TOLERANCE, StoredRows, StoreError, unit_norm_misses
 
 CHECKS = ("run-files", "tables", "embed-done", "knn-done", "emb-shape", "emb-chunks",
           "emb-finite", "emb-norms", "provenance", "graph-meta", "graph-schema", "rows-sorted",
           "row-length", "ids-in-range", "no-self-edges", "unique-neighbours", "sims-range",
           "sims-descending", "sims-match")
-NORM_TOLERANCE = 1e-2
 SIM_LIMIT = 1.01
 SIM_TOLERANCE = {"exact": 1e-5, "approximate": 1e-3}
 SAMPLED_EDGES = 512  # per row group, for sims-match
@@ -113,14 +115,14 @@ def validate(out: str | Path) -> Validation:
     v = Validation(run.root)
     info = _json(v, run.run_json)
     n_nodes = _tables(v, run, info)
-    arr = _store(v, run, n_nodes)
+    store = _store(v, run, n_nodes)
     meta = _graph_layout(v, run, info, n_nodes)
-    attrs = dict(arr.attrs) if arr is not None else None
+    attrs = store.attrs if store is not None else None
     if attrs is not None and meta is not None:
         _provenance(v, run, info, attrs, meta)
     edges = _parts(v, run, meta, n_nodes) if meta is not None else None
-    if arr is not None:
-        _embeddings(v, run, arr, n_nodes, edges, meta)
+    if store is not None:
+        _embeddings(v, run, store, n_nodes, edges, meta)
     return v
 
 
@@ -182,45 +184,31 @@ def _tables(v: Validation, run: RunDir, info: dict | None) -> int | None:
     return n
 
 
-def _store(v: Validation, run: RunDir, n_nodes: int | None):
-    """The open zarr array after the shape and completion checks, or None if it cannot open."""
-    import zarr
-
+def _store(v: Validation, run: RunDir, n_nodes: int | None) -> StoredRows | None:
+    """The store's reader after the layout, shape and completion checks, or None if its
+    zarr.json is missing, does not parse, or is not graphbuild's layout."""
     meta_file = run.embeddings / "zarr.json"
-    if not meta_file.is_file():
-        v.fail("run-files", meta_file, "missing")
+    if _json(v, meta_file) is None:
         return None
     try:
-        arr = zarr.open_array(str(run.embeddings), mode="r")
-    except Exception as e:  # zarr raises many kinds for bad metadata; all mean "cannot open"
-        v.fail("run-files", meta_file, f"cannot open the array: {str(e).splitlines()[0]}")
+        store = StoredRows(run.embeddings)
+    except StoreError as e:
+        v.fail("emb-shape", meta_file, e.detail)
         return None
-    attrs = dict(arr.attrs)
-    shape, chunks = tuple(arr.shape), tuple(arr.chunks)
-    if str(arr.dtype) != "float16":
-        v.fail("emb-shape", meta_file, f"dtype {arr.dtype}, not float16")
-    if len(shape) != 2:
-        v.fail("emb-shape", meta_file, f"shape {shape} is not 2-d")
-        return None
+    attrs, shape = store.attrs, store.shape
     if n_nodes is not None and shape[0] != n_nodes:
         v.fail("emb-shape", meta_file, f"shape {shape}: {shape[0]} rows, nodes.parquet has "
                f"{n_nodes}")
     if (attrs.get("n_nodes"), attrs.get("dim")) != shape:
         v.fail("emb-shape", meta_file, f"shape {shape}, attrs say n_nodes="
                f"{attrs.get('n_nodes')} dim={attrs.get('dim')}")
-    if chunks[1] != shape[1]:
-        v.fail("emb-shape", meta_file, f"chunks {chunks} do not hold whole rows of {shape[1]}")
-    codecs = json.loads(meta_file.read_text()).get("codecs", [])
-    if not any(c.get("name") == "crc32c" for c in codecs):
-        v.fail("emb-chunks", meta_file, "no crc32c codec: chunk integrity cannot be checked")
-    n_chunks = -(-shape[0] // chunks[0])
-    v.figures["chunks"] = n_chunks
+    v.figures["chunks"] = store.n_chunks
     marks = run.state("embed") / "chunks"
-    missing = [c for c in range(n_chunks) if not is_done(marks, f"{c:06d}")]
+    missing = [c for c in range(store.n_chunks) if not is_done(marks, f"{c:06d}")]
     if missing:
-        v.fail("embed-done", marks, f"{len(missing)} of {_n(n_chunks, 'chunk')} without a "
+        v.fail("embed-done", marks, f"{len(missing)} of {_n(store.n_chunks, 'chunk')} without a "
                f"done marker (first: {missing[0]:06d}.done)")
-    return arr
+    return store
 
 
 def _graph_layout(v: Validation, run: RunDir, info: dict | None,
@@ -379,9 +367,8 @@ def _parts(v: Validation, run: RunDir, meta: dict, n_nodes: int | None) -> dict 
     """Row-level checks of every part; returns sampled edges (node, neighbour, sim) for
     sims-match."""
     import pyarrow as pa
-    import pyarrow.parquet as pq
 
-    from graphbuild.rundir.graph import PAGE_CHECKS
+    from graphbuild.rundir.graph import read_footer, read_row_group
 
     n = n_nodes if n_nodes is not None else int(meta["n_nodes"])
     k = int(meta["k"])
@@ -393,12 +380,12 @@ def _parts(v: Validation, run: RunDir, meta: dict, n_nodes: int | None) -> dict 
         if not path.is_file():
             continue  # knn-done said so
         try:
-            pf = pq.ParquetFile(path, **PAGE_CHECKS)
-            names = pf.schema_arrow.names
-            types = {f.name: f.type for f in pf.schema_arrow}
-        except (OSError, pa.ArrowException) as e:
-            v.fail("graph-schema", path, f"cannot read: {str(e).splitlines()[0]}")
+            footer = read_footer(path)
+        except GraphbuildError as e:
+            v.fail("graph-schema", path, _unprefixed(e, path))
             continue
+        schema = footer.schema.to_arrow_schema()
+        names, types = schema.names, {f.name: f.type for f in schema}
         want_ok = (names == ["node", "neighbors", "sims"] and types["node"] == pa.int64()
                    and pa.types.is_list(types["neighbors"])
                    and pa.types.is_integer(types["neighbors"].value_type)
@@ -410,8 +397,8 @@ def _parts(v: Validation, run: RunDir, meta: dict, n_nodes: int | None) -> dict 
         checks = _PartChecks()
         expect = part.get("first", 0)
         try:
-            for g in range(pf.num_row_groups):
-                t = pf.read_row_group(g)
+            for g in range(footer.num_row_groups):
+                t = read_row_group(path, g)  # page checksums verified
                 total += t.num_rows
                 edges = _row_group(checks, t, g, expect, n, k)
                 expect += t.num_rows
@@ -419,8 +406,8 @@ def _parts(v: Validation, run: RunDir, meta: dict, n_nodes: int | None) -> dict 
                     take = rng.choice(len(edges[0]), min(SAMPLED_EDGES, len(edges[0])),
                                       replace=False)
                     sampled.append((*(e[take] for e in edges), np.full(len(take), p)))
-        except (OSError, pa.ArrowException) as e:
-            v.fail("graph-schema", path, f"cannot read: {str(e).splitlines()[0]}")
+        except GraphbuildError as e:
+            v.fail("graph-schema", path, _unprefixed(e, path))
             continue
         if expect != part.get("stop"):
             checks.add("rows-sorted", np.array([True]), lambda _: f"{expect - part.get('first', 0)}"
@@ -436,6 +423,11 @@ def _parts(v: Validation, run: RunDir, meta: dict, n_nodes: int | None) -> dict 
         take = np.sort(rng.choice(len(edges["node"]), MAX_SAMPLED_EDGES, replace=False))
         edges = {name: e[take] for name, e in edges.items()}
     return edges
+
+
+def _unprefixed(e: GraphbuildError, path: Path) -> str:
+    """A one-line error about `path` without the path (a problem line names it apart)."""
+    return str(e).removeprefix(f"{path}: ")
 
 
 def _row_group(checks: _PartChecks, t, g: int, first: int, n: int, k: int):
@@ -476,48 +468,37 @@ def _row_group(checks: _PartChecks, t, g: int, first: int, n: int, k: int):
     return nodes[row][good], ids[good], sims[good]
 
 
-def _chunk_file(run: RunDir, c: int) -> Path:
-    return run.embeddings / "c" / str(c) / "0"
-
-
-def _embeddings(v: Validation, run: RunDir, arr, n_nodes: int | None, edges: dict | None,
-                meta: dict | None) -> None:
-    """Per chunk: the file, its crc32c, NaN/inf and norms; then sims-match on sampled edges."""
-    n, d = arr.shape
+def _embeddings(v: Validation, run: RunDir, store: StoredRows, n_nodes: int | None,
+                edges: dict | None, meta: dict | None) -> None:
+    """Per chunk: the file, its crc32c, NaN/inf and norms; then sims-match on sampled edges.
+    Every bad chunk is reported, not only the first."""
+    n = store.shape[0]
     rows_ok = min(n, n_nodes) if n_nodes is not None else n
-    step = arr.chunks[0]
     want = np.unique(np.concatenate([edges["node"], edges["neighbor"]])) if edges else None
     held: dict[int, np.ndarray] = {}
-    for c in range(-(-n // step)):
-        lo, hi = c * step, min((c + 1) * step, rows_ok)
-        path = _chunk_file(run, c)
-        if not path.is_file():
-            v.fail("emb-chunks", path, f"chunk {c} (rows {lo}-{min((c + 1) * step, n) - 1}) "
-                   "missing")
-            continue
-        if hi <= lo:
-            continue
+    for c in range(store.n_chunks):
         try:
-            block = np.asarray(arr[lo:hi])
-        except Exception as e:  # a bad chunk raises ValueError (crc) or a codec's own kind
-            v.fail("emb-chunks", path, f"chunk {c} (rows {lo}-{hi - 1}) cannot be read: "
-                   f"{str(e).splitlines()[0]}")
+            block = store.chunk(c)
+        except StoreError as e:
+            v.fail("emb-chunks", e.file, e.detail)
             continue
+        lo = c * store.chunk_rows
+        block = block[:max(rows_ok - lo, 0)]
+        path = store.chunk_file(c)
         x = block.astype(np.float32)
         finite = np.isfinite(x).all(axis=1)
         if not finite.all():
             i = _first(~finite)
             v.fail("emb-finite", path, f"{_n(int((~finite).sum()), 'row')} with NaN or inf "
                    f"(first: row {lo + i})")
-        norms = np.linalg.norm(x[finite].astype(np.float64), axis=1)
-        off = np.abs(norms - 1) > NORM_TOLERANCE
-        if off.any():
-            i = _first(off)
-            v.fail("emb-norms", path, f"{_n(int(off.sum()), 'row')} not unit norm (first: row "
+        norms, off = unit_norm_misses(x[finite])
+        if len(off):
+            i = int(off[0])
+            v.fail("emb-norms", path, f"{_n(len(off), 'row')} not unit norm (first: row "
                    f"{lo + np.flatnonzero(finite)[i]}, norm {norms[i]:.4f}; want 1 +- "
                    f"{NORM_TOLERANCE})")
         if want is not None:
-            mine = want[(want >= lo) & (want < hi)]
+            mine = want[(want >= lo) & (want < lo + len(block))]
             held.update(zip(mine.tolist(), block[mine - lo]))
     if edges is not None and meta is not None:
         _sims_match(v, run, edges, held, meta)

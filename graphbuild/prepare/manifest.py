@@ -152,6 +152,11 @@ class Dataset:
     def name(self) -> str:
         return self.manifest.name
 
+    @property
+    def source_override(self) -> str | None:
+        """The --source that replaces the manifest's source.path, if one was given."""
+        return self._source_override
+
     def source_files(self) -> list[Path]:
         """Files of the source, sorted, each glob expanded; raises if a pattern matches none."""
         src = self.manifest.source

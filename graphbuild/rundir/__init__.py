@@ -16,7 +16,10 @@ google-crc32c only (never zarr, polars or torch), so the trainer imports it.
   paths.py    RunDir, PROVENANCE_KEYS, the store's attributes
   files.py    atomic writes, JSON, markers, Parquet row groups
   locks.py    locks that say who holds them, with a timeout
-  store.py    embeddings.zarr's chunk files and the checked readers of its rows
-  graph.py    graph parts: writer, footer check, _meta.json and its provenance, readers
+  store.py    embeddings.zarr's layout and StoredRows, the one checked reader of its rows
+              (a range, chunk-aligned blocks, all, or a gather; in RAM or memory-mapped);
+              NORM_TOLERANCE, the unit norm a stored row keeps
+  graph.py    graph parts: writer, footer check, _meta.json and its provenance, and the one
+              reader of each kind: the CSR, a row group, one node's row, a footer
   samples.py  samples.parquet and the source's record, as the trainer joins by id
 """

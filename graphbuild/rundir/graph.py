@@ -12,7 +12,9 @@ it, and _meta.json only once every shard of the layout is done. A marker vouches
 only while the part's footer holds the rows and edges the marker records (`part_problem`).
 Readers trust only a graph that has _meta.json and was built from the run's current store
 (`read_meta`), and turn a part that does not read or does not hold its rows into a one-line
-error.
+error. Every reader of parts reads through one of: `read_graph_csr` (the whole graph as CSR
+arrays), `read_row_group` (one row group, as GraphRows and validate stream them),
+`read_node_row` (one node's row) and `read_footer` (schema, row groups, statistics).
 """
 
 from __future__ import annotations
@@ -231,11 +233,17 @@ def _row_groups(path: Path) -> Iterator[pa.Table]:
         yield read_row_group(path, g)
 
 
-def row_group_count(path: Path) -> int:
+def read_footer(path: Path) -> pq.FileMetaData:
+    """A part's footer: its schema, row groups and their statistics. A part that cannot be
+    read is a one-line error naming it."""
     try:
-        return pq.ParquetFile(path).num_row_groups
+        return pq.ParquetFile(path).metadata
     except (OSError, pa.ArrowException) as e:
         raise GraphbuildError(f"{path}: cannot read graph part: {_first_line(e)}") from None
+
+
+def row_group_count(path: Path) -> int:
+    return read_footer(path).num_row_groups
 
 
 def read_row_group(path: Path, g: int) -> pa.Table:
@@ -245,3 +253,26 @@ def read_row_group(path: Path, g: int) -> pa.Table:
             g, columns=["node", "neighbors", "sims"])
     except (OSError, pa.ArrowException, KeyError) as e:
         raise GraphbuildError(f"{path}: cannot read graph part: {_first_line(e)}") from None
+
+
+def read_node_row(out: str | Path, meta: dict, node: int) -> tuple[np.ndarray, np.ndarray]:
+    """(neighbour ids int64, sims float32) of one node, best first, from the row group of the
+    part that holds it (`meta`: from read_meta), its page checksums verified."""
+    part = next((p for p in meta["parts"] if p["first"] <= node < p["stop"]), None)
+    if part is None:
+        raise GraphbuildError(f"{meta_path(out)}: no part holds node {node}")
+    path = RunDir(out).graph / part["file"]
+    footer = read_footer(path)
+    first = part["first"]  # a part's rows are its nodes in order (part_problem, read_graph_csr)
+    for g in range(footer.num_row_groups):
+        rows = footer.row_group(g).num_rows
+        if node < first + rows:
+            t = read_row_group(path, g)
+            at = node - first
+            if t.column("node")[at].as_py() != node:
+                raise GraphbuildError(f"{path}: row group {g}, row {at} holds node "
+                                      f"{t.column('node')[at].as_py()}, not {node}")
+            return (np.asarray(t.column("neighbors")[at].as_py(), np.int64),
+                    np.asarray(t.column("sims")[at].as_py(), np.float32))
+        first += rows
+    raise GraphbuildError(f"{path}: holds no row for node {node}")

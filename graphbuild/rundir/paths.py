@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import json
 import time
 from pathlib import Path
 from typing import Callable
@@ -11,6 +10,7 @@ from typing import Callable
 from graphbuild.errors import GraphbuildError
 from graphbuild.rundir.files import read_json, write_json
 from graphbuild.rundir.locks import file_lock
+from graphbuild.rundir.store import read_zarr_json
 
 # embeddings.zarr attributes that must match for two sets of vectors to be comparable; the
 # graph and the knn parameters carry a copy, checked against the store by every reader.
@@ -82,14 +82,12 @@ class RunDir:
 def store_attrs(root: str | Path) -> dict | None:
     """The attributes of a run's embeddings.zarr, read from its zarr.json without zarr (the
     trainer reads them too); None when the run has no store."""
-    path = RunDir(root).embeddings / "zarr.json"
+    path = RunDir(root).embeddings
     try:
-        meta = json.loads(path.read_text())
+        meta = read_zarr_json(path)
     except FileNotFoundError:
         return None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise GraphbuildError(f"{path}: cannot read the store's metadata: {e}") from None
-    attrs = meta.get("attributes") if isinstance(meta, dict) else None
+    attrs = meta.get("attributes")
     if not isinstance(attrs, dict):
-        raise GraphbuildError(f"{path}: no attributes; not a graphbuild store")
+        raise GraphbuildError(f"{path / 'zarr.json'}: no attributes; not a graphbuild store")
     return attrs

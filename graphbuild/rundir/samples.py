@@ -13,7 +13,7 @@ import pyarrow.parquet as pq
 from graphbuild.errors import GraphbuildError
 from graphbuild.rundir.files import read_json
 from graphbuild.rundir.paths import RunDir
-from graphbuild.rundir.store import ZarrRows
+from graphbuild.rundir.store import StoredRows
 
 # run.json's dataset entry: true when sample ids are the source's row numbers (no id_column)
 ROW_NUMBER_IDS = "ids_are_row_numbers"
@@ -70,7 +70,7 @@ def check_nodes_fit(run: str | Path, nodes: np.ndarray, n_rows: int, rows_of: Pa
                               "different runs: rerun `graphbuild embed` and `graphbuild knn`")
 
 
-def check_store_matches_tables(run: str | Path, rows: ZarrRows) -> None:
+def check_store_matches_tables(run: str | Path, rows: StoredRows) -> None:
     """Refuse a store whose row count differs from nodes.parquet's: one node, one row."""
     path = RunDir(run).nodes
     try:

@@ -1,8 +1,24 @@
-"""embeddings.zarr: its chunk files, and the checked readers of its rows."""
+"""embeddings.zarr: its layout, its chunk files, and the one checked reader of its rows.
+
+The embed stage creates and writes the store with zarr (embedding/stage.py); every other
+reader, the trainer's included, reads it here without zarr:
+
+  zarr.json   zarr v3 array: shape (n_nodes, dim), float16, regular chunks of whole rows,
+              codecs [bytes little-endian, crc32c], default chunk keys with '/'; attributes
+              carry the provenance (paths.PROVENANCE_KEYS)
+  c/<i>/0     chunk i: rows i*R .. i*R+R-1 as raw little-endian fp16 (the last chunk padded
+              to R rows, as zarr stores an edge chunk), then the crc32c of those bytes (4 bytes,
+              little-endian)
+
+`StoredRows` refuses, in one line naming the file, a store of another layout, a chunk file
+that is missing or not a chunk's size (zarr would read zeros) and a chunk failing its crc32c.
+"""
 
 from __future__ import annotations
 
+import itertools
 import json
+from collections.abc import Iterator
 from pathlib import Path
 
 import google_crc32c
@@ -10,77 +26,29 @@ import numpy as np
 
 from graphbuild.errors import GraphbuildError
 
-
-class CheckedStore:
-    """A read-only view of embeddings.zarr whose reads refuse, in one line naming the chunk's
-    file, a chunk file that is missing or not a chunk's size (zarr would return zeros or a
-    codec traceback) or that fails its crc32c."""
-
-    def __init__(self, path: Path):
-        import zarr
-
-        self.path = path
-        self.arr = zarr.open_array(str(path), mode="r")
-        self.shape, self.chunks, self.dtype = self.arr.shape, self.arr.chunks, self.arr.dtype
-        self.attrs = self.arr.attrs
-        self.chunk_bytes = chunk_bytes(self.arr)
-
-    def __getitem__(self, key):
-        chunks = self._chunks_of(key)
-        for c in chunks:
-            problem = chunk_file_problem(self.path, c, self.chunk_bytes)
-            if problem:
-                raise GraphbuildError(f"{chunk_file(self.path, c)}: chunk {c} "
-                                      f"({self._rows(c)}) {problem}; rerun `graphbuild embed` "
-                                      "to redo it")
-        try:
-            return self.arr[key]
-        except ValueError as e:
-            if "checksum" not in str(e):
-                raise
-            raise GraphbuildError(self._culprit(chunks)) from None
-
-    def _rows(self, c: int) -> str:
-        rows = self.chunks[0]
-        return f"rows {c * rows}-{min((c + 1) * rows, self.shape[0]) - 1}"
-
-    def _chunks_of(self, key) -> list[int]:
-        """The chunks a read of `key` touches (all of them for a key of another kind)."""
-        n, rows = self.shape[0], self.chunks[0]
-        span = key[0] if isinstance(key, tuple) else key
-        if isinstance(span, slice):
-            picked = range(*span.indices(n))
-            return list(range(min(picked) // rows, max(picked) // rows + 1)) if picked else []
-        if isinstance(span, (int, np.integer)):
-            return [(int(span) % n) // rows] if n else []
-        if isinstance(span, (list, np.ndarray)):
-            idx = np.asarray(span)
-            idx = np.flatnonzero(idx) if idx.dtype == bool else idx.astype(np.int64)
-            return np.unique((idx % max(n, 1)) // rows).tolist()
-        return list(range(chunk_count(self.arr)))
-
-    def _culprit(self, chunks: list[int]) -> str:
-        rows = self.chunks[0]
-        for c in chunks:
-            try:
-                self.arr[c * rows:(c + 1) * rows]
-            except ValueError:
-                return (f"{chunk_file(self.path, c)}: chunk {c} fails its crc32c check, it is "
-                        "corrupt; rerun `graphbuild embed` to redo it")
-        return f"{self.path}: one of chunks {chunks} fails its crc32c check"
+CRC_BYTES = 4
+CODECS = [{"name": "bytes", "configuration": {"endian": "little"}}, {"name": "crc32c"}]
+# A stored row's norm is 1 within this: embed refuses to write a row outside it, knn to
+# search one, validate reports one.
+NORM_TOLERANCE = 1e-2
+REDO = "rerun `graphbuild embed` to redo it"
 
 
-def chunk_count(arr) -> int:
-    return -(-arr.shape[0] // arr.chunks[0])
+class StoreError(GraphbuildError):
+    """A problem with one file of the store: `file`, then what is wrong and what to do."""
+
+    def __init__(self, file: Path, what: str, remedy: str | None = None):
+        self.file, self.what, self.remedy = file, what, remedy
+        super().__init__(f"{file}: {self.detail}")
+
+    @property
+    def detail(self) -> str:
+        """The message without the file's name (validate prints the file apart)."""
+        return f"{self.what}; {self.remedy}" if self.remedy else self.what
 
 
 def chunk_file(store: Path, c: int) -> Path:
     return store / "c" / str(c) / "0"
-
-
-def chunk_bytes(arr) -> int:
-    """A stored chunk's size: its raw rows (an edge chunk is stored whole) + 4 crc32c bytes."""
-    return int(np.prod(arr.chunks)) * arr.dtype.itemsize + 4
 
 
 def chunk_file_problem(store: Path, c: int, size: int) -> str | None:
@@ -92,124 +60,236 @@ def chunk_file_problem(store: Path, c: int, size: int) -> str | None:
     return None if have == size else f"is {have} bytes, a chunk is {size}"
 
 
-def _crc_fails(path: Path) -> bool:
-    """The chunk file's last 4 bytes are not the crc32c (little-endian) of the rest."""
-    import google_crc32c
-
-    data = path.read_bytes()
-    return google_crc32c.value(data[:-4]) != int.from_bytes(data[-4:], "little")
-
-CRC_BYTES = 4
-_CODECS = [{"name": "bytes", "configuration": {"endian": "little"}}, {"name": "crc32c"}]
+def unit_norm_misses(rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(fp32 norms, indices of the rows whose norm is not 1 +- NORM_TOLERANCE, non-finite
+    ones included) of fp16 or fp32 rows."""
+    norms = np.linalg.norm(rows.astype(np.float32), axis=1)
+    return norms, np.flatnonzero(~(np.abs(norms - 1) <= NORM_TOLERANCE))
 
 
-def _fail(path: Path, what: str) -> GraphbuildError:
-    return GraphbuildError(f"{path}: {what}; the trainer reads only graphbuild's own layout")
+def read_zarr_json(store: Path) -> dict:
+    """The store's parsed zarr.json; FileNotFoundError when there is none."""
+    path = store / "zarr.json"
+    try:
+        meta = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise StoreError(path, f"cannot read the store's metadata: {e}") from None
+    if not isinstance(meta, dict):
+        raise StoreError(path, "not a JSON object; not a graphbuild store")
+    return meta
 
 
-class ZarrRows:
-    """Rows of embeddings.zarr as fp16 numpy, from RAM (default) or memory-mapped chunks.
+def _layout_error(path: Path, what: str) -> StoreError:
+    return StoreError(path, what, "graphbuild reads only the layout `graphbuild embed` writes")
 
-    Picklable and lazy: nothing is read until the first call, and a pickled copy (e.g. in a
-    DataLoader worker) reopens the files itself and checks their crcs again.
+
+def read_layout(store: Path) -> tuple[tuple[int, int], int, dict]:
+    """((n_nodes, dim), rows per chunk, attributes) from zarr.json, after checking it
+    describes the layout above; anything else is refused in one line naming zarr.json."""
+    path = store / "zarr.json"
+    try:
+        meta = read_zarr_json(store)
+    except FileNotFoundError:
+        raise GraphbuildError(f"{path}: missing; run `graphbuild embed` first") from None
+    if meta.get("zarr_format") != 3 or meta.get("node_type") != "array":
+        raise _layout_error(path, "not a zarr v3 array")
+    if meta.get("data_type") != "float16":
+        raise _layout_error(path, f"data_type {meta.get('data_type')!r}, not float16")
+    if meta.get("codecs") != CODECS:
+        raise _layout_error(path, "codecs are not [bytes little-endian, crc32c]")
+    if meta.get("storage_transformers"):
+        raise _layout_error(path, "storage transformers are set")
+    key = meta.get("chunk_key_encoding", {})
+    if key.get("name") != "default" or key.get("configuration", {}).get("separator", "/") != "/":
+        raise _layout_error(path, "chunk key encoding is not default with '/'")
+    shape = meta.get("shape", [])
+    grid = meta.get("chunk_grid", {})
+    chunk = grid.get("configuration", {}).get("chunk_shape", [])
+    if (len(shape) != 2 or grid.get("name") != "regular" or len(chunk) != 2
+            or chunk[1] != shape[1] or not chunk[0] > 0):
+        raise _layout_error(path, f"shape {shape} / chunks {chunk} are not 2-d row chunks")
+    attrs = meta.get("attributes", {})
+    if not isinstance(attrs, dict):
+        raise _layout_error(path, "attributes are not a JSON object")
+    return (int(shape[0]), int(shape[1])), int(chunk[0]), attrs
+
+
+class StoredRows:
+    """The rows of embeddings.zarr as fp16 numpy, every chunk checked before use.
+
+    Reads a row range (`read`, or `store[lo:hi]`), chunk-aligned blocks (`blocks`), all rows
+    into RAM (`load`), or given rows in any order (`gather`, or `store[nodes]`). Bytes read
+    from a chunk's file are checked each time they are read; with mmap=True each chunk is
+    instead mapped and checked once, at its first use, and kept mapped by this object.
+
+    Picklable and lazy: opening reads only zarr.json, and a pickled copy (a DataLoader
+    worker's) maps and checks its chunks again.
     """
+
+    dtype = np.dtype(np.float16)
 
     def __init__(self, path: str | Path, mmap: bool = False):
         self.path = Path(path)
         self.mmap = mmap
-        self.shape, self.chunk_rows = self._read_meta()
-        self._data: np.ndarray | None = None
-        self._chunks: list[np.ndarray | None] | None = None
-
-    def _read_meta(self) -> tuple[tuple[int, int], int]:
-        meta_file = self.path / "zarr.json"
-        try:
-            meta = json.loads(meta_file.read_text())
-        except (OSError, json.JSONDecodeError) as e:
-            raise GraphbuildError(f"{meta_file}: cannot read array metadata: {e}") from None
-        if meta.get("zarr_format") != 3 or meta.get("node_type") != "array":
-            raise _fail(meta_file, "not a zarr v3 array")
-        if meta.get("data_type") != "float16":
-            raise _fail(meta_file, f"data_type {meta.get('data_type')!r}, not float16")
-        if meta.get("codecs") != _CODECS:
-            raise _fail(meta_file, "codecs are not [bytes little-endian, crc32c]")
-        if meta.get("storage_transformers"):
-            raise _fail(meta_file, "storage transformers are set")
-        key = meta.get("chunk_key_encoding", {})
-        if key.get("name") != "default" or key.get("configuration", {}).get("separator",
-                                                                             "/") != "/":
-            raise _fail(meta_file, "chunk key encoding is not default with '/'")
-        shape = meta.get("shape", [])
-        grid = meta.get("chunk_grid", {})
-        chunk = grid.get("configuration", {}).get("chunk_shape", [])
-        if (len(shape) != 2 or grid.get("name") != "regular" or len(chunk) != 2
-                or chunk[1] != shape[1]):
-            raise _fail(meta_file, f"shape {shape} / chunks {chunk} are not 2-d row chunks")
-        return (int(shape[0]), int(shape[1])), int(chunk[0])
+        self.shape, self.chunk_rows, self.attrs = read_layout(self.path)
+        self._mapped: dict[int, np.ndarray] = {}
 
     def __getstate__(self) -> dict:
-        return {**self.__dict__, "_data": None, "_chunks": None}
+        return {**self.__dict__, "_mapped": {}}
+
+    def __len__(self) -> int:
+        return self.shape[0]
 
     @property
     def n_chunks(self) -> int:
         return -(-self.shape[0] // self.chunk_rows)
 
-    def _chunk_file(self, i: int) -> Path:
-        """Chunk i's file, after checking it has the size of uncompressed fp16 + crc32c."""
-        file = self.path / "c" / str(i) / "0"
-        want = self.chunk_rows * self.shape[1] * 2 + CRC_BYTES
-        try:
-            size = file.stat().st_size
-        except FileNotFoundError:
-            raise GraphbuildError(f"{file}: chunk missing; finish `graphbuild embed`") from None
-        if size != want:
-            raise _fail(file, f"{size} bytes, expected {want} (uncompressed fp16 + crc32c)")
-        return file
+    @property
+    def chunk_bytes(self) -> int:
+        """A chunk file's size: its rows (an edge chunk is stored whole) + the crc32c."""
+        return self.chunk_rows * self.shape[1] * self.dtype.itemsize + CRC_BYTES
 
-    def _checked(self, i: int, raw: np.ndarray) -> np.ndarray:
-        """The (chunk_rows, dim) fp16 rows of chunk i's bytes `raw`, once their crc32c
-        matches the one stored in the file's last 4 bytes."""
-        data = raw[:-CRC_BYTES]
-        if google_crc32c.value(data) != int.from_bytes(raw[-CRC_BYTES:].tobytes(), "little"):
-            raise GraphbuildError(
-                f"{self.path / 'c' / str(i) / '0'}: chunk {i} fails its crc32c check, it is "
-                "corrupt; rerun `graphbuild embed` to redo it")
-        return data.view("<f2").reshape(self.chunk_rows, self.shape[1])
+    def chunk_file(self, c: int) -> Path:
+        return chunk_file(self.path, c)
 
-    def _chunk(self, i: int) -> np.ndarray:
-        """Chunk i as (chunk_rows, dim) fp16, its crc checked: read into RAM, or mapped."""
-        file = self._chunk_file(i)
-        if self.mmap:
-            raw = np.memmap(file, dtype=np.uint8, mode="r")
-        else:
-            raw = np.fromfile(file, dtype=np.uint8)
-            raw.flags.writeable = False  # google_crc32c reads read-only buffers only
-        return self._checked(i, raw)
+    def file_problem(self, c: int) -> str | None:
+        """What a stat shows wrong with chunk c's file (missing, wrong size), or None."""
+        return chunk_file_problem(self.path, c, self.chunk_bytes)
+
+    def _span(self, c: int) -> tuple[int, int]:
+        """(first row, end row) of chunk c's rows that are rows of the store."""
+        return c * self.chunk_rows, min((c + 1) * self.chunk_rows, self.shape[0])
+
+    def _error(self, c: int, what: str) -> StoreError:
+        lo, hi = self._span(c)
+        return StoreError(self.chunk_file(c), f"chunk {c} (rows {lo}-{hi - 1}) {what}", REDO)
+
+    def _sound_file(self, c: int) -> Path:
+        problem = self.file_problem(c)
+        if problem:
+            raise self._error(c, problem)
+        return self.chunk_file(c)
+
+    def _check_crc(self, c: int, crc: int, stored: bytes) -> None:
+        if crc != int.from_bytes(stored, "little"):
+            raise self._error(c, "fails its crc32c check, it is corrupt")
+
+    def check(self, c: int) -> None:
+        """Refuse chunk c (StoreError) unless its file is sound; reads and checks it."""
+        self.chunk(c)
+
+    def chunk(self, c: int) -> np.ndarray:
+        """Chunk c's rows of the store, (rows, dim) fp16, checked: mapped (kept) or read."""
+        if not self.mmap:
+            lo, hi = self._span(c)
+            return self._read_chunk(c, np.empty((hi - lo, self.shape[1]), self.dtype))
+        if c not in self._mapped:
+            raw = np.memmap(self._sound_file(c), dtype=np.uint8, mode="r")
+            if len(raw) != self.chunk_bytes:  # replaced since the stat
+                raise self._error(c, f"is {len(raw)} bytes, a chunk is {self.chunk_bytes}")
+            self._check_crc(c, google_crc32c.value(raw[:-CRC_BYTES]),
+                            raw[-CRC_BYTES:].tobytes())
+            lo, hi = self._span(c)
+            rows = raw[:-CRC_BYTES].view(self.dtype).reshape(self.chunk_rows, self.shape[1])
+            self._mapped[c] = rows[:hi - lo]
+        return self._mapped[c]
+
+    def _read_chunk(self, c: int, into: np.ndarray) -> np.ndarray:
+        """Read chunk c's rows of the store straight into `into` (C-contiguous, as many rows
+        as the chunk holds of the store), the padding of an edge chunk aside, and check the
+        crc32c of all of them; returns `into`."""
+        file = self._sound_file(c)
+        data = memoryview(into).cast("B")
+        pad = self.chunk_bytes - CRC_BYTES - len(data)
+        with open(file, "rb", buffering=0) as f:
+            got = _read_fully(f, data)
+            tail = f.read(pad + CRC_BYTES + 1)
+        if got + len(tail) != self.chunk_bytes:  # replaced since the stat
+            raise self._error(c, f"is {got + len(tail)} bytes, a chunk is {self.chunk_bytes}")
+        crc = google_crc32c.value(into)
+        if pad:
+            crc = google_crc32c.extend(crc, tail[:pad])
+        self._check_crc(c, crc, tail[pad:])
+        return into
+
+    def read(self, lo: int, hi: int) -> np.ndarray:
+        """Rows lo..hi-1 (clipped to the store) as a new (rows, dim) fp16 array."""
+        n, d = self.shape
+        lo, hi = max(lo, 0), min(hi, n)
+        out = np.empty((max(hi - lo, 0), d), self.dtype)
+        if hi <= lo:
+            return out
+        for c in range(lo // self.chunk_rows, -(-hi // self.chunk_rows)):
+            first, end = self._span(c)
+            a, b = max(lo, first), min(hi, end)
+            if not self.mmap and (a, b) == (first, end):  # the whole chunk: no copy
+                self._read_chunk(c, out[a - lo:b - lo])
+            else:
+                out[a - lo:b - lo] = self.chunk(c)[a - first:b - first]
+        return out
 
     def load(self) -> np.ndarray:
-        """All rows, (n, dim) fp16, in RAM; every chunk's crc checked."""
-        if self._data is None:
-            n, d = self.shape
-            out = np.empty((n, d), np.float16)
-            for i in range(self.n_chunks):
-                lo = i * self.chunk_rows
-                hi = min(n, lo + self.chunk_rows)
-                out[lo:hi] = self._chunk(i)[: hi - lo]
-            self._data = out
-        return self._data
+        """All rows, (n, dim) fp16, in RAM."""
+        return self.read(0, self.shape[0])
 
-    def rows(self, nodes: np.ndarray) -> np.ndarray:
-        """(len(nodes), dim) fp16 rows, in the order given."""
-        nodes = np.asarray(nodes, np.int64)
-        if not self.mmap:
-            return self.load()[nodes]
-        if self._chunks is None:
-            self._chunks = [None] * self.n_chunks
-        out = np.empty((len(nodes), self.shape[1]), np.float16)
+    def blocks(self, rows: range, block_rows: int) -> Iterator[tuple[int, np.ndarray]]:
+        """(first row, fp16 block) over `rows`, cut at multiples of `block_rows` rounded to
+        whole chunks, so no chunk is read twice."""
+        step = self.block_step(block_rows)
+        cut = -(-rows.start // step) * step
+        cuts = sorted({rows.start, rows.stop, *range(cut, rows.stop, step)})
+        for lo, hi in itertools.pairwise(cuts):
+            yield lo, self.read(lo, hi)
+
+    def block_step(self, block_rows: int) -> int:
+        """`block_rows` rounded down to whole chunks (at least one)."""
+        return max(1, block_rows // self.chunk_rows) * self.chunk_rows
+
+    def gather(self, nodes) -> np.ndarray:
+        """(len(nodes), dim) fp16 rows of the given nodes, in the order given (repeats
+        allowed), reading each chunk they touch once."""
+        nodes = np.asarray(nodes)
+        if nodes.size and nodes.dtype.kind not in "iu":
+            raise TypeError(f"rows are gathered by integer row numbers, not {nodes.dtype}")
+        nodes = nodes.astype(np.int64, copy=False).reshape(-1)
+        n = self.shape[0]
+        if len(nodes) and (nodes.min() < 0 or nodes.max() >= n):
+            bad = int(nodes[(nodes < 0) | (nodes >= n)][0])
+            raise GraphbuildError(f"{self.path}: row {bad} is not one of its {n} rows")
+        out = np.empty((len(nodes), self.shape[1]), self.dtype)
         which, offset = np.divmod(nodes, self.chunk_rows)
-        for c in np.unique(which).tolist():
-            if self._chunks[c] is None:  # first touch: map the chunk and check its crc
-                self._chunks[c] = self._chunk(c)
-            sel = np.flatnonzero(which == c)
-            out[sel] = self._chunks[c][offset[sel]]
+        order = np.argsort(which, kind="stable")
+        touched, starts = np.unique(which[order], return_index=True)
+        for c, a, b in zip(touched.tolist(), starts, [*starts[1:], len(order)]):
+            sel = order[a:b]
+            out[sel] = self.chunk(c)[offset[sel]]
         return out
+
+    def __getitem__(self, key) -> np.ndarray:
+        """store[lo:hi] reads a row range, store[nodes] gathers (nodes: a 1-d sequence): the
+        reads the search code makes of a store or of an array of rows alike."""
+        if isinstance(key, slice):
+            if key.step not in (None, 1):
+                raise TypeError(f"the store is read by row ranges, not {key!r}")
+            lo, hi, _ = key.indices(self.shape[0])
+            return self.read(lo, hi)
+        if np.ndim(key) != 1:
+            raise TypeError(f"the store is read by row ranges or lists of rows, not {key!r}")
+        return self.gather(key)
+
+
+def _read_fully(f, data: memoryview) -> int:
+    """Read into `data` until it is full or the file ends; the bytes read."""
+    got = 0
+    while got < len(data):
+        step = f.readinto(data[got:])
+        if not step:
+            break
+        got += step
+    return got
+
+
+# The trainer's name for the reader (graphbuild.xclr exports it).
+ZarrRows = StoredRows

@@ -156,13 +156,14 @@ def embed_task(manifest: str, source: str | None, out: str, config, shard: int,
 
 
 def knn_task(out: str, k: int, method: str, block_rows: int, recall_target: float,
-             overwrite: bool, memory_budget: int, shard: int, num_shards: int):
+             overwrite: bool, memory_budget: int, device: str | None, shard: int,
+             num_shards: int):
     """One knn shard on a worker, within the memory the client sized it for (not the free
     memory the worker sees, which its sibling workers share)."""
     from graphbuild.graph.stage import knn_shard
 
     _limit_threads()
-    device = _device("auto")
+    device = _device(device or "auto")
     try:
         return knn_shard(out, k, method, shard, num_shards, block_rows, recall_target,
                          overwrite=overwrite, memory_budget=memory_budget,
@@ -220,11 +221,14 @@ def embed(client, manifest: Path, source: str | None, out: Path, config,
     return map_shards(client, "embed", embed_task, args, n, on_result=on_result)
 
 
-def knn(client, out: Path, k: int, method: str = "auto", num_shards: int | None = None,
-        block_rows: int = 4096, recall_target: float = 0.95, overwrite: bool = False,
-        on_result: Callable | None = None, task_memory: int | None = None) -> list:
+def knn(client, out: Path, k: int = options.K, method: str = "auto",
+        num_shards: int | None = None, block_rows: int = options.BLOCK_ROWS,
+        recall_target: float = options.RECALL_TARGET, overwrite: bool = False,
+        on_result: Callable | None = None, task_memory: int | None = None,
+        device: str | None = None) -> list:
     """Every knn shard as a task, as many at once on a worker as its memory holds
-    (dask_memory.py). `task_memory`: the bytes a task needs, instead of the estimate."""
+    (dask_memory.py). `task_memory`: the bytes a task needs, instead of the estimate.
+    `device`: the exact search's (None: each worker's own GPU, else the CPU)."""
     from graphbuild.graph.stage import check_embeddings, resumed_method
     from graphbuild.scale import dask_memory
 
@@ -246,7 +250,7 @@ def knn(client, out: Path, k: int, method: str = "auto", num_shards: int | None 
         log.info("knn on dask: %s", (chosen or need).reason)
     log.info(dask_memory.rule(need, offers, _remedy(need, shape, budget)))
     # the tasks get the method resolved here, and the budget it was resolved within
-    args = (str(out), k, need.method, block_rows, recall_target, overwrite, budget)
+    args = (str(out), k, need.method, block_rows, recall_target, overwrite, budget, device)
     return map_shards(client, "knn", knn_task, args, num_shards, on_result=on_result,
                       resources={dask_memory.MEMORY_RESOURCE: need.bytes})
 

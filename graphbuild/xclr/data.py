@@ -206,9 +206,9 @@ class NeighborBatchSampler(Sampler[list[int]]):
         epoch = self.epoch if epoch is None else epoch
         ours = [b for b in self.global_batches(epoch) if len(b) == self.batch_size]
         present = np.flatnonzero(self.positions >= 0)
-        perm = np.random.default_rng([self.seed, epoch, 1]).permutation(present)
-        rand = [perm[i:i + self.batch_size]
-                for i in range(0, len(perm) - self.batch_size + 1, self.batch_size)]
+        rand = [present[b] for b in random_batches(len(present), self.batch_size,
+                                                   [self.seed, epoch, 1])
+                if len(b) == self.batch_size]
         ours, rand = ours[:max_batches], rand[:max_batches]
         return EdgeReport(float(np.mean([self.batch_edges(b) for b in ours])),
                           float(np.mean([self.batch_edges(b) for b in rand])),
@@ -388,8 +388,9 @@ class GraphRows(IterableDataset):
                 yield node, ids[lo:hi], sims[lo:hi]
 
 
-def random_batches(n: int, batch_size: int, seed: int = 0) -> list[np.ndarray]:
-    """A shuffled permutation of range(n) cut into batches (the last may be short)."""
+def random_batches(n: int, batch_size: int, seed: int | Sequence[int] = 0) -> list[np.ndarray]:
+    """A shuffled permutation of range(n) cut into batches (the last may be short): an
+    epoch of random batches, each sample in one of them."""
     perm = np.random.default_rng(seed).permutation(n)
     return [perm[i:i + batch_size] for i in range(0, n, batch_size)]
 
