@@ -161,20 +161,16 @@ def derived_vectors(x16: np.ndarray, nn_sim: np.ndarray, n_out: int, frac: float
 
 
 def write_store(run: Path, x16: np.ndarray, attrs: dict) -> None:
-    """An embeddings.zarr as the embed stage leaves it (chunks marked done)."""
-    import zarr
-    from zarr.codecs import Crc32cCodec
-
+    """An embeddings.zarr as the embed stage leaves it (its own store format, chunks marked
+    done)."""
+    from graphbuild.embedding.stage import _open_store
     from graphbuild.rundir.files import mark_done
     from graphbuild.rundir.paths import RunDir
 
     if run.exists():
         shutil.rmtree(run)
     chunk = 8192
-    arr = zarr.create_array(store=str(run / "embeddings.zarr"), shape=x16.shape,
-                            chunks=(chunk, x16.shape[1]), dtype="float16", fill_value=0,
-                            compressors=[Crc32cCodec()],  # the layout rundir/store.py reads
-                            attributes={**attrs, "n_nodes": len(x16), "chunk_rows": chunk})
+    arr = _open_store(RunDir(run), {**attrs, "n_nodes": len(x16)}, chunk)
     for lo in range(0, len(x16), chunk * 8):
         arr[lo:lo + chunk * 8] = x16[lo:lo + chunk * 8]
     for c in range(-(-len(x16) // chunk)):
@@ -211,13 +207,38 @@ def child_knn(run: Path, method: str, shard: int = 0, num_shards: int = 1) -> di
     return json.loads(lines[-1])
 
 
+def index_from_lists(lists: tuple[np.ndarray, np.ndarray, np.ndarray], arr, block_rows: int):
+    """The faiss ivf-sq16 index holding `lists` (build_lists'): their centroids, and each row
+    added to its list, no k-means run again. For faiss's own IVF search of the same lists."""
+    from graphbuild.graph.faiss_loader import load_faiss
+
+    faiss = load_faiss()
+    centroids, offsets, ids = lists
+    nlist, d = centroids.shape
+    quantizer = faiss.IndexFlatIP(d)
+    quantizer.add(np.ascontiguousarray(centroids, np.float32))
+    index = faiss.IndexIVFScalarQuantizer(quantizer, d, nlist, faiss.ScalarQuantizer.QT_fp16,
+                                          faiss.METRIC_INNER_PRODUCT)
+    index.own_fields = True
+    quantizer.this.disown()
+    index.is_trained = True  # fp16 codes need no training; the quantizer holds the centroids
+    list_of = np.empty(len(ids), np.int64)
+    list_of[ids] = np.repeat(np.arange(nlist), np.diff(offsets))
+    for lo in range(0, arr.shape[0], block_rows):
+        x = np.ascontiguousarray(np.asarray(arr[lo:lo + block_rows], np.float32))
+        lists_here = np.ascontiguousarray(list_of[lo:lo + len(x)])
+        index.add_core(len(x), faiss.swig_ptr(x), None, faiss.swig_ptr(lists_here))
+    return index
+
+
+
 def list_scan_vs_faiss(run: Path, nprobe: int, queries: int = 32768) -> None:
     """The same index searched two ways, on the same block of queries: faiss's IVF search
     and graphbuild's ListScan (ivf_scan.py), both probing nprobe lists a query (no adaptive
     probing: faiss has none)."""
     import zarr
 
-    from graphbuild.graph.ann import index_from_lists, search
+    from graphbuild.graph.ann import search
     from graphbuild.graph.ivf_scan import ListScan, load_lists
 
     arr = zarr.open_array(str(run / "embeddings.zarr"), mode="r")

@@ -1,9 +1,10 @@
-"""Which part of the work is ours: shard numbers from flags or a SLURM job array."""
+"""Which part of the work is ours: shard numbers from flags or a SLURM job array, and lists
+of shard or chunk numbers written as ranges."""
 
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 
 from graphbuild.errors import GraphbuildError
 
@@ -48,3 +49,15 @@ def shard_range(n_items: int, shard: int, num_shards: int) -> range:
 
 def shard_name(shard: int, num_shards: int) -> str:
     return f"shard-{shard:05d}-of-{num_shards:05d}"
+
+
+def id_ranges(ids: Iterable[int], sep: str = ", ") -> str:
+    """Sorted ids as runs of consecutive ones: [0, 1, 2, 5, 7, 8] -> '0-2, 5, 7-8'; with
+    sep="," the form of a SLURM --array list."""
+    runs: list[list[int]] = []
+    for i in sorted(ids):
+        if runs and i == runs[-1][1] + 1:
+            runs[-1][1] = i
+        else:
+            runs.append([i, i])
+    return sep.join(f"{lo}" if lo == hi else f"{lo}-{hi}" for lo, hi in runs)

@@ -6,7 +6,6 @@ from graphbuild.scale.gpus import (
     device_for_slot,
     gpu_count,
     local_workers,
-    shard_devices,
     visible_gpus,
     worker_device,
 )
@@ -37,9 +36,6 @@ def test_one_shard_per_gpu():
     assert device_for_slot(3, 0) == "cpu"
     with pytest.raises(ValueError):
         device_for_slot(-1, 2)
-    assert shard_devices([3, 7, 12, 13], 4) == {3: "cuda:0", 7: "cuda:1", 12: "cuda:2",
-                                                13: "cuda:3"}
-    assert set(shard_devices(list(range(8)), 8).values()) == {f"cuda:{i}" for i in range(8)}
 
 
 def test_dask_worker_device():

@@ -316,17 +316,15 @@ def test_ground_truth_by_bf16_candidates_is_proven_exact(embedded):
 
 def test_list_scan_equals_faiss_and_brute_force(embedded):
     """ivf_scan.ListScan probes the lists faiss would and scores the stored rows: with every
-    list probed it is exact search, and at a small nprobe it finds what faiss's IVF finds."""
-    from graphbuild.graph.ann import build_lists, ground_truth, index_from_lists, search
+    list probed it is exact search, and at a small nprobe it finds what faiss's IVF finds in
+    the same lists."""
+    from graphbuild.graph.ann import build_index, build_lists, ground_truth, search
     from graphbuild.graph.ivf_scan import ListScan, lists_of
     from graphbuild.rundir.store import StoredRows
 
     arr = StoredRows(embedded / "embeddings.zarr")
     x32 = np.asarray(arr[:], np.float32)
-    lists = build_lists(arr, 16, 1024)
-    index = index_from_lists(lists, arr, 1000)  # faiss's index of the same lists
-    assert all(np.array_equal(a, b) for a, b in zip(lists, lists_of(index)))
-    scan = ListScan.from_lists(*lists, arr, 1024)
+    scan = ListScan.from_lists(*build_lists(arr, 16, 1024), arr, 1024)
     rows = np.arange(len(x32))
     ids, sims = search(scan, x32, rows, 10, nprobe=16)  # all 16 lists: exhaustive
     ref_i, ref_s = brute_force(embedded, 10)
@@ -335,7 +333,8 @@ def test_list_scan_equals_faiss_and_brute_force(embedded):
     sample = np.array([0, 5, 1023, 1024, len(x32) - 1])
     truth = ground_truth(arr, sample, 10, 1024)  # what nprobe tuning scores recall against
     assert np.mean([len(np.intersect1d(a, b)) for a, b in zip(truth, ref_i[sample])]) > 0.99
-    ours, _ = search(scan, x32, rows, 10, nprobe=2)
+    index = build_index(arr, "ivf-sq16", 16, 1000)
+    ours, _ = search(ListScan.from_lists(*lists_of(index), arr, 1024), x32, rows, 10, nprobe=2)
     theirs, _ = search(index, x32, rows, 10, nprobe=2)
     same = np.mean([len(np.intersect1d(a, b)) for a, b in zip(ours, theirs)]) / 10
     assert same > 0.99  # faiss scores fp16 residual codes: rounding apart, the same lists

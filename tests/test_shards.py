@@ -1,7 +1,7 @@
 import pytest
 
 from graphbuild.errors import GraphbuildError
-from graphbuild.shards import resolve_shard, shard_range
+from graphbuild.shards import id_ranges, resolve_shard, shard_range
 
 
 def test_flags_win_and_default_is_one_shard():
@@ -32,3 +32,10 @@ def test_ranges_tile_the_items_exactly(n, shards):
     assert covered == list(range(n))
     sizes = [len(shard_range(n, s, shards)) for s in range(shards)]
     assert max(sizes) - min(sizes) <= 1
+
+
+def test_id_ranges_join_runs_of_consecutive_ids():
+    assert id_ranges([1, 2, 3, 7]) == "1-3, 7"
+    assert id_ranges([8, 0, 1, 2, 5, 7], ",") == "0-2,5,7-8"  # sorted first
+    assert id_ranges([4]) == "4"
+    assert id_ranges([]) == ""

@@ -24,6 +24,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 
 from graphbuild import options
+from graphbuild.cpu import has_native_bf16
 from graphbuild.errors import GraphbuildError
 
 log = logging.getLogger(__name__)
@@ -48,15 +49,6 @@ def pick_device(requested: str = "auto") -> str:
     return requested
 
 
-def cpu_has_fast_bf16() -> bool:
-    import torch
-
-    try:
-        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    except (AttributeError, RuntimeError):
-        return False
-
-
 def pick_precision(requested: str, device: str) -> str:
     """auto: fp16 on CUDA, bf16 on CPUs with native bf16 (AVX-512 BF16 / AMX), else fp32."""
     options.precision(requested)
@@ -64,7 +56,7 @@ def pick_precision(requested: str, device: str) -> str:
     if requested == "auto":
         if on_cuda:
             return "fp16"
-        return "bf16" if cpu_has_fast_bf16() else "fp32"
+        return "bf16" if has_native_bf16() else "fp32"
     if requested == "fp16" and not on_cuda:
         raise GraphbuildError("--precision fp16 is for CUDA; CPUs run fp16 matrix products at a "
                               "few GFLOP/s. Use bf16 (fast on CPUs with AVX-512 BF16) or fp32")

@@ -28,22 +28,22 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from graphbuild.cpu import has_native_bf16
 from graphbuild.graph.hits import descending_bits
-from graphbuild.graph.ivf_scan import bf16_in_hardware, centroid_dtype, nearest_list, probe_gap_for
+from graphbuild.graph.ivf_scan import centroid_dtype, nearest_list, probe_gap_for
 from graphbuild.graph.kernels import empty_heaps, offer, sort_heaps, threads_as_torch
 from graphbuild.graph.kmeans import spherical_kmeans
 
 log = logging.getLogger(__name__)
 
 TRAIN_PER_LIST = 40   # training points per inverted list (faiss warns below 39)
-# build_lists' k-means is cheap enough for more: on 1M derived rows (2,000 lists, k=32),
-# 80 a list reached recall 0.9503 at nprobe 13 scanning 7,854 rows a query; 40 a list
-# 0.9498 over 8,253 rows (faiss's k-means, 40 a list: 0.9511 over 8,391).
+# build_lists' k-means is cheap enough for twice as many, which gives lists that reach the
+# same recall over fewer rows a query (benchmarks/results/graph_choices.txt)
 LIST_TRAIN_PER_LIST = 80
-KMEANS_ITERS = 10  # faiss's, at 1M: 20 gave recall 0.9579, 10 gave 0.9584 (twice the cost)
+KMEANS_ITERS = 10  # faiss's; 20 gave no better recall at twice the cost (graph_choices.txt)
 TUNE_QUERIES = 1000
 # Stored rows scored against the tuning queries at once: 1,000 x 16,384 scores stay in cache
-# better than x 65,536 (fp32 ground truth at 1M: 6.2 s against 7.2 s)
+# better than x 65,536 (graph_choices.txt)
 GROUND_TRUTH_ROWS = 16384
 SEED = 1234
 
@@ -61,9 +61,9 @@ def nlist_for(n: int) -> int:
     """About 2*sqrt(N) lists, but at least 39 training points per list for k-means.
 
     Fewer, longer lists than faiss's usual 4-16*sqrt(N) suit a search that scores lists by
-    matrix products (ivf_scan.py), and k-means costs nlist**2. Measured on 1M derived vectors
-    (k=32): 2,000 lists reach recall 0.9579 at nprobe 16 against 0.9566 for 4,000, search as
-    fast, and train 3.4x faster (20 iterations each)."""
+    matrix products (ivf_scan.py), and k-means costs nlist**2: on 1M derived vectors, 2,000
+    lists reach the recall of 4,000, search as fast and train several times faster
+    (benchmarks/results/graph_choices.txt)."""
     return max(1, min(round(2 * math.sqrt(n)), n // 39))
 
 
@@ -105,7 +105,8 @@ def _trained_index(arr, kind: str, nlist: int, seed: int):
 
 def _blocks_with_lists(arr, centroids: torch.Tensor, block_rows: int):
     """(stored fp16 block, each row's list) over the store, in order. The lists come from
-    torch's products, which run 2x (fp32) to 5x (bf16) faiss's here."""
+    torch's products, faster than faiss's here in fp32 and more so in bf16
+    (graph_choices.txt)."""
     for lo in range(0, arr.shape[0], block_rows):
         x = torch.from_numpy(np.asarray(arr[lo:lo + block_rows]))
         yield x, np.ascontiguousarray(nearest_list(x, centroids), np.int64)
@@ -121,7 +122,7 @@ def build_index(arr, kind: str, nlist: int, block_rows: int, seed: int = SEED):
     t1 = time.perf_counter()
     centroids = torch.from_numpy(index.quantizer.reconstruct_n(0, nlist))
     for x, lists in _blocks_with_lists(arr, centroids, block_rows):
-        x = x.float().numpy()  # torch converts fp16 ~10x faster than numpy
+        x = x.float().numpy()  # torch converts fp16 far faster than numpy
         index.add_core(len(x), faiss.swig_ptr(x), None, faiss.swig_ptr(lists))
     log.info("built %s index: %d lists over %d vectors (train %.1fs, add %.1fs)", kind, nlist,
              arr.shape[0], t1 - t0, time.perf_counter() - t1)
@@ -136,8 +137,8 @@ def build_lists(arr, nlist: int, block_rows: int, seed: int = SEED,
     (ivf_scan.ListScan) needs no second copy on disk or in memory.
 
     The centroids are torch's spherical k-means in `centroid_dtype()`. faiss's IVF k-means
-    is spherical too, but in fp32: at 1M it trained on 40 rows a list in 8.9-10.8 s, torch
-    on 80 a list in 9.0-11.2 s, in the same hours."""
+    is spherical too, but in fp32: in the time it trains on 40 rows a list, torch's trains on
+    80 (graph_choices.txt)."""
     t0 = time.perf_counter()
     n = arr.shape[0]
     train = np.asarray(arr[sample_ids(n, LIST_TRAIN_PER_LIST * nlist, seed)], np.float32)
@@ -152,30 +153,6 @@ def build_lists(arr, nlist: int, block_rows: int, seed: int = SEED,
     log.info("built %d lists over %d vectors (train %.1fs, assign %.1fs)", nlist, len(lists),
              t1 - t0, time.perf_counter() - t1)
     return centroids, offsets, ids
-
-
-def index_from_lists(lists: tuple[np.ndarray, np.ndarray, np.ndarray], arr, block_rows: int):
-    """The faiss ivf-sq16 index holding `lists` (build_lists'): their centroids, and each row
-    added to its list, no k-means run again. For faiss's own IVF search of the same lists."""
-    from graphbuild.graph.faiss_loader import load_faiss
-
-    faiss = load_faiss()
-    centroids, offsets, ids = lists
-    nlist, d = centroids.shape
-    quantizer = faiss.IndexFlatIP(d)
-    quantizer.add(np.ascontiguousarray(centroids, np.float32))
-    index = faiss.IndexIVFScalarQuantizer(quantizer, d, nlist, faiss.ScalarQuantizer.QT_fp16,
-                                          faiss.METRIC_INNER_PRODUCT)
-    index.own_fields = True
-    quantizer.this.disown()
-    index.is_trained = True  # fp16 codes need no training; the quantizer holds the centroids
-    list_of = np.empty(len(ids), np.int64)
-    list_of[ids] = np.repeat(np.arange(nlist), np.diff(offsets))
-    for lo in range(0, arr.shape[0], block_rows):
-        x = np.ascontiguousarray(np.asarray(arr[lo:lo + block_rows], np.float32))
-        lists_here = np.ascontiguousarray(list_of[lo:lo + len(x)])
-        index.add_core(len(x), faiss.swig_ptr(x), None, faiss.swig_ptr(lists_here))
-    return index
 
 
 def faiss_gpus() -> int:
@@ -207,9 +184,9 @@ def on_gpu_if_available(index):
 def ground_truth(arr, queries: np.ndarray, k: int, block_rows: int) -> np.ndarray:
     """Exact top-k ids of query rows (self excluded, equal scores by smaller id), streaming
     the rows. Where the CPU multiplies bf16 in hardware, bf16 products pick candidates and
-    their exact scores rank them (`_rescored_truth`, 2x faster at 1M); a query whose
+    their exact scores rank them (`_rescored_truth`, at bf16's rate); a query whose
     candidates cannot be shown to hold its exact top-k is scored again in fp32."""
-    if not bf16_in_hardware():
+    if not has_native_bf16():
         return _fp32_truth(arr, queries, k, block_rows)
     truth, proven = _rescored_truth(arr, queries, k, block_rows)
     if not proven.all():
@@ -229,7 +206,7 @@ def _fp32_truth(arr, queries: np.ndarray, k: int, block_rows: int) -> np.ndarray
     best_s, best_i = empty_heaps(len(queries), k, np.int64)
     step = min(block_rows, GROUND_TRUTH_ROWS)
     for lo in range(0, n, step):
-        # torch converts fp16 to fp32 ~10x faster than numpy
+        # torch converts fp16 to fp32 far faster than numpy
         block = torch.from_numpy(np.asarray(arr[lo:lo + step])).float()
         sims = xq @ block.T
         _exclude_self(sims, own, lo)
@@ -247,19 +224,24 @@ def _exclude_self(sims: torch.Tensor, own: torch.Tensor, lo: int) -> None:
 def _rescored_truth(arr, queries: np.ndarray, k: int, block_rows: int,
                     candidates: int | None = None) -> tuple[np.ndarray, np.ndarray]:
     """(top-k ids, which queries are proven exact): each query keeps its `candidates` best
-    by bf16 product (about 2.2x fp32's rate here), each with its exact score
-    (kernels.offer_rescored), and ranks them by that score, ties by id.
+    by bf16 product, each with its exact score (kernels.offer_rescored), and ranks them by
+    that score, ties by id.
 
     Proof: a row left out scored v <= w by bf16, w the query's worst candidate. bf16
     products of rows whose norms are at most N (rounded to bf16: at most N~, so N <=
-    N~ / (1 - u)) are within b(v) = u N (N + N~) + g N~**2 + u/(1-u) |v| of the exact score
-    (exact.error_bound, with u = 2**-8 bounding every element's rounding: E <= u N). So if
-    w + b(w) is below the k-th exact score, no row left out can be among the k best."""
-    from graphbuild.graph.exact import F32_UNIT_ROUNDOFF, HALF_UNIT_ROUNDOFF, THRESHOLD_SLACK
+    N~ / (1 - u)) are within b(v) of the exact score (exact.ErrorBound, with u = 2**-8
+    bounding every element's rounding: E <= u N). So if w + b(w) is below the k-th exact
+    score, no row left out can be among the k best."""
+    from graphbuild.graph.exact import (
+        HALF_UNIT_ROUNDOFF,
+        THRESHOLD_SLACK,
+        ErrorBound,
+        default_capacity,
+    )
     from graphbuild.graph.kernels import EMPTY_KEY, key_values, offer_rescored
 
     n, d = arr.shape
-    kk = min(candidates or 2 * k + 16, n - 1)
+    kk = min(candidates or default_capacity(k), n - 1)
     q32 = np.asarray(arr[queries], np.float32)
     xq = torch.from_numpy(q32).bfloat16()
     own = torch.from_numpy(queries)
@@ -281,11 +263,9 @@ def _rescored_truth(arr, queries: np.ndarray, k: int, block_rows: int,
     u = HALF_UNIT_ROUNDOFF["bf16"]
     rounded_norm *= 1 + 1e-5  # covers the fp32 norm's own rounding
     norm = rounded_norm / (1 - u)
-    g = d * F32_UNIT_ROUNDOFF / (1 - d * F32_UNIT_ROUNDOFF)
+    bound = ErrorBound.of_norms(norm, rounded_norm, u * norm, d, "bf16")
     # heaps keep their worst at the root
-    worst = key_values(best_k[:, 0]).astype(np.float64)
-    reach = (worst + u * norm * (norm + rounded_norm) + g * rounded_norm ** 2
-             + u / (1 - u) * np.abs(worst) + THRESHOLD_SLACK)
+    reach = bound.highest(key_values(best_k[:, 0]).astype(np.float64)) + THRESHOLD_SLACK
     order = np.lexsort((best_i, -best_x), axis=1)[:, :k]
     kth = np.take_along_axis(best_x, order, 1)[:, -1]
     proven = (reach < kth) | (best_i[:, 0] < 0)  # a heap never filled holds every row
@@ -326,7 +306,7 @@ def search(index, xq: np.ndarray, rows: np.ndarray, k: int, nprobe: int,
 def _best_first(s: np.ndarray, i: np.ndarray, rows: np.ndarray, k: int,
                 ) -> tuple[np.ndarray, np.ndarray]:
     """Each row's k best (sims, ids), self and empty slots (-1) dropped to -inf, equal sims by
-    smaller id: one sort of packed (descending sim, id) keys, 3.5x numpy's lexsort. Ids take
+    smaller id: one sort of packed (descending sim, id) keys, faster than numpy's lexsort. Ids take
     31 bits: stores of up to 2**31 rows."""
     s, i = torch.from_numpy(s), torch.from_numpy(i).long()
     s = s.masked_fill((i == torch.from_numpy(rows)[:, None]) | (i < 0), float("-inf"))

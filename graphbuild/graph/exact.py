@@ -3,12 +3,13 @@
 The plan, for rows R of an fp16 matrix X (unit-norm rows) against all its rows:
 
 1. Candidate pass in half precision. Blocks of rows are multiplied in bf16 on CPUs (fast on
-   AVX-512 BF16 / AMX; fp16 matrix products are ~100x slower there) and in fp16 on CUDA. Each
-   row keeps the `capacity` best approximate scores offered so far (`_Candidates`; on CPUs
-   `_CompiledCandidates`, the same rules in compiled loops: 1.6x the whole search at 90k).
+   AVX-512 BF16 / AMX; fp16 matrix products run at a few GFLOP/s there) and in fp16 on
+   CUDA. Each row keeps the `capacity` best approximate scores offered so far (`_Candidates`;
+   on CPUs `_CompiledCandidates`, the same rules in compiled loops, without torch's top-k
+   passes).
 2. Filtering. Each row has a keep threshold (from its current k-th best, first taken in
    its diagonal block, offered first), and only scores reaching it are offered. A
-   block of scores is reduced once to maxima over groups of rows (`_Blocks`), compared as
+   block of scores is reduced once to maxima over groups of rows (`offer_block`), compared as
    int16 bit patterns against integer keys of the thresholds; only the few groups that can
    hold a hit are read again. Thresholds only rise, so filtering with a stale one is safe,
    and hits are merged lazily in bulk.
@@ -24,9 +25,9 @@ The plan, for rows R of an fp16 matrix X (unit-norm rows) against all its rows:
 6. Locality order. R's rows are searched in an order that puts similar rows together (a few
    bf16 k-means iterations, clusters about one block each, chained so neighbouring clusters
    are alike). Each row's diagonal block then holds most of its neighbours, so its first
-   threshold is close to the final one and far blocks pass almost nothing: on 90k real
-   captions this halves the hits offered. Candidates carry original ids throughout and
-   results are returned in the original order, so the order changes speed, never output.
+   threshold is close to the final one and far blocks pass almost nothing. Candidates carry
+   original ids throughout and results are returned in the original order, so the order
+   changes speed, never output.
 
 Exact scores are fp64 dot products of the stored fp16 values: every product of two fp16
 numbers is a multiple of 2**-48 with at most 22 significant bits (so it is also exact in
@@ -41,6 +42,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -53,7 +55,6 @@ log = logging.getLogger(__name__)
 F32_UNIT_ROUNDOFF = 2.0 ** -24
 # Unit roundoff (half the spacing just above 1.0) of the half-precision compute types.
 HALF_UNIT_ROUNDOFF = {"bf16": 2.0 ** -8, "fp16": 2.0 ** -11}
-EXACT_NORM_LIMIT = 5.0     # |x| below this keeps fp64 dot products of fp16 values exact
 THRESHOLD_SLACK = 2e-6     # covers fp32 rounding of the threshold and of the stored sims
 GROUP = 16  # rows per max-pooled group when filtering a block of scores
 MERGE_BANDS = (16, 64)  # hit counts per row that bound one padded merge (hits.py)
@@ -74,20 +75,43 @@ class ErrorBound:
     absolute: float
     relative: float
 
+    @classmethod
+    def of_norms(cls, norm: float, rounded_norm: float, err: float, d: int,
+                 half: str) -> ErrorBound:
+        """The bound for products of rows of d values whose norms are at most `norm`, at most
+        `rounded_norm` once rounded to `half`, and whose rounding errors have norms at most
+        `err` (derivation in `error_bound`)."""
+        g = d * F32_UNIT_ROUNDOFF / (1 - d * F32_UNIT_ROUNDOFF)
+        u = HALF_UNIT_ROUNDOFF[half]
+        return cls(absolute=err * rounded_norm + norm * err + g * rounded_norm ** 2,
+                   relative=u / (1 - u))
+
+    def highest(self, v):
+        """The highest exact score that a computed score v can stand for: v + b(v)."""
+        return v + self.absolute + self.relative * abs(v)
+
     def lowest_kth(self, t):
         """The lowest value the exact k-th best can take when the approximate k-th best is t:
         k candidates have v >= t, and v - b(v) increases with v."""
-        return t - self.absolute - self.relative * t.abs()
+        return t - self.absolute - self.relative * abs(t)
 
     def keep_threshold(self, t):
         """Smallest v whose upper bound v + b(v) reaches lowest_kth(t); b(v) grows with |v|,
-        so v + b(v) increases and can be inverted piecewise. Works on torch tensors."""
-        import torch
-
+        so v + b(v) increases and can be inverted piecewise. Works on torch tensors and on
+        numpy arrays."""
         low = self.lowest_kth(t) - self.absolute
         up = low / (1.0 + self.relative)
         down = low / (1.0 - self.relative)
-        return torch.where(low >= 0, up, down) - THRESHOLD_SLACK
+        return _where(low >= 0, up, down) - THRESHOLD_SLACK
+
+
+def _where(condition, a, b):
+    """torch.where for tensors, np.where for arrays."""
+    if isinstance(condition, np.ndarray):
+        return np.where(condition, a, b)
+    import torch
+
+    return torch.where(condition, a, b)
 
 
 def error_bound(x16: np.ndarray, half: str = "bf16", block_rows: int = 65536) -> ErrorBound:
@@ -120,10 +144,7 @@ def error_bound(x16: np.ndarray, half: str = "bf16", block_rows: int = 65536) ->
         err = max(err, float((xr - x).norm(dim=1).max()))
     # Norms are computed in fp32; a relative margin of 1e-5 covers their own rounding.
     norm, rounded_norm, err = (v * (1 + 1e-5) for v in (norm, rounded_norm, err))
-    g = d * F32_UNIT_ROUNDOFF / (1 - d * F32_UNIT_ROUNDOFF)
-    u = HALF_UNIT_ROUNDOFF[half]
-    return ErrorBound(absolute=err * rounded_norm + norm * err + g * rounded_norm ** 2,
-                      relative=u / (1 - u))
+    return ErrorBound.of_norms(norm, rounded_norm, err, d, half)
 
 
 def half_dtype(half: str):
@@ -157,13 +178,13 @@ def _exact_dots_of_rows(x16: np.ndarray, rows: np.ndarray, rr: np.ndarray,
     (kernels.exact_dots), as the re-rank's candidates are many short gathers."""
     import torch
 
-    from graphbuild.graph.kernels import F16_AS_F32, exact_dots, threads_as_torch
+    from graphbuild.graph.kernels import exact_dots, threads_as_torch
 
     q = torch.from_numpy(x16[rows]).float().numpy()
     out = np.empty(len(rr), np.float32)
     threads_as_torch()
-    exact_dots(np.ascontiguousarray(x16).view(np.uint16), F16_AS_F32, q,
-               np.asarray(rr, np.int64), np.asarray(cols, np.int64), out)
+    exact_dots(np.ascontiguousarray(x16).view(np.uint16), q, np.asarray(rr, np.int64),
+               np.asarray(cols, np.int64), out)
     return out
 
 
@@ -173,7 +194,15 @@ class _Candidates:
     threshold `thr` below which no score can matter (any entry under it may be skipped).
 
     Hits are offered in bulk (`add`: flat row, column, score triples) and merged lazily:
-    thresholds only rise, so filtering with a stale (lower) threshold is safe, just looser."""
+    thresholds only rise, so filtering with a stale (lower) threshold is safe, just looser.
+
+    Block products are filtered through group maxima (`offer_block`): a block s (rows of I x
+    rows of J) is reduced once to the max of each group of GROUP consecutive I rows per J
+    column, comparing half-precision bit patterns as int16 (a vectorised reduction over
+    contiguous rows). A group can hold a J-row hit only if its max reaches that column's key,
+    and an I-row hit only if it reaches the smallest key of its rows; I's rows come sorted by
+    threshold so a group's keys are close. Only the groups that pass are read again, and
+    each of their entries is compared exactly in fp32."""
 
     def __init__(self, n: int, k: int, capacity: int, bound: ErrorBound, id_dtype, device,
                  half_dtype=None, merge_every: int = 1 << 16):
@@ -241,7 +270,7 @@ class _Candidates:
 
         m = self.capacity + 1
         if counted:
-            # int32 sums: a bool sum widens to int64 and runs ~3x slower on CPU
+            # int32 sums: a bool sum widens to int64 and runs slower on CPU
             hits = (scores.float() >= self.thr[lo:hi, None]).sum(dim=1, dtype=torch.int32)
             m = min(m, int(hits.max()))
             if m == 0:
@@ -270,6 +299,35 @@ class _Candidates:
             self.dropped[at] = torch.maximum(self.dropped[at], top_v[:, self.capacity])
         self._refresh(at)
 
+    def offer_block(self, s, rows, row_ids, cols, col_rows: int | None = None) -> None:
+        """Offer a block of half-precision scores s, shape (groups * GROUP, c), to its rows:
+        row r's scores to buffer row rows[r] (padding rows score -inf and point at the
+        sentinel), against the column ids `cols`. With `col_rows`, the columns are query rows
+        too: column j's scores go to buffer row col_rows + j as well, against the row ids
+        `row_ids`."""
+        import torch
+
+        g = GROUP
+        nb, bj = s.shape[0] // g, s.shape[1]
+        s3 = s.view(nb, g, bj)
+        gmax = s3.view(torch.int16).amax(dim=1)
+        thr_i = self.thr[rows].view(nb, g)
+        hit = gmax >= self.key[rows].view(nb, g).amin(dim=1, keepdim=True)
+        if col_rows is not None:
+            thr_j = self.thr[col_rows:col_rows + bj]
+            hit.logical_or_(gmax >= self.key[col_rows:col_rows + bj])
+        gi, j = hit.nonzero(as_tuple=True)
+        if len(gi) == 0:
+            return
+        v = s3[gi, :, j].float()                                   # (hits, g)
+        f = (v >= thr_i[gi]).view(-1).nonzero()[:, 0]
+        h = f // g
+        self.add(rows[gi[h] * g + f % g], cols[j[h]], v.view(-1)[f])
+        if col_rows is not None:
+            f = (v >= thr_j[j][:, None]).view(-1).nonzero()[:, 0]
+            h = f // g
+            self.add(j[h] + col_rows, row_ids[gi[h] * g + f % g], v.view(-1)[f])
+
     def finish(self, lo: int, hi: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(ids, which to re-rank, which rows overflowed) for rows lo..hi."""
         self.flush()
@@ -280,7 +338,7 @@ class _Candidates:
 
 
 class _CompiledCandidates:
-    """_Candidates and _Blocks for CPU searches, in compiled loops (kernels.py): each row
+    """_Candidates for CPU searches, in compiled loops (kernels.py): each row
     appends the scores that reach its filter key to a buffer of `capacity`; a full buffer
     is compacted, its k-th best raising the key. No hit lists, no top-k passes. Scores are
     bf16, held as int16 keys that order like their values (kernels._ordered)."""
@@ -316,18 +374,17 @@ class _CompiledCandidates:
 
         offer_dense(_bits(scores), lo, cols.numpy(), *self._state())
 
-    def pairs(self, s, ip, ig, jl: int, cols, want_i: bool, want_j: bool) -> None:
-        """As _Blocks.pairs."""
+    def offer_block(self, s, rows, row_ids, cols, col_rows: int | None = None) -> None:
+        """As _Candidates.offer_block."""
         import torch
 
         from graphbuild.graph.kernels import offer_to_columns, offer_to_rows
 
         gmax = s.view(s.shape[0] // GROUP, GROUP, s.shape[1]).view(torch.int16).amax(dim=1)
         bits, gmax = _bits(s), gmax.numpy()
-        if want_i:
-            offer_to_rows(bits, gmax, ip.numpy(), cols.numpy(), *self._state())
-        if want_j:
-            offer_to_columns(bits, gmax, jl, ig.numpy(), *self._state())
+        offer_to_rows(bits, gmax, rows.numpy(), cols.numpy(), *self._state())
+        if col_rows is not None:
+            offer_to_columns(bits, gmax, col_rows, row_ids.numpy(), *self._state())
 
     def finish(self, lo: int, hi: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """As _Candidates.finish, with the threshold from the k-th best as there (fp32)."""
@@ -354,9 +411,7 @@ def filter_keys(bound: ErrorBound, margin: float = 1e-6) -> np.ndarray:
 
     t = KEY_AS_F32.astype(np.float64)
     with np.errstate(invalid="ignore"):  # inf - inf: never a k-th best of finite scores
-        low = t - bound.absolute - bound.relative * np.abs(t) - bound.absolute
-        thr = np.where(low >= 0, low / (1 + bound.relative), low / (1 - bound.relative))
-        thr = thr - THRESHOLD_SLACK - margin * (1 + np.abs(t))
+        thr = bound.keep_threshold(t) - margin * (1 + np.abs(t))
     thr = np.maximum(np.nan_to_num(thr, nan=SCORE_FLOOR), SCORE_FLOOR)
     return (np.searchsorted(KEY_AS_F32, thr, side="right") - 1 - 32768).astype(np.int16)
 
@@ -388,8 +443,68 @@ def _blocks(start: int, stop: int, size: int) -> list[tuple[int, int]]:
     return [(lo, min(lo + size, stop)) for lo in range(start, stop, size)]
 
 
+def blocked_topk(x16: np.ndarray, k: int, rows: range | None = None,
+                 block_rows: int = options.BLOCK_ROWS, capacity: int | None = None,
+                 device: str | None = None, bound: ErrorBound | None = None,
+                 on_progress: Callable[[int], None] | None = None,
+                 reload: Callable[[], np.ndarray] | None = None,
+                 ) -> tuple[np.ndarray, np.ndarray]:
+    """Exact top-k neighbours (cosine = dot product of unit rows) of `rows` among all rows
+    of x16 (fp16, shape (n, d)), the row itself excluded.
+
+    Returns (ids, sims) of shape (len(rows), k), rows in order: each row's neighbours best
+    first, equal sims by smaller id; ids int32 (int64 from 2**31 rows), sims float32.
+    `on_progress` receives finished work in units of whole query rows, so a rate reads as
+    queries/s. `reload` gives x16 again: when `rows` are all of x16's, the search lets x16 go
+    while it multiplies (the half-precision copy serves) and reloads it to re-rank, so the
+    two copies never coexist (768 MB less at the peak for 1M rows of 384). The caller must
+    then hold no other reference to x16.
+    """
+    n = x16.shape[0]
+    rows = range(n) if rows is None else rows
+    if not 0 < k < n:
+        raise ValueError(f"k must be in 1..{n - 1}, got {k}")
+    if x16.dtype != np.float16:
+        raise ValueError(f"x16 must be float16, got {x16.dtype}")
+    device = device or default_device()
+    half = pick_half(device)
+    bound = bound or error_bound(x16, half)
+    capacity = min(capacity or default_capacity(k), n - 1)
+    if capacity < k:
+        raise ValueError(f"capacity must be at least k={k}, got {capacity}")
+    search = _Search(x16, k, block_rows, device, half, bound)
+    del x16  # search.x16 is now this function's only reference: the search may let it go
+    with _exact_cuda_matmul():
+        return search.run(_Plan(rows, n, block_rows), capacity, _Progress(on_progress, n),
+                          reload)
+
+
+class _Plan:
+    """The blocks of a search of `rows` among n rows. The query rows are handled by position
+    0..m-1 in locality order, in blocks `own`; the rows outside them (other shards' query
+    rows) are plain columns, in blocks `other` of their ids, searched in one direction so
+    that shards stay independent."""
+
+    def __init__(self, rows: range, n: int, block_rows: int):
+        self.rows = rows
+        self.own = _blocks(0, len(rows), block_rows)
+        self.other = _blocks(0, rows.start, block_rows) + _blocks(rows.stop, n, block_rows)
+        if self.other and self.own:
+            log.info("rows %d..%d of %d: symmetric products among these rows, plain products "
+                     "against the other %d rows", rows.start, rows.stop, n, n - len(rows))
+
+    def pairs_by_distance(self) -> Iterator[tuple[tuple[int, int], tuple[int, int]]]:
+        """Each pair (I, J), I < J, of own blocks, by distance J - I: in locality order,
+        neighbouring blocks hold most of each other's neighbours, so thresholds are nearly
+        final before far pairs come."""
+        for distance in range(1, len(self.own)):
+            for i in range(len(self.own) - distance):
+                yield self.own[i], self.own[i + distance]
+
+
 class _Search:
-    """State and helpers shared by the symmetric pass and the overflow fallback."""
+    """One search, step by step (`run`), and the helpers its steps and the overflow fallback
+    (`plain`) share."""
 
     def __init__(self, x16: np.ndarray, k: int, block_rows: int, device: str, half: str,
                  bound: ErrorBound):
@@ -397,7 +512,91 @@ class _Search:
 
         self.x16, self.k, self.block_rows = x16, k, block_rows
         self.device, self.dtype, self.bound = torch.device(device), half_dtype(half), bound
-        self.id_dtype = torch.int32 if x16.shape[0] < 2 ** 31 else torch.int64
+        small = x16.shape[0] < 2 ** 31
+        self.id_dtype, self.id_np = (torch.int32, np.int32) if small else (torch.int64, np.int64)
+
+    def run(self, plan: _Plan, capacity: int, progress: _Progress,
+            reload: Callable[[], np.ndarray] | None) -> tuple[np.ndarray, np.ndarray]:
+        """Order the query rows; offer each diagonal block, then each pair of own blocks;
+        then, block by block, offer the other rows and re-rank the candidates exactly."""
+        queries = _Queries(self, plan.rows)
+        if reload is not None and not plan.other:
+            self.x16 = None  # the half-precision copy serves until the re-rank
+        # The buffers come after the ordering's temporaries are freed and trimmed, so the
+        # peak is the search's own: fp16 rows + half query rows + buffers.
+        return_freed_memory()
+        cands = self.candidates(len(plan.rows), capacity)
+        self.offer_diagonal_blocks(cands, queries, plan, progress)
+        self.offer_block_pairs(cands, queries, plan, progress)
+        if not plan.other:
+            queries.x = None  # not needed to re-rank: its bytes go to the results
+            if self.x16 is None:
+                self.x16 = reload()
+        ids = np.empty((len(plan.rows), self.k), self.id_np)
+        sims = np.empty((len(plan.rows), self.k), np.float32)
+        for lo, hi in plan.own:
+            if plan.other:
+                self.offer_other_rows(cands, queries.sorted_block(cands, lo, hi), plan, progress)
+            at = queries.ids_np[lo:hi]  # row ids: row r goes to the results at r - rows.start
+            ids[at - plan.rows.start], sims[at - plan.rows.start] = self.exact_top(
+                cands, lo, hi, at, capacity)
+        return ids, sims
+
+    def candidates(self, m: int, capacity: int) -> _Candidates | _CompiledCandidates:
+        """Candidate buffers for m query rows: compiled loops on CPUs, torch's elsewhere."""
+        if self.device.type == "cpu" and COMPILED_ON_CPU:
+            return _CompiledCandidates(m, self.k, capacity, self.bound, self.id_dtype)
+        return _Candidates(m, self.k, capacity, self.bound, self.id_dtype, self.device,
+                           self.dtype)
+
+    def offer_diagonal_blocks(self, cands, queries: _Queries, plan: _Plan,
+                              progress: _Progress) -> None:
+        """Each own block against itself, first: in locality order a row's own block holds
+        most of its neighbours, so its k-th best there is a tight first threshold and later
+        blocks pass few entries. The buffers are empty, so every row takes its block's best
+        (no count of what passes)."""
+        import torch
+
+        for lo, hi in plan.own:
+            x = queries.x[lo:hi]
+            s = self.scores(x, x)
+            s.fill_diagonal_(-torch.inf)
+            cands.offer(lo, hi, s, queries.ids[lo:hi], counted=False)
+            progress.add((hi - lo) * (hi - lo))
+
+    def offer_block_pairs(self, cands, queries: _Queries, plan: _Plan,
+                          progress: _Progress) -> None:
+        """Each pair of own blocks multiplied once, its scores offered to the rows of both."""
+        for (lo, hi), (clo, chi) in plan.pairs_by_distance():
+            block = queries.sorted_block(cands, lo, hi)
+            s = block.scores(self, queries.x[clo:chi])
+            cands.offer_block(s, block.rows, block.ids, queries.ids[clo:chi], col_rows=clo)
+            progress.add(2 * (hi - lo) * (chi - clo))
+
+    def offer_other_rows(self, cands, block: _QueryBlock, plan: _Plan,
+                         progress: _Progress) -> None:
+        """The rows outside the query rows, offered to a block of query rows."""
+        import torch
+
+        for clo, chi in plan.other:
+            s = block.scores(self, self.half(clo, chi))
+            cands.offer_block(s, block.rows, block.ids,
+                              torch.arange(clo, chi, device=self.device))
+            progress.add(block.count * (chi - clo))
+
+    def exact_top(self, cands, lo: int, hi: int, ids: np.ndarray,
+                  capacity: int) -> tuple[np.ndarray, np.ndarray]:
+        """The exact top-k of query positions lo..hi (row ids `ids`): their candidates
+        re-ranked by exact score, or, for rows whose buffer dropped a candidate that could
+        still matter, a plain search again with a larger buffer."""
+        cand, keep, overflow = cands.finish(lo, hi)
+        top_ids = np.empty((hi - lo, self.k), np.int64)
+        top_sims = np.empty((hi - lo, self.k), np.float32)
+        ok = ~overflow
+        top_ids[ok], top_sims[ok] = _rerank(self.x16, ids[ok], cand[ok], keep[ok], self.k)
+        if overflow.any():
+            top_ids[overflow], top_sims[overflow] = self.plain(ids[overflow], capacity)
+        return top_ids, top_sims
 
     def half(self, lo: int, hi: int):
         """Rows lo..hi in the compute type."""
@@ -451,6 +650,54 @@ class _Search:
         return ids, sims
 
 
+class _Queries:
+    """The query rows in locality order: position p holds row `ids[p]` (a tensor on the
+    search's device; `ids_np` on the CPU), and `x` the rows in the compute type, converted
+    once."""
+
+    def __init__(self, search: _Search, rows: range):
+        order = locality_order(search.half(rows.start, rows.stop), search.block_rows)
+        self.ids = order + rows.start
+        self.ids_np = self.ids.cpu().numpy()
+        self.x = search.half_rows(self.ids_np)
+        self.sentinel = len(rows)  # the candidate buffers' row for padding: passes nothing
+
+    def sorted_block(self, cands, lo: int, hi: int) -> _QueryBlock:
+        """Positions lo..hi sorted by keep threshold, so each group's smallest key is close to
+        all its keys, padded to whole groups of GROUP rows."""
+        import torch
+
+        count = hi - lo
+        padding = -(-count // GROUP) * GROUP - count
+        at = cands.by_threshold(lo, hi)
+        pad = torch.full((padding,), self.sentinel, device=at.device, dtype=at.dtype)
+        x = self.x.index_select(0, at)  # index_select: a CPU gather of whole rows, fast
+        if padding:
+            x = torch.cat([x, x.new_zeros((padding, x.shape[1]))])
+        ids = torch.cat([self.ids.index_select(0, at), pad])
+        return _QueryBlock(x, torch.cat([at, pad]), ids, count)
+
+
+@dataclass
+class _QueryBlock:
+    """Query rows sorted and padded by `_Queries.sorted_block`: their rows in the compute
+    type, their candidate buffer rows (padding: the sentinel) and their ids; the first
+    `count` are real."""
+
+    x: Any
+    rows: Any
+    ids: Any
+    count: int
+
+    def scores(self, search: _Search, xj):
+        """Products with the rows xj; padding rows score -inf, so they pass nothing."""
+        import torch
+
+        s = search.scores(self.x, xj)
+        s[self.count:] = -torch.inf
+        return s
+
+
 def _int16_key(thr, dtype=None):
     """Integer keys for comparing half-precision scores (bf16 or fp16, `dtype`) as int16 bit
     patterns: every score v >= thr has bits(v) >= key. For thr > 0 the key is the pattern of
@@ -465,54 +712,6 @@ def _int16_key(thr, dtype=None):
         h = thr.to(dtype)                                       # nearest; step down if above
         bits = h.view(torch.int16) - (h.float() > thr).to(torch.int16)
     return torch.where(thr > 0, bits, torch.full_like(bits, -32768))
-
-
-class _Blocks:
-    """Filters block products with per-row thresholds through group maxima.
-
-    A product block s (rows of I x rows of J, bf16) is reduced once to the max of each group
-    of GROUP consecutive I rows per J column, comparing bf16 bit patterns as int16 (a
-    vectorised reduction over contiguous rows). A group can hold a J-row hit only if its
-    max reaches that column's key, and an I-row hit only if it reaches the smallest key of
-    its rows; I's rows are sorted by threshold so a group's keys are close. Only the groups
-    that pass are read again, and each of their entries is compared exactly in fp32."""
-
-    def __init__(self, cands: _Candidates, group: int = GROUP):
-        self.cands, self.group = cands, group
-
-    def pairs(self, s, ip, ig, jl: int, cols, want_i: bool, want_j: bool) -> None:
-        """Offer the hits of s = (I rows) x (J rows), bf16 of shape (groups * GROUP, bj).
-
-        ip, ig: local (into the candidate buffers) and original ids of s's rows; padding rows
-        have -inf scores and ip pointing at the sentinel. cols: original ids of s's columns.
-        want_i: offer row r's scores to I's rows; want_j: offer column j to local row jl + j
-        (which must then be a query row)."""
-        import torch
-
-        g, c = self.group, self.cands
-        nb, bj = s.shape[0] // g, s.shape[1]
-        s3 = s.view(nb, g, bj)
-        gmax = s3.view(torch.int16).amax(dim=1)
-        hit = None
-        if want_j:
-            thr_j = c.thr[jl:jl + bj]
-            hit = gmax >= c.key[jl:jl + bj]
-        if want_i:
-            thr_i = c.thr[ip].view(nb, g)
-            hit_i = gmax >= c.key[ip].view(nb, g).amin(dim=1, keepdim=True)
-            hit = hit_i if hit is None else hit.logical_or_(hit_i)
-        gi, j = hit.nonzero(as_tuple=True)
-        if len(gi) == 0:
-            return
-        v = s3[gi, :, j].float()                                   # (hits, g)
-        if want_i:
-            f = (v >= thr_i[gi]).view(-1).nonzero()[:, 0]
-            h = f // g
-            c.add(ip[gi[h] * g + f % g], cols[j[h]], v.view(-1)[f])
-        if want_j:
-            f = (v >= thr_j[j][:, None]).view(-1).nonzero()[:, 0]
-            h = f // g
-            c.add(j[h] + jl, ig[gi[h] * g + f % g], v.view(-1)[f])
 
 
 def locality_order(xq, block_rows: int, iters: int = 8, seed: int = 0):
@@ -540,136 +739,6 @@ def locality_order(xq, block_rows: int, iters: int = 8, seed: int = 0):
     rank = torch.empty(n_clusters, dtype=torch.long, device=sim.device)
     rank[torch.tensor(chain, device=sim.device)] = torch.arange(n_clusters, device=sim.device)
     return torch.argsort(rank[assign] * n + torch.arange(n, device=xq.device))
-
-
-def blocked_topk(x16: np.ndarray, k: int, rows: range | None = None,
-                 block_rows: int = options.BLOCK_ROWS, capacity: int | None = None,
-                 device: str | None = None, bound: ErrorBound | None = None,
-                 on_progress: Callable[[int], None] | None = None,
-                 reload: Callable[[], np.ndarray] | None = None,
-                 ) -> Iterator[tuple[int, np.ndarray, np.ndarray]]:
-    """Exact top-k neighbours (cosine = dot product of unit rows) of `rows` among all rows
-    of x16 (fp16, shape (n, d)), the row itself excluded.
-
-    Yields (first row, ids (r, k) int64, sims (r, k) float32) per block of rows, in order,
-    once the search is done; each row's neighbours best first, equal sims by smaller id.
-    `on_progress` receives finished work in units of whole query rows, so a rate reads as
-    queries/s. `reload` gives x16 again: when `rows` are all of x16's, the search lets x16 go
-    while it multiplies (the half-precision copy serves) and reloads it to re-rank, so the
-    two copies never coexist (768 MB less at the peak for 1M rows of 384). The caller must
-    then hold no other reference to x16.
-    """
-    import torch
-
-    n, _ = x16.shape
-    rows = range(n) if rows is None else rows
-    if not 0 < k < n:
-        raise ValueError(f"k must be in 1..{n - 1}, got {k}")
-    if x16.dtype != np.float16:
-        raise ValueError(f"x16 must be float16, got {x16.dtype}")
-    device = device or default_device()
-    half = pick_half(device)
-    bound = bound or error_bound(x16, half)
-    capacity = min(capacity or default_capacity(k), n - 1)
-    if capacity < k:
-        raise ValueError(f"capacity must be at least k={k}, got {capacity}")
-    search = _Search(x16, k, block_rows, device, half, bound)
-    m = len(rows)
-    # Query rows are handled by position 0..m-1 in locality order; gid maps a position to
-    # its original id, which is what candidates hold and ties are broken by.
-    row_blocks = _blocks(0, m, block_rows)
-    other = _blocks(0, rows.start, block_rows) + _blocks(rows.stop, n, block_rows)
-    if other and row_blocks:
-        log.info("rows %d..%d of %d: symmetric products among these rows, plain products "
-                 "against the other %d rows", rows.start, rows.stop, n, n - m)
-    progress = _Progress(on_progress, n)
-    g, dev = GROUP, search.device
-    out_ids = np.empty((m, k), np.int32 if n < 2**31 else np.int64)
-    out_sims = np.empty((m, k), np.float32)
-
-    def padded(x, size):
-        return x if x.shape[0] == size else torch.cat(
-            [x, x.new_zeros((size - x.shape[0], x.shape[1]))])
-
-    with _exact_cuda_matmul():
-        order = locality_order(search.half(rows.start, rows.stop), block_rows)
-        gid = order + rows.start
-        gid_np = gid.cpu().numpy()
-        xq = search.half_rows(gid_np)  # the query rows in that order, converted once
-        if reload is not None and not other:
-            x16 = search.x16 = None
-        # The buffers come after the ordering's temporaries are freed and trimmed, so the
-        # peak is the search's own: fp16 rows + half query rows + buffers.
-        return_freed_memory()
-        if search.device.type == "cpu" and COMPILED_ON_CPU:
-            cands = filt = _CompiledCandidates(m, k, capacity, bound, search.id_dtype)
-        else:
-            cands = _Candidates(m, k, capacity, bound, search.id_dtype, search.device,
-                                search.dtype)
-            filt = _Blocks(cands)
-        sentinel = m
-        # Diagonal blocks first: in locality order a row's own block holds most of its
-        # neighbours, so its k-th best there is a tight first threshold and later blocks
-        # pass few entries.
-        for lo, hi in row_blocks:
-            b = hi - lo
-            xi = xq[lo:hi]
-            s = search.scores(xi, xi)
-            s.fill_diagonal_(-torch.inf)
-            # the buffers are empty: each row keeps its block's best, so its first threshold
-            # comes from its exact k-th best in the block
-            cands.offer(lo, hi, s, gid[lo:hi], counted=False)
-            progress.add(b * b)
-
-        def query_block(lo, hi):
-            """Rows lo..hi sorted by threshold, so each group's smallest key is close to
-            all its keys: (padded half rows, local ids, original ids)."""
-            b = hi - lo
-            pb = -(-b // g) * g
-            perm = cands.by_threshold(lo, hi)
-            pad = torch.full((pb - b,), sentinel, device=dev, dtype=perm.dtype)
-            # index_select: ~5x faster than xq[perm] for a CPU gather of whole rows
-            return (padded(xq.index_select(0, perm), pb), torch.cat([perm, pad]),
-                    torch.cat([gid.index_select(0, perm), pad]))
-
-        def masked_scores(xi, xj, b):
-            s = search.scores(xi, xj)
-            if xi.shape[0] > b:
-                s[b:] = -torch.inf
-            return s
-
-        # Block pairs by distance in the locality order: neighbouring blocks hold most of
-        # each other's neighbours, so thresholds are nearly final before far pairs come.
-        nb = len(row_blocks)
-        for off in range(1, nb):
-            for bi in range(nb - off):
-                (lo, hi), (clo, chi) = row_blocks[bi], row_blocks[bi + off]
-                xi, ip, ig = query_block(lo, hi)
-                s = masked_scores(xi, xq[clo:chi], hi - lo)
-                filt.pairs(s, ip, ig, clo, gid[clo:chi], True, True)
-                progress.add(2 * (hi - lo) * (chi - clo))
-        xi = s = None
-        if not other:
-            xq = None  # not needed to re-rank: its bytes go to the results
-            if x16 is None:
-                x16 = search.x16 = reload()
-        for lo, hi in row_blocks:
-            if other:
-                xi, ip, ig = query_block(lo, hi)
-            for clo, chi in other:
-                s = masked_scores(xi, search.half(clo, chi), hi - lo)
-                filt.pairs(s, ip, ig, 0, torch.arange(clo, chi, device=dev), True, False)
-                progress.add((hi - lo) * (chi - clo))
-            cand, keep, overflow = cands.finish(lo, hi)
-            where = gid_np[lo:hi] - rows.start
-            ok = ~overflow
-            out_ids[where[ok]], out_sims[where[ok]] = _rerank(x16, gid_np[lo:hi][ok], cand[ok],
-                                                              keep[ok], k)
-            if overflow.any():
-                out_ids[where[overflow]], out_sims[where[overflow]] = search.plain(
-                    gid_np[lo:hi][overflow], capacity)
-    for lo, hi in _blocks(0, m, block_rows):
-        yield rows.start + lo, out_ids[lo:hi].astype(np.int64), out_sims[lo:hi]
 
 
 class _Progress:

@@ -2,11 +2,11 @@
 
 The faiss-cpu wheels bundle an OpenBLAS (0.3.15 in faiss-cpu 1.15.1) older than the CPUs it
 now runs on. On this project's Sapphire Rapids machines it takes the CPU for a "Prescott" and
-uses generic kernels: IndexFlatIP searched at 32 GFLOP/s against 196 GFLOP/s with its
-AVX-512 ("SkylakeX") kernels, and k-means, which IVF training runs, slows alike. OpenBLAS
-reads OPENBLAS_CORETYPE once, when it loads, so `load_faiss` sets it for that moment, to the
-best kernel set the CPU's flags allow, unless the user set it; numpy's and torch's BLAS are
-not affected (they are loaded already, or are not OpenBLAS).
+uses generic kernels, several times slower for IndexFlatIP than its AVX-512 ("SkylakeX")
+kernels (benchmarks/results/graph_choices.txt), and k-means, which IVF training runs, slows
+alike. OpenBLAS reads OPENBLAS_CORETYPE once, when it loads, so `load_faiss` sets it for that
+moment, to the best kernel set the CPU's flags allow, unless the user set it; numpy's and
+torch's BLAS are not affected (they are loaded already, or are not OpenBLAS).
 
 faiss is an extra (pyproject.toml): approximate search on a CPU runs without it
 (ivf_scan.py). Not installed, it has no GPUs (`faiss_if_installed` is None), and a step that
@@ -17,8 +17,8 @@ from __future__ import annotations
 
 import os
 import sys
-from pathlib import Path
 
+from graphbuild.cpu import cpu_flags
 from graphbuild.errors import GraphbuildError
 
 INSTALL_FAISS = "pip install 'graphbuild[faiss-cpu]', or faiss-gpu-cu12 on a GPU machine"
@@ -29,15 +29,10 @@ CORETYPES = (("SkylakeX", {"avx512f", "avx512cd", "avx512bw", "avx512dq", "avx51
 
 
 def coretype(cpuinfo: str | None = None) -> str | None:
-    """The OpenBLAS core type for this x86 CPU's flags, or None when unknown."""
-    if cpuinfo is None:
-        try:
-            cpuinfo = Path("/proc/cpuinfo").read_text()
-        except OSError:
-            return None
-    flags = next((line.split(":", 1)[1].split() for line in cpuinfo.splitlines()
-                  if line.startswith("flags")), [])
-    return next((name for name, need in CORETYPES if need <= set(flags)), None)
+    """The OpenBLAS core type for this x86 CPU's flags (`cpu_flags(cpuinfo)`), or None when
+    unknown."""
+    flags = cpu_flags(cpuinfo)
+    return next((name for name, need in CORETYPES if need <= flags), None)
 
 
 def load_faiss(needed_for: str = "this step"):

@@ -9,25 +9,19 @@ index's (ann.build_lists: spherical k-means centroids, each row in its nearest o
 the probes are the nprobe nearest centroids, as faiss's flat quantizer picks them up to bf16
 rounding (`centroid_dtype`); the scores are fp32 products of the stored fp16 rows (faiss
 scores its fp16 residual codes, which differ by rounding). On 1M derived vectors this
-searched 5.2x faster than faiss's IVF search of the same lists (benchmarks/knn.py; 4.0-4.3x
-before the heaps below).
+searches the same lists 4-6x faster than faiss's IVF search (benchmarks/results/knn.txt).
 
 A query probes either its nprobe nearest lists (as faiss does) or, with `probe_gap` set, the
 lists whose centroids score within that gap of its nearest one's, at least PROBE_MIN and at
 most PROBE_CAP of them (SPANN's query-aware pruning): queries near many lists probe more of
 them, queries deep inside one fewer. tune_nprobe sets the gap at which the sample probes
-nprobe lists on average (`probe_gap_for`). On 1M derived vectors (2,000 lists, k=32) the
-tuning chose 11 lists on average (recall 0.9513; fixed nprobe needed 13), and 65,536 sampled
-queries then scanned 6,322 rows each instead of 7,875.
+nprobe lists on average (`probe_gap_for`). On 1M derived vectors the same recall then takes
+about a fifth fewer rows scanned than a fixed nprobe (benchmarks/results/graph_choices.txt).
 
 Each query keeps its best k in a heap (kernels.offer, compiled): every score of a list's
 product is offered to its query's heap, and only those beating the heap's worst go in. The
 query's nearest list is scanned first, so the heap fills with good candidates and the bar is
-high for the rest. This, the compiled probe selection and blocks of 262,144 queries replaced
-a torch version (a top-k over the nearest list's scores, a compare and `flatnonzero` over the
-others', a sort of the survivors, 65,536 queries a block): the 1M stage (build, tuning and
-search) then took 83-85 s against 125-128 s in the same hour, at recall 0.9507 against
-0.9513 (the gap is now applied in fp32, not bf16, so the tuned gap moved a little).
+high for the rest.
 
 `ListScan` searches like a faiss index (`nprobe`, `nlist`, `ntotal`, `search`), so ann.search
 and the nprobe tuning use it unchanged. It holds the centroids, the row ids grouped by list and
@@ -36,25 +30,23 @@ the fp16 rows in that order: the store's size, not the index's as well.
 
 from __future__ import annotations
 
-import functools
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from graphbuild.cpu import has_native_bf16
 from graphbuild.graph.kernels import empty_heaps, offer, probe_lists, sort_heaps, threads_as_torch
 from graphbuild.graph.kmeans import nearest
 
 # Queries searched together: ~1,400 a list at nlist 2,000 and 11 lists a query. Larger blocks
-# make larger products and fewer passes over the lists: 262,144 queries searched 1.2-1.4x
-# faster than 4 blocks of 65,536. The block's queries take 200 MB (fp16, as knn passes them),
-# the heaps 70 MB.
+# make larger products and fewer passes over the lists (graph_choices.txt). The block's
+# queries take 200 MB (fp16, as knn passes them), the heaps 70 MB.
 QUERY_STEP = 262144
 
 
-# Adaptive probing's bounds: simulated on 2,000 sampled 1M derived queries, 4 and 32 reached
-# recall 0.95 over the fewest rows (6,476 a query; fixed nprobe 13: 8,360) among minima 1-6
-# and caps 24-32.
+# Adaptive probing's bounds: among minima 1-6 and caps 24-32, the pair that reached recall 0.95
+# over the fewest rows in a simulation on 1M derived vectors (graph_choices.txt).
 PROBE_MIN, PROBE_CAP = 4, 32
 SCORES = 2**24  # centroid scores computed at once: 8,388 queries at 2,000 lists
 
@@ -112,29 +104,18 @@ def probe_gap_for(xq: np.ndarray, centroids: torch.Tensor, nprobe: int) -> float
 
 
 def nearest_list(x: torch.Tensor, centroids: torch.Tensor) -> np.ndarray:
-    """Each row's list: its largest inner product with the centroids, in `centroid_dtype()`
-    (2.7x faster in bf16 here): 99.2% of 1M derived rows then pick the same list as in fp32,
-    the rest one whose centroid scores within bf16 rounding of it, which probes reach as well.
-    Any assignment gives a valid index; this one is the build's."""
+    """Each row's list: its largest inner product with the centroids, in `centroid_dtype()`.
+    In bf16 a few rows pick a list whose centroid scores within bf16 rounding of their fp32
+    nearest one's, which probes reach as well (graph_choices.txt). Any assignment gives a
+    valid index; this one is the build's."""
     return nearest(x.to(centroid_dtype()), centroids).numpy()
-
-
-@functools.cache
-def bf16_in_hardware() -> bool:
-    """AVX-512 BF16 or AMX: without them torch's bf16 products are no faster than fp32."""
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
 def centroid_dtype() -> torch.dtype:
     """Lists and probes are picked by centroid products in bf16 where the CPU multiplies bf16
-    in hardware. The choice is approximate either way: at 1M, nprobe 13 gave recall 0.9505
-    with bf16 probes and 0.9506 with fp32 ones, in half the time (0.52 s against 1.09 s a
-    65,536-query block)."""
-    return torch.bfloat16 if bf16_in_hardware() else torch.float32
+    in hardware: in half the time of fp32 and at the same recall, since the choice is
+    approximate either way (graph_choices.txt)."""
+    return torch.bfloat16 if has_native_bf16() else torch.float32
 
 
 def lists_of(index) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

@@ -2,13 +2,11 @@
 
 ivf_scan's list search:
 - `offer`: each query keeps its best kk (score, id) in a heap; a list's score block offers
-  every score to its query's heap, and the heap's worst is the bar to pass. This replaces a
-  top-k per nearest list, a compare and `flatnonzero` per other list, the hits those leave
-  and their final sort (about 2.5 s of a 6.7 s block of 65,536 queries at 1M rows).
-  Order: higher score first, equal scores by smaller id, so a query's result does not
-  depend on the order its lists are scanned in.
+  every score to its query's heap, and the heap's worst is the bar to pass: no top-k passes,
+  no lists of hits, no final sort. Order: higher score first, equal scores by smaller id, so
+  a query's result does not depend on the order its lists are scanned in.
 - `probe_lists`: each query's nearest list and the lists within the gap of it, from the
-  centroid scores, in one pass a row (0.9 s a block with torch's max, compare, nonzero).
+  centroid scores, in one pass a row.
 
 exact's re-rank:
 - `exact_dots`: dot products of fp16 rows, converted through a table and summed in fp64,
@@ -16,10 +14,10 @@ exact's re-rank:
 
 exact's candidate buffers on CPUs (`offer_dense`, `offer_to_rows`, `offer_to_columns`,
 `kth_keys`): bf16 scores as int16 keys appended to per-row buffers, compacted by
-quickselect; they replaced torch's top-k merges and hit lists (1.6x the 90k search).
+quickselect, without torch's top-k merges and hit lists.
 
 ann's ground truth (`offer_rescored`): heaps of bf16 products whose entries carry their exact
-scores, so tuning's exact search runs at bf16's rate (6.0 s to 3.6 s at 1M)."""
+scores, so tuning's exact search runs at bf16's rate."""
 
 from __future__ import annotations
 
@@ -175,28 +173,31 @@ def probe_lists(scores, bf16_bits, gap, least, most):
 F16_AS_F32 = np.arange(2**16, dtype=np.uint16).view(np.float16).astype(np.float32)
 
 
+@njit(cache=True, inline="always")
+def _exact_dot(a, b_bits):
+    """a . b, rounded once to fp32, for a row a of fp16 values held as fp32 and a row b of
+    fp16 given as its uint16 bits: each product of two fp16 values is exact in fp32 and their
+    fp64 sum is exact (exact.py), so this equals any other exact summation bit for bit."""
+    s = 0.0
+    for j in range(len(a)):
+        s += np.float64(a[j] * F16_AS_F32[b_bits[j]])
+    return np.float32(s)
+
+
 @njit(cache=True, parallel=True)
-def exact_dots(x_bits, table, q32, rr, cols, out):
-    """out[p] = q32[rr[p]] . x[cols[p]] for each pair p, summed in fp64 and rounded once to
-    fp32, where x is fp16 given as its uint16 bits and table maps bits to fp32. Each product
-    of two fp16 values is exact in fp32 and their fp64 sum is exact (exact.py), so this equals
-    any other exact summation bit for bit."""
-    d = x_bits.shape[1]
+def exact_dots(x_bits, q32, rr, cols, out):
+    """out[p] = q32[rr[p]] . x[cols[p]] for each pair p (`_exact_dot`), where x is fp16 given
+    as its uint16 bits."""
     for p in prange(len(rr)):
-        a = q32[rr[p]]
-        b = x_bits[cols[p]]
-        s = 0.0
-        for j in range(d):
-            s += np.float64(a[j] * table[b[j]])
-        out[p] = np.float32(s)
+        out[p] = _exact_dot(q32[rr[p]], x_bits[cols[p]])
 
 
 # exact's candidate buffers (CPU, bf16 scores). Scores are held as int16 keys that order
 # like the bf16 values (`_ordered`), so every comparison is an integer one. A row's scores
 # that reach its filter key are appended to its buffer; a full buffer is compacted: the
 # k-th best found by selection sets the filter key (through `filter_keys`, built by exact.py
-# from the error bound) and what falls below it goes. Heaps kept exact k-th bests at every
-# score taken in, but their branchy sifts cost ~150 ns a score; an append costs a few.
+# from the error bound) and what falls below it goes. An append costs a few ns a score, far
+# less than the branchy sift of a heap that kept the exact k-th best at every score.
 EMPTY_KEY = -32768   # below the key of -inf: nothing is dropped yet
 NO_PASS_KEY = 32767  # a filter key no score reaches (above +inf's): padding rows
 _KEYS = np.arange(-32768, 32768, dtype=np.int32)
@@ -408,9 +409,8 @@ def offer_rescored(scores, lo, q32, x_bits, heap_k, heap_i, heap_x):
     """Offer approximate scores (m, c) of m queries (fp32 rows q32), bf16 as their int16
     bits, against the rows lo.. (fp16, as their uint16 bits x_bits) to the queries' heaps of
     keys (`_ordered`; EMPTY_KEY when free), kept as `offer` keeps scores. Each score taken in
-    carries its row's exact score (heap_x): exact fp32 products summed in fp64, as
-    exact_dots."""
-    kk, d = heap_k.shape[1], x_bits.shape[1]
+    carries its row's exact score (heap_x, `_exact_dot`)."""
+    kk = heap_k.shape[1]
     for q in prange(scores.shape[0]):
         hk, hi, hx = heap_k[q], heap_i[q], heap_x[q]
         bar = hk[0]
@@ -425,9 +425,5 @@ def offer_rescored(scores, lo, q32, x_bits, heap_k, heap_i, heap_x):
             for c in range(start, stop):
                 v = _ordered(row[c])
                 if v >= bar and (v > bar or lo + c < hi[0]):
-                    b = x_bits[c]
-                    s = 0.0
-                    for j in range(d):
-                        s += np.float64(a[j] * F16_AS_F32[b[j]])
-                    _replace_worst(hk, hi, v, lo + c, kk, hx, np.float32(s))
+                    _replace_worst(hk, hi, v, lo + c, kk, hx, _exact_dot(a, x_bits[c]))
                     bar = hk[0]

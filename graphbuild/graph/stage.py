@@ -37,7 +37,7 @@ from graphbuild.rundir.files import atomic_path, mark_done, marker, read_json, w
 from graphbuild.rundir.graph import FORMAT_VERSION, meta_path, part_path, part_problem, write_part
 from graphbuild.rundir.paths import RunDir
 from graphbuild.rundir.store import StoredRows, unit_norm_misses
-from graphbuild.shards import shard_name, shard_range
+from graphbuild.shards import id_ranges, shard_name, shard_range
 
 log = logging.getLogger(__name__)
 
@@ -107,18 +107,6 @@ def choose_method(n: int, d: int, k: int, budget: int,
     return "approximate", f"approximate: {figures} (N > {EXACT_MAX_NODES:,} and over 1 hour)"
 
 
-def _ranges(ids: list[int]) -> str:
-    """[1, 2, 3, 7] -> '1-3, 7'."""
-    parts, start = [], None
-    for i, c in enumerate(ids):
-        if start is None:
-            start = c
-        if i + 1 == len(ids) or ids[i + 1] != c + 1:
-            parts.append(f"{start}" if start == c else f"{start}-{c}")
-            start = None
-    return ", ".join(parts)
-
-
 def check_embeddings(out: str | Path) -> dict:
     """Provenance attributes of finished embeddings; refuses unfinished or unlabelled ones."""
     from graphbuild.embedding.stage import embeddings_status
@@ -132,7 +120,7 @@ def check_embeddings(out: str | Path) -> dict:
         shards = _missing_embed_shards(run, missing, n_chunks)
         raise GraphbuildError(
             f"{run.embeddings}: embeddings are not finished: {len(missing)} chunks missing "
-            f"(chunks {_ranges(missing)}{shards}); finish `graphbuild embed` first")
+            f"(chunks {id_ranges(missing)}{shards}); finish `graphbuild embed` first")
     absent = [key for key in PROVENANCE_KEYS if key not in attrs]
     if absent:
         raise GraphbuildError(f"{run.embeddings}: provenance incomplete, attrs lack "
@@ -149,7 +137,7 @@ def _missing_embed_shards(run: RunDir, missing: list[int], n_chunks: int | None)
     for m in sorted(layouts):
         todo = sorted({s for s in range(m) for c in missing
                        if c in shard_range(n_chunks, s, m)})
-        text.append(f"embed shards {_ranges(todo)} of {m}")
+        text.append(f"embed shards {id_ranges(todo)} of {m}")
     return "; " + ", ".join(text)
 
 
@@ -401,8 +389,10 @@ def _exact_part(out: Path, arr, k: int, rows: range, shard: int, block_rows: int
         return load_rows(arr, block_rows)
 
     # no reference to the rows is kept here, so the search can let them go (`reload`)
-    blocks = blocked_topk(rows_in_memory(), k, rows, block_rows=block_rows, device=device,
-                          on_progress=reporter.advance, reload=rows_in_memory)
+    ids, sims = blocked_topk(rows_in_memory(), k, rows, block_rows=block_rows, device=device,
+                             on_progress=reporter.advance, reload=rows_in_memory)
+    blocks = ((rows.start + lo, ids[lo:lo + block_rows], sims[lo:lo + block_rows])
+              for lo in range(0, len(rows), block_rows))
     return write_part(out, shard, rows, n, blocks)
 
 
@@ -502,7 +492,7 @@ def _approximate_part(out: Path, arr, attrs: dict, k: int, rows: range, shard: i
         for lo, block in arr.blocks(rows, max(block_rows, QUERY_STEP)):
             # a ListScan takes the fp16 rows as stored (half the memory of fp32 queries)
             xq = (block if isinstance(index, ListScan)
-                  else torch.from_numpy(block).float().numpy())  # ~10x numpy's conversion
+                  else torch.from_numpy(block).float().numpy())  # far faster than numpy's
             ids, sims = search(index, xq, np.arange(lo, lo + len(block)), k, tuning["nprobe"],
                                tuning.get("probe_gap"))
             for off in range(0, len(block), block_rows):
@@ -539,7 +529,8 @@ def _finalize(run: RunDir, attrs: dict, params: dict, n: int, result: KnnResult)
                 write_json(path, meta)
                 kill_point("knn.meta_written")
         elif path.exists():
-            log.warning("%s: removed: shards %s are not done", path, _ranges(result.missing_shards))
+            log.warning("%s: removed: shards %s are not done", path,
+                        id_ranges(result.missing_shards))
             path.unlink()
 
     def change(info: dict) -> None:

@@ -13,8 +13,9 @@ import json
 import logging
 import os
 import socket
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from graphbuild.errors import GraphbuildError
 from graphbuild.faults import kill_point
@@ -95,24 +96,40 @@ def mark_done(directory: Path, name: str, stats: dict | None = None) -> None:
 
 
 class ParquetRows:
-    """A Parquet file written from frames appended in order, in row groups of exactly
+    """A Parquet file written from tables appended in order, in row groups of exactly
     `group` rows (the last one shorter), so its bytes depend on the rows alone, not on the
-    frames they came in."""
+    tables they came in.
 
-    def __init__(self, path: Path, schema: dict, group: int = 65_536):  # polars dtypes by name
-        import polars as pl
+    `schema`: an Arrow schema, or polars dtypes by column name. `page_checksums`: a CRC32 on
+    every data page, for readers that verify them. `after_group` is called after each row
+    group is written (the tests' kill points)."""
+
+    def __init__(self, path: Path, schema, group: int = 65_536, page_checksums: bool = False,
+                 after_group: Callable[[], None] | None = None):
+        import pyarrow as pa
         import pyarrow.parquet as pq
 
-        self.schema = pl.DataFrame(schema=schema).to_arrow().schema
+        if not isinstance(schema, pa.Schema):
+            import polars as pl
+
+            schema = pl.DataFrame(schema=schema).to_arrow().schema
+        self.schema = schema
         self.group = group
-        self._writer = pq.ParquetWriter(path, self.schema, compression="zstd")
+        self._after_group = after_group
+        self._writer = pq.ParquetWriter(path, self.schema, compression="zstd",
+                                        write_page_checksum=page_checksums)
         self._waiting: list = []
         self._rows = 0
 
-    def write(self, df) -> None:  # a polars DataFrame
-        if df.height:
-            self._waiting.append(df.to_arrow().cast(self.schema))
-            self._rows += df.height
+    def write(self, df) -> None:
+        """Append a polars DataFrame's rows."""
+        self.write_table(df.to_arrow())
+
+    def write_table(self, table) -> None:
+        """Append a pyarrow Table's rows."""
+        if table.num_rows:
+            self._waiting.append(table.cast(self.schema))
+            self._rows += table.num_rows
         while self._rows >= self.group:
             self._emit(self.group)
 
@@ -121,6 +138,8 @@ class ParquetRows:
 
         table = pa.concat_tables(self._waiting)
         self._writer.write_table(table.slice(0, n).combine_chunks(), row_group_size=n)
+        if self._after_group is not None:
+            self._after_group()
         rest = table.slice(n)
         self._waiting = [rest] if rest.num_rows else []
         self._rows -= n

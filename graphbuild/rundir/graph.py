@@ -29,7 +29,7 @@ import pyarrow.parquet as pq
 
 from graphbuild.errors import GraphbuildError
 from graphbuild.faults import kill_point
-from graphbuild.rundir.files import atomic_path, read_json
+from graphbuild.rundir.files import ParquetRows, atomic_path, read_json
 from graphbuild.rundir.paths import PROVENANCE_KEYS, RunDir, store_attrs
 
 log = logging.getLogger(__name__)
@@ -83,26 +83,14 @@ def write_part(out: str | Path, shard: int, rows: range, n_nodes: int,
     remove_stale_temps(out, shard)
     edges, expect = 0, rows.start
     with (atomic_path(part) as tmp,
-          pq.ParquetWriter(tmp, schema(n_nodes), compression="zstd",
-                           write_page_checksum=True) as writer):
-        pending: list[pa.Table] = []
-        pending_rows = 0
+          ParquetRows(tmp, schema(n_nodes), ROW_GROUP, page_checksums=True,
+                      after_group=lambda: kill_point("parquet.row_group_written")) as writer):
         for first, ids, sims in blocks:
             if first != expect:
                 raise RuntimeError(f"blocks out of order: got row {first}, wanted {expect}")
             expect += len(ids)
             edges += ids.size
-            pending.append(_table(first, ids, sims, n_nodes))
-            pending_rows += len(ids)
-            while pending_rows >= ROW_GROUP:
-                table = pa.concat_tables(pending)
-                writer.write_table(table.slice(0, ROW_GROUP), row_group_size=ROW_GROUP)
-                kill_point("parquet.row_group_written")
-                rest = table.slice(ROW_GROUP)
-                pending, pending_rows = [rest], rest.num_rows
-        if pending_rows:
-            writer.write_table(pa.concat_tables(pending), row_group_size=ROW_GROUP)
-            kill_point("parquet.row_group_written")  # footer not yet written
+            writer.write_table(_table(first, ids, sims, n_nodes))
         if expect != rows.stop:
             raise RuntimeError(f"part {part.name}: rows end at {expect}, not {rows.stop}")
     return edges

@@ -56,12 +56,6 @@ def worker_device(worker_name, n_gpus: int, local_workers: int | None = None) ->
     return "cuda:0"
 
 
-def shard_devices(shards: list[int], n_gpus: int) -> dict[int, str]:
-    """Spread shards over GPUs round robin: {shard: device}. Each GPU gets one shard at a
-    time when the shards of one round run concurrently."""
-    return {s: device_for_slot(i, n_gpus) for i, s in enumerate(shards)}
-
-
 def local_workers(cpus: int, n_gpus: int) -> tuple[int, int]:
     """(workers, torch threads per worker) of a LocalCluster on this node: one worker per
     GPU, with the cores shared among them; without GPUs, one single-threaded worker per core.

@@ -22,6 +22,7 @@ from graphbuild.errors import GraphbuildError
 from graphbuild.rundir.files import read_json, write_json
 from graphbuild.rundir.paths import RunDir
 from graphbuild.scale.status import unfinished_embed_shards, unfinished_knn_shards
+from graphbuild.shards import id_ranges
 
 log = logging.getLogger(__name__)
 
@@ -70,15 +71,7 @@ class StageJob:
 
 def array_spec(ids: list[int], max_parallel: int | None = None) -> str:
     """[0, 1, 2, 5, 7, 8] -> '0-2,5,7-8' (and '%N' for a concurrency limit)."""
-    parts, i = [], 0
-    ids = sorted(ids)
-    while i < len(ids):
-        j = i
-        while j + 1 < len(ids) and ids[j + 1] == ids[j] + 1:
-            j += 1
-        parts.append(f"{ids[i]}" if i == j else f"{ids[i]}-{ids[j]}")
-        i = j + 1
-    return ",".join(parts) + (f"%{max_parallel}" if max_parallel else "")
+    return id_ranges(ids, ",") + (f"%{max_parallel}" if max_parallel else "")
 
 
 def _sbatch_path(value: str) -> str:
