@@ -14,7 +14,7 @@ sentence-transformers, polars, zarr or typer: the CLI starts quickly and the tra
   prepare/    stage 1: a manifest's source to the nodes and samples tables
   embedding/  stage 2: the nodes' texts to embeddings.zarr
   graph/      stage 3: the stored rows to the top-k graph
-  export/     the stored rows as sidecars of a WebDataset's tars, for streaming trainers
+  sidecars/   the stored rows as sidecars of a WebDataset's tars, for streaming trainers
   inspect/    looking at a run: neighbors, stats, validate, report
   scale/      Dask and SLURM
   rundir/     the run directory's format, read by everyone

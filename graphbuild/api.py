@@ -22,9 +22,9 @@ from graphbuild.errors import GraphbuildError
 
 if TYPE_CHECKING:
     from graphbuild.embedding.stage import EmbedConfig, ShardResult
-    from graphbuild.export.stage import ExportResult
     from graphbuild.graph.stage import KnnResult
     from graphbuild.prepare.manifest import Dataset
+    from graphbuild.sidecars.stage import ExportResult
 
     OnShard = Callable[[ShardResult | KnnResult], None]
 
@@ -152,8 +152,8 @@ def export(run: str | Path, like: str | Path, out: str | Path, *,
     another run or payload in `out`. Returns an ExportResult (`complete` once every tar has
     its sidecar).
     """
-    from graphbuild.export.stage import export_shard
     from graphbuild.shards import resolve_shard
+    from graphbuild.sidecars.stage import export_shard
 
     options.payload(payload)
     options.at_least("--num-shards", num_shards)

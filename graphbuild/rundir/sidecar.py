@@ -1,6 +1,6 @@
 """WebDataset sidecars: each tar's soft-target payload, in the tar's sample order, beside it.
 
-`graphbuild export RUN --like SHARDS --out DIR` writes them (graphbuild/export/); the trainer
+`graphbuild export RUN --like SHARDS --out DIR` writes them (graphbuild/sidecars/); the trainer
 reads them in its webdataset stream (graphbuild/xclr/stream.py), with no store on the node.
 Light: numpy, pyarrow and google-crc32c, like the rest of rundir.
 

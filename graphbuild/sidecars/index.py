@@ -141,6 +141,25 @@ def _check_unique(table: pa.Table, samples: Path, last):
     return ids[-1].as_py()
 
 
+def ids_of(keys: list[str], id_type: pa.DataType) -> pa.Array:
+    """Tar keys as sample ids of the run's type: text as is; for integer ids, a key's decimal
+    value (img2dataset pads its keys with zeros), null where it has none."""
+    if not pa.types.is_integer(id_type):
+        return pa.array(keys, pa.string()).cast(id_type)
+    return pa.array([int(k) if k.isascii() and k.isdecimal() else None for k in keys], id_type)
+
+
+def any_sample(run: Path, keys: list[str]) -> bool:
+    """Whether any key is a sample id of the run: samples.parquet's ids read a batch at a
+    time, stopping at the first hit (a tar of the run's first shard hits in the first)."""
+    pf = _read_samples(RunDir(run).samples)
+    ids = ids_of(keys, pf.schema_arrow.field("sample_id").type).drop_null()
+    if not len(ids):
+        return False
+    return any(pc.any(pc.is_in(b.column(0), value_set=ids)).as_py()
+               for b in pf.iter_batches(batch_size=1 << 20, columns=["sample_id"]))
+
+
 class SamplesIndex:
     """Nodes of sample ids, read from the index a few row groups at a time."""
 
@@ -155,21 +174,9 @@ class SamplesIndex:
             self.groups.append((stats.min, stats.max) if stats is not None
                                and stats.has_min_max else None)
 
-    @property
-    def integer_ids(self) -> bool:
-        return pa.types.is_integer(self.id_type)
-
-    def ids_of(self, keys: list[str]) -> pa.Array:
-        """The keys as sample ids of the run's type: text as is; for integer ids, a key's
-        decimal value (img2dataset pads its keys with zeros), null where it has none."""
-        if not self.integer_ids:
-            return pa.array(keys, pa.string()).cast(self.id_type)
-        return pa.array([int(k) if k.isascii() and k.isdecimal() else None for k in keys],
-                        self.id_type)
-
     def nodes(self, keys: list[str]) -> np.ndarray:
         """Each key's node, -1 where the run holds no sample with that id."""
-        ids = self.ids_of(keys)
+        ids = ids_of(keys, self.id_type)
         out = np.full(len(keys), -1, np.int64)
         present = ids.drop_null()
         if not len(present):

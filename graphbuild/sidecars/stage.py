@@ -10,7 +10,7 @@ it never shifts another row, and is counted.
 Before any tar: the tars exist, the store is complete and of the run's tables, the payload
 fits the store, `out/_meta.json` (if any) is of this run and payload, and the first tar's
 first keys are sample ids of the run. Then, once per directory and under its lock: the PCA
-basis (pca-N), `_meta.json`, and the samples index (export/index.py). Then each tar: keys,
+basis (pca-N), `_meta.json`, and the samples index (sidecars/index.py). Then each tar: keys,
 nodes, the rows gathered from the store (StoredRows, memory-mapped, each chunk's crc32c
 checked once), the sidecar written atomically, and a done marker after it
 (`out/_state/export/NAME.tar.done`) recording the tar's size and mtime, the sidecar's bytes,
@@ -29,9 +29,6 @@ from pathlib import Path
 import numpy as np
 
 from graphbuild.errors import GraphbuildError
-from graphbuild.export.index import SamplesIndex, ensure_index, index_dir
-from graphbuild.export.payloads import encode, fit_basis, load_basis, save_basis
-from graphbuild.export.tars import list_tars, tar_keys
 from graphbuild.faults import kill_point
 from graphbuild.progress import Reporter
 from graphbuild.rundir.files import mark_done, marker, read_json, write_json
@@ -53,6 +50,9 @@ from graphbuild.rundir.sidecar import (
 )
 from graphbuild.rundir.store import StoredRows
 from graphbuild.shards import shard_name, shard_range
+from graphbuild.sidecars.index import SamplesIndex, any_sample, ensure_index, index_dir
+from graphbuild.sidecars.payloads import encode, fit_basis, load_basis, save_basis
+from graphbuild.sidecars.tars import list_tars, tar_keys
 
 log = logging.getLogger(__name__)
 
@@ -93,14 +93,17 @@ def export_shard(run: str | Path, like: str | Path, out: str | Path, payload: st
     reporter = reporter or Reporter()
     t0 = time.perf_counter()
     tars = list_tars(like)
+    if out.resolve() == like.resolve():
+        raise GraphbuildError(f"--out {out} is --like: give the sidecars a directory of their "
+                              "own (img2dataset keeps a NAME.parquet of its own beside NAME.tar)")
     rows = _complete_store(run)
     spec = Payload.parse(payload, rows.shape[1])
     ident = run_identity(run)
+    _probe(tars[0], run)
     out.mkdir(parents=True, exist_ok=True)
     with file_lock(out / ".lock"):
         basis = _directory(out, run, like, rows, spec, ident, overwrite)
         index = SamplesIndex(ensure_index(run, out, ident.run_id))
-    _probe(tars[0], index, run)
     ours = shard_range(len(tars), shard, num_shards)
     mine = tars[ours.start:ours.stop]
     result = ExportResult(shard, num_shards, out, spec.spec, ident.run_id, tars=len(mine))
@@ -188,15 +191,13 @@ def _clear(out: Path) -> None:
     (out / META).unlink(missing_ok=True)
 
 
-def _probe(tar: Path, index: SamplesIndex, run: Path) -> None:
+def _probe(tar: Path, run: Path) -> None:
     """Refuse tars keyed by something other than the run's sample ids, before any work."""
     keys = tar_keys(tar, limit=PROBE_KEYS)
-    if keys and (index.nodes(keys) < 0).all():
-        example = next((g[0] for g in index.groups if g is not None), None)
+    if keys and not any_sample(run, keys):
         raise GraphbuildError(
             f"{tar}: none of its first {len(keys)} keys (e.g. {keys[0]!r}) is a sample id of "
-            f"{run} (ids like {example!r}); the run's manifest must take the tars' keys as "
-            "its id_column")
+            f"{run}; the run's manifest must take the tars' keys as its id_column")
 
 
 def _vouched(out: Path, tar: Path, payload: Payload, run_id: str) -> bool:
