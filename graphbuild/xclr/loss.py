@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from graphbuild.errors import GraphbuildError
-from graphbuild.xclr.targets import DIAGONALS, _check
+from graphbuild.xclr.layout import DIAGONALS, check_choice
 
 
 def xclr_loss(z: torch.Tensor, targets: torch.Tensor, tau: float = 0.1,
@@ -17,7 +17,7 @@ def xclr_loss(z: torch.Tensor, targets: torch.Tensor, tau: float = 0.1,
     none left the loss is 0 (zero gradients), not NaN. float64 z gives float64 math and
     loss; any other dtype float32 (bf16 autocast: the logits are taken to float32 before the
     softmax)."""
-    _check("diagonal", diagonal, DIAGONALS)
+    check_choice("diagonal", diagonal, DIAGONALS)
     if not tau > 0:
         raise GraphbuildError(f"tau must be > 0, got {tau}")
     if z.ndim != 2 or targets.shape != (len(z), len(z)):

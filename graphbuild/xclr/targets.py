@@ -10,9 +10,11 @@ A batch is given as the run's samples (0..S-1), as WithNodes returns them (data.
 joins dataset items to samples by id); an integer tensor, array or list.
 
 - mode="exact": gather the batch's node rows from embeddings.zarr (fp16, in RAM or
-  memory-mapped, each chunk's crc32c checked once), renormalise them in fp32, one (B, B)
-  product, row softmax. The samples table must fit the store: every node a row of it, and
-  as many rows as nodes.parquet has nodes.
+  memory-mapped, each chunk's crc32c checked once) and hand them to
+  exact.targets_from_rows: renormalised in fp32, one (B, B) product, row softmax. A trainer
+  holding the rows already (streamed beside its samples) gets the same bits from
+  targets_from_rows itself. The samples table must fit the store: every node a row of it,
+  and as many rows as nodes.parquet has nodes.
 - mode="graph": cosines from the top-k graph alone, for when the embeddings cannot sit beside
   the trainer. The graph must have been built from the run's current embeddings (checked at
   construction: a stale graph is refused). Rule for the pairs: a pair held by either row's
@@ -65,41 +67,20 @@ from graphbuild.rundir.paths import RunDir
 from graphbuild.rundir.samples import check_nodes_fit, check_store_matches_tables, read_sample_nodes
 from graphbuild.rundir.store import StoredRows
 from graphbuild.xclr.data import NO_TARGET
+from graphbuild.xclr.exact import RowsAt, exact_logits, exact_targets, gram, shared_pairs
 from graphbuild.xclr.graph import Graph
+from graphbuild.xclr.layout import (
+    DIAGONALS,
+    check_choice,
+    check_tau,
+    check_views,
+    square_targets,
+)
+
+__all__ = ["DIAGONALS", "SoftTargets", "gram", "shared_pairs", "soft_targets"]
 
 MODES = ("exact", "graph")
 RULES = ("floor", "kth", "tail")
-DIAGONALS = ("mask", "keep")
-
-
-def _check(name: str, value: str, allowed: tuple[str, ...]) -> None:
-    if value not in allowed:
-        raise GraphbuildError(f"{name} must be one of {', '.join(allowed)}, got {value!r}")
-
-
-def _views(views) -> int:
-    if isinstance(views, bool) or not isinstance(views, (int, np.integer)) or views < 1:
-        raise GraphbuildError(f"views must be an int >= 1, got {views!r}")
-    return int(views)
-
-
-def gram(x: torch.Tensor, blocks: int = 4) -> torch.Tensor:
-    """x @ x.T in float32. On a CPU each block above the diagonal is computed once and
-    mirrored: (blocks + 1) / (2 * blocks) of the multiply-adds, and exactly symmetric."""
-    n = x.shape[0]
-    # small, a GPU, or bf16 (AMX panels run below one full product): one product is faster
-    if x.device.type != "cpu" or x.dtype not in (torch.float32, torch.float64) \
-            or n < 128 * blocks:
-        return (x @ x.T).float()
-    step = -(-n // blocks)
-    out = torch.empty(n, n, dtype=x.dtype)
-    for lo in range(0, n, step):
-        hi = min(lo + step, n)
-        # rows lo:hi against themselves and all after, written by BLAS straight into the
-        # strided view (0.45 ms less per 1024 rows than a panel copied in)
-        torch.mm(x[lo:hi], x[lo:].T, out=out[lo:hi, lo:])
-        out[hi:, lo:hi] = out[lo:hi, hi:].T
-    return out.float()
 
 
 def soft_targets(sims: torch.Tensor, tau_s: float, diagonal: str = "mask") -> torch.Tensor:
@@ -108,15 +89,6 @@ def soft_targets(sims: torch.Tensor, tau_s: float, diagonal: str = "mask") -> to
     if diagonal == "mask":
         logits.fill_diagonal_(float("-inf"))
     return torch.softmax(logits, dim=1)
-
-
-def shared_pairs(inv: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """All ordered pairs (i, j), i != j, of positions with the same value in `inv`."""
-    pos = np.flatnonzero(np.bincount(inv)[inv] > 1)
-    same = inv[pos][:, None] == inv[pos][None, :]
-    np.fill_diagonal(same, False)
-    a, b = np.nonzero(same)
-    return pos[a], pos[b]
 
 
 class SoftTargets:
@@ -136,11 +108,10 @@ class SoftTargets:
                  diagonal: str = "mask", device: str | torch.device = "cpu",
                  dtype: torch.dtype = torch.float32, mmap: bool = False, k: int | None = None,
                  rule: str = "floor", floor: float = 0.0, graph: Graph | None = None):
-        _check("mode", mode, MODES)
-        _check("rule", rule, RULES)
-        _check("diagonal", diagonal, DIAGONALS)
-        if not tau_s > 0:
-            raise GraphbuildError(f"tau_s must be > 0, got {tau_s}")
+        check_choice("mode", mode, MODES)
+        check_choice("rule", rule, RULES)
+        check_choice("diagonal", diagonal, DIAGONALS)
+        check_tau("tau_s", tau_s)
         self.run = Path(run)
         self.mode, self.tau_s, self.diagonal = mode, tau_s, diagonal
         self.device, self.dtype = torch.device(device), dtype
@@ -178,30 +149,18 @@ class SoftTargets:
 
     def __call__(self, idx, views: int = 1) -> torch.Tensor:
         idx = self._samples(idx, allow_no_target=True)
-        views = _views(views)
-        have = np.flatnonzero(idx != NO_TARGET)
-        if len(have) == len(idx):
-            return self._softmax(self._scaled_sims(idx, 1.0 / self.tau_s), views)
-        # items without a target: zero rows and columns around the others' targets
-        n = len(idx)
-        out = torch.zeros(views * n, views * n, device=self.device)
-        if len(have):
-            at = torch.from_numpy((have + n * np.arange(views)[:, None]).reshape(-1))
-            at = at.to(self.device)
-            sub = self._softmax(self._scaled_sims(idx[have], 1.0 / self.tau_s), views)
-            out[at[:, None], at[None, :]] = sub
-        return out
+        views = check_views(views)
+        nodes = np.where(idx == NO_TARGET, NO_TARGET, self.sample_nodes[idx])
+        if self.mode == "exact":
+            return exact_targets(nodes, self._store_rows(nodes), tau_s=self.tau_s,
+                                 diagonal=self.diagonal, views=views, dtype=self.dtype,
+                                 device=self.device)
 
-    def _softmax(self, logits: torch.Tensor, views: int) -> torch.Tensor:
-        """Row softmax of (B, B) logits (a fresh tensor: ours to change), tiled for views; a
-        row with no other sample under diagonal='mask' (a batch of one) is all zero."""
-        if views > 1:
-            logits = logits.repeat(views, views)
-        if self.diagonal == "mask":
-            if len(logits) == 1:
-                return torch.zeros_like(logits)
-            logits.fill_diagonal_(float("-inf"))
-        return torch.softmax(logits, dim=1)
+        def logits_of(keep: np.ndarray | None) -> torch.Tensor:
+            return self._graph_logits(nodes if keep is None else nodes[keep], 1.0 / self.tau_s)
+
+        return square_targets(nodes, logits_of, views=views, diagonal=self.diagonal,
+                              device=self.device)
 
     def sample_sims(self, idx) -> torch.Tensor:
         """(B, B) cosines between the texts of the given samples, float32 on `device`."""
@@ -226,40 +185,35 @@ class SoftTargets:
         return arr
 
     def _scaled_sims(self, idx: np.ndarray, scale: float) -> torch.Tensor:
-        """scale * cosines of samples `idx` (checked). Exact mode folds the scale into the rows
-        (sqrt(scale) each), which saves a pass over the (B, B) matrix."""
+        """scale * cosines of samples `idx` (checked, none -1), (B, B) float32."""
         nodes = self.sample_nodes[idx]
+        if self.mode == "exact":
+            return exact_logits(nodes, self._store_rows(nodes), scale, self.dtype)
+        return self._graph_logits(nodes, scale)
+
+    def _store_rows(self, nodes: np.ndarray) -> RowsAt:
+        """The store as a row source for a batch of nodes: fp16 rows of batch positions, from
+        the table in RAM (loaded once, on the device) or from memory-mapped chunks."""
+
+        def rows_at(sel: np.ndarray | None) -> torch.Tensor:
+            want = nodes if sel is None else nodes[sel]
+            if self.rows.mmap:
+                return torch.from_numpy(self.rows.gather(want)).to(self.device)
+            if self._table is None:
+                self._table = torch.from_numpy(self.rows.load()).to(self.device)
+            return self._table.index_select(0, torch.from_numpy(want).to(self.device))
+
+        return rows_at
+
+    def _graph_logits(self, nodes: np.ndarray, scale: float) -> torch.Tensor:
+        """scale * cosines from the graph over items of nodes `nodes` (all >= 0): computed
+        over the distinct nodes, expanded to the items."""
         uniq, inv = np.unique(nodes, return_inverse=True)
         if len(uniq) == len(nodes):  # no shared node: work in batch order, no expansion
-            uniq, inv = nodes, None
-        elif self.mode == "exact" and 2 * len(uniq) > len(nodes):
-            # few shared nodes: the product in batch order costs about what the unique one
-            # does, and saves gathering a (B, B) result (~1.8 ms at B=1024 on a CPU)
-            sims = self._exact(nodes, scale)
-            a, b = shared_pairs(inv.reshape(-1))
-            sims[torch.from_numpy(a).to(sims.device), torch.from_numpy(b).to(sims.device)] = scale
-            return sims
-        if self.mode == "exact":
-            sims = self._exact(uniq, scale)
-        else:
-            sims = self._graph(uniq).mul_(scale)
-        if inv is not None:
-            inv_t = torch.from_numpy(inv.reshape(-1)).to(sims.device)
-            # rows, then columns: two index_selects run ~4x faster than one 2-D gather
-            sims = sims.index_select(0, inv_t).index_select(1, inv_t)
-        return sims
-
-    def _exact(self, nodes: np.ndarray, scale: float) -> torch.Tensor:
-        if self.rows.mmap:
-            x = torch.from_numpy(self.rows.gather(nodes)).to(self.device)
-        else:
-            if self._table is None:  # fp16 rows in RAM (or on the device), loaded once
-                self._table = torch.from_numpy(self.rows.load()).to(self.device)
-            x = self._table.index_select(0, torch.from_numpy(nodes).to(self.device))
-        x = x.float()
-        x = x.mul_(x.square().sum(dim=1, keepdim=True).rsqrt_().mul_(scale ** 0.5))
-        # a node with itself: cos is exactly 1, not 1 +- rounding
-        return gram(x.to(self.dtype)).fill_diagonal_(scale)
+            return self._graph(nodes).mul_(scale)
+        sims = self._graph(uniq).mul_(scale)
+        inv_t = torch.from_numpy(inv.reshape(-1)).to(sims.device)
+        return sims.index_select(0, inv_t).index_select(1, inv_t)
 
     def _graph(self, nodes: np.ndarray) -> torch.Tensor:
         a, b, s = self.graph.pairs(nodes)
