@@ -141,7 +141,7 @@ def train(objective: str, x: torch.Tensor, y: torch.Tensor, train_idx: np.ndarra
 
 
 def write_digit_shards(root: Path, x: torch.Tensor, y: torch.Tensor, index: np.ndarray,
-                       per_shard: int = 400) -> tuple[Path, Path]:
+                       per_shard: int = 200) -> tuple[Path, Path]:
     """Images `index` as WebDataset shards written by webdataset's ShardWriter (KEY.png: the
     8x8 image's raw 0-16 values as 8-bit grey, KEY.txt: its class name, KEY.json: its label;
     KEY: the image's index, 5 digits) and a TSV of (key, caption) for the run. Returns
@@ -171,12 +171,13 @@ def write_digit_shards(root: Path, x: torch.Tensor, y: torch.Tensor, index: np.n
 
 
 def export_digit_shards(root: Path, x: torch.Tensor, y: torch.Tensor, index: np.ndarray,
-                        payload: str = "fp16") -> tuple[Path, Path, Path]:
+                        payload: str = "fp16",
+                        per_shard: int = 200) -> tuple[Path, Path, Path]:
     """The shards, a run over their captions (id_column: the key) and its export: returns
-    (shards, run, sidecars)."""
+    (shards, run, sidecars). Each step is skipped or resumed when done already."""
     import graphbuild
 
-    shards, tsv = write_digit_shards(root, x, y, index)
+    shards, tsv = write_digit_shards(root, x, y, index, per_shard)
     manifest = root / "digits-captions.yaml"
     manifest.write_text(f"name: digits-captions\nsource: {{path: {tsv}, format: tsv}}\n"
                         f"id_column: key\ntext_column: caption\ntemplates: [{TEMPLATE!r}]\n")
@@ -287,7 +288,7 @@ def main_streamed(args: argparse.Namespace) -> dict[str, list[float]]:
         train_idx = train_idx[:args.limit]
     root = args.run.parent / f"{args.run.name}-wds"
     shards, run, sidecars = export_digit_shards(root, x, y, train_idx)
-    print(f"digits from {len(list(shards.glob('*.tar')))} shards in {shards}: "
+    print(f"digits from {len(list(shards.glob('*.tar')))} tar shards in {shards}: "
           f"{len(train_idx)} train / {len(test_idx)} held-out images, {args.epochs} epochs")
     accs = []
     for seed in args.seeds:

@@ -25,4 +25,4 @@ def digits_export(root: Path, payload: str = "fp16") -> tuple[Path, Path, Path]:
     """(shards, run, sidecars): all 1,797 digits in 5 tars of 400 (the last 197)."""
     ex = example()
     x, y, _train, _test = ex.load_digits_split()
-    return ex.export_digit_shards(root, x, y, np.arange(len(y)), payload)
+    return ex.export_digit_shards(root, x, y, np.arange(len(y)), payload, per_shard=400)

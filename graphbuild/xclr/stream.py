@@ -28,7 +28,7 @@ worker, which reads the sidecars of its own tars; under DDP, each rank streams i
 a plain callable over an iterator of samples, so `import graphbuild.xclr` never needs it.
 
 Targets. `join.targets(batch, tau_s=...)` (or `payload_targets`) unpacks the batch's rows and
-runs targets_from_rows (xclr/targets.py), the function SoftTargets(mode="exact") goes through:
+runs targets_from_rows (xclr/exact.py), the function SoftTargets(mode="exact") goes through:
   fp16   the stored rows: targets equal SoftTargets(mode="exact") for the same samples, bit
          for bit (same views, diagonal, dtype and device);
   int8   rows dequantised (q * scale, float32), then the same function: not bit-identical;
@@ -66,6 +66,7 @@ from graphbuild.rundir.sidecar import (
     sidecar_name,
     unpack,
 )
+from graphbuild.xclr.exact import targets_from_rows
 
 log = logging.getLogger(__name__)
 FIELD = "xclr"
@@ -178,8 +179,6 @@ def payload_targets(batch, payload: Payload, *, tau_s: float, diagonal: str = "m
                     device: str | torch.device = "cpu") -> torch.Tensor:
     """Targets of a batch of payload rows of `payload` (module docstring): exact mode's for
     fp16 rows, bit for bit."""
-    from graphbuild.xclr.targets import targets_from_rows
-
     nodes, rows = unpack(packed_batch(batch), payload)
     return targets_from_rows(torch.from_numpy(rows), nodes, tau_s=tau_s, diagonal=diagonal,
                              views=views, dtype=dtype, device=device)
