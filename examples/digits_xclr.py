@@ -211,7 +211,7 @@ def stream_batches(shards: Path, sidecars: Path, run: Path, batch_size: int, see
     pipeline = wds.DataPipeline(
         wds.SimpleShardList(urls), wds.split_by_worker, wds.tarfile_to_samples(), join,
         wds.shuffle(buffer, rng=random.Random(seed)), wds.decode("l8"),
-        wds.to_tuple("png", "json", "xclr", "__key__"),
+        wds.to_tuple("png", "json", join.field, "__key__"),
         wds.map_tuple(_image, _label, None, None),
         wds.batched(batch_size, partial=False))
     loader = wds.WebLoader(pipeline, batch_size=None, num_workers=workers)

@@ -117,6 +117,7 @@ def test_streamed_caption_targets_equal_exact_with_keys_the_run_lacks(coco_strea
         idx = np.array([samples.get(k, -1) for k in keys])
         t = join.targets(payload, tau_s=0.1)
         assert same_bits(t, exact(idx))
+        assert same_bits(join.targets(list(payload.numpy()), tau_s=0.1), t)  # rows as a list
         lacking += int((idx < 0).sum())
         batches += 1
     assert lacking == 40 and batches >= 12
@@ -200,7 +201,7 @@ urls = sorted(str(p) for p in Path(shards).glob("*.tar"))
 pipeline = wds.DataPipeline(
     wds.SimpleShardList(urls), wds.split_by_node, wds.split_by_worker,
     wds.tarfile_to_samples(), join, wds.shuffle(300), wds.decode(),
-    wds.to_tuple("__key__", "xclr"), wds.batched(128))
+    wds.to_tuple("__key__", join.field), wds.batched(128))
 keys = []
 for k, payload in wds.WebLoader(pipeline, batch_size=None, num_workers=2):
     idx = np.array([samples.get(x, -1) for x in k])

@@ -6,8 +6,8 @@ random access, no text encoder on the training node.
     pipeline = wds.DataPipeline(
         wds.SimpleShardList(urls), wds.split_by_node, wds.split_by_worker,
         wds.tarfile_to_samples(),
-        join,                                    # sample["xclr"]: its payload row, as bytes
-        wds.shuffle(5000), wds.decode("pil"), wds.to_tuple("jpg", "xclr"),
+        join,                                    # sample["__xclr__"]: its payload row
+        wds.shuffle(5000), wds.decode("pil"), wds.to_tuple("jpg", "__xclr__"),
         wds.map_tuple(preprocess, None), wds.batched(256))
     for images, payload in loader:
         loss = xclr_loss(model(images), join.targets(payload, tau_s=0.1), tau=0.1)
@@ -15,12 +15,15 @@ random access, no text encoder on the training node.
 The join. Samples come from `wds.tarfile_to_samples()` with `__key__` and `__url__`. When the
 stream enters a tar, the join reads that tar's sidecar (DIR/NAME.parquet for .../NAME.tar:
 page checksums, its schema, its run id and payload against DIR/_meta.json, its tar's name)
-and keeps the last `cache_tars` of them; each sample then gets `sample[field]`, its row's
-bytes (rundir/sidecar.py: node, then payload). Place it before the shuffle buffer, where a
-worker's samples still come tar by tar. Bytes under a key without a leading "__" pass
-webdataset's decoders untouched, and collate as a list (webdataset's and torch's
-collation alike). A key the sidecar lacks is an error: the tar is not the one exported.
-Keys the run holds no sample for carry node -1 (no target: a zero row and column).
+and keeps the last `cache_tars` of them; each sample then gets `sample["__xclr__"]`, its
+row's bytes as a uint8 array (rundir/sidecar.py: node, then payload). Place it before the
+shuffle buffer, where a worker's samples still come tar by tar. The field is named like
+webdataset's own `__key__` and `__url__`, so its decoders pass it by without a look (a
+field without the leading "__" would go through every decoder handler, which costs a
+captions-only loader more than the join itself); webdataset's collation stacks the rows
+into a (B, row bytes) array, a DataLoader turns that into a tensor, and a list of rows
+works too. A key the sidecar lacks is an error: the tar is not the one exported. Keys the
+run holds no sample for carry node -1 (no target: a zero row and column).
 
 Workers and ranks. The join holds no state but its cache, so it pickles into each DataLoader
 worker, which reads the sidecars of its own tars; under DDP, each rank streams its own shards
@@ -69,7 +72,7 @@ from graphbuild.rundir.sidecar import (
 from graphbuild.xclr.exact import targets_from_rows
 
 log = logging.getLogger(__name__)
-FIELD = "xclr"
+FIELD = "__xclr__"
 THRASH_CHECK = 4096  # samples after which a join reloading sidecars all the time says so
 
 
@@ -89,9 +92,9 @@ class SidecarJoin:
                                       f"(dim {self.payload.dim}), payload={payload!r} was asked "
                                       "for; export the run with that --payload")
         check_identity(meta, expected_identity(run), self.dir / META)
-        if field.startswith("_"):
-            raise GraphbuildError(f"field={field!r}: webdataset's decoders turn a key starting "
-                                  "with '_' into text; name it without")
+        if not field.startswith("__"):
+            raise GraphbuildError(f"field={field!r}: name it with a leading '__', as webdataset "
+                                  "names the fields its decoders pass by (__key__, __url__)")
         self.run_id, self.field, self.cache_tars = meta["run_id"], field, max(1, cache_tars)
         self._cache: OrderedDict[str, tuple[dict[str, int], np.ndarray]] = OrderedDict()
         self._loads = self._samples = 0
@@ -110,12 +113,12 @@ class SidecarJoin:
             if row is None:
                 raise GraphbuildError(f"{self.dir / sidecar_name(url)}: no row for key {key!r} "
                                       f"of {url}; the tar is not the one exported: export again")
-            sample[self.field] = packed[row].tobytes()
+            sample[self.field] = packed[row]
             self._samples += 1
             yield sample
 
     def _tar(self, url: str) -> tuple[dict[str, int], np.ndarray]:
-        """The tar's key -> row and packed rows, read when the stream enters it."""
+        """The tar's key -> row and its packed rows, read when the stream enters the tar."""
         hit = self._cache.get(url)
         if hit is not None:
             self._cache.move_to_end(url)
@@ -154,24 +157,22 @@ class SidecarJoin:
 
 
 def packed_batch(batch) -> np.ndarray:
-    """A batch of payload rows as one (B, row bytes) uint8 array: a list of bytes (as
-    webdataset's and torch's collation give them), or a uint8 array or tensor."""
+    """A batch of payload rows as one (B, row bytes) uint8 array: such an array or tensor
+    (webdataset's collation, then a DataLoader's), or a list of rows (arrays or bytes)."""
     if isinstance(batch, torch.Tensor):
         batch = batch.detach().cpu().numpy()
-    if isinstance(batch, np.ndarray):
-        if batch.dtype != np.uint8 or batch.ndim != 2:
-            raise GraphbuildError(f"payload batch: a (B, row bytes) uint8 array, got "
-                                  f"{batch.dtype} {batch.shape}")
-        return batch
-    rows = list(batch)
-    if not rows or not all(isinstance(r, (bytes, bytearray, memoryview)) for r in rows):
-        raise GraphbuildError("payload batch: a non-empty list of the bytes SidecarJoin "
-                              "attached to each sample")
-    width = len(rows[0])
-    if any(len(r) != width for r in rows):
-        raise GraphbuildError("payload batch: rows of different lengths; they come from "
-                              "different sidecar directories")
-    return np.frombuffer(b"".join(rows), np.uint8).reshape(len(rows), width)
+    if not isinstance(batch, np.ndarray):
+        rows = [np.frombuffer(r, np.uint8) if isinstance(r, (bytes, bytearray, memoryview))
+                else np.asarray(r.detach().cpu() if isinstance(r, torch.Tensor) else r)
+                for r in batch]
+        if not rows or len({r.shape for r in rows}) != 1:
+            raise GraphbuildError("payload batch: a non-empty list of the rows SidecarJoin "
+                                  "attached, all of one length (one sidecar directory)")
+        batch = np.stack(rows)
+    if batch.dtype != np.uint8 or batch.ndim != 2:
+        raise GraphbuildError(f"payload batch: (B, row bytes) uint8 rows as SidecarJoin "
+                              f"attaches them, got {batch.dtype} {batch.shape}")
+    return batch
 
 
 def payload_targets(batch, payload: Payload, *, tau_s: float, diagonal: str = "mask",
