@@ -24,9 +24,9 @@ Payloads (`Payload`), with their columns:
                            principal axes of the store (uncentred: they keep inner products)
 The trainer renormalises every row before its product, so targets use only directions.
 
-In the stream a sample's payload travels as bytes (`Payload.row_bytes`): its node (int64
-little-endian, -1 for none), then the payload's bytes as stored (float16 or int8 values, and
-for int8 the float32 scale). Bytes pass webdataset's decoders and any collation untouched.
+In the stream a sample's payload travels as one row of `Payload.row_bytes` bytes (a uint8
+array): its node (int64 little-endian, -1 for none), then the payload's bytes as stored
+(float16 or int8 values, and for int8 the float32 scale); `unpack` reads a batch of them.
 
 The run's id is "<P>-<R>": P, 16 hex of the sha256 of the store's provenance; R, 16 hex of
 the sha256 of the run's tables' record in run.json (dataset name, reading settings, source
@@ -271,10 +271,6 @@ class Sidecar:
     keys: list[str]
     packed: np.ndarray
     file_meta: dict
-
-    @property
-    def nodes(self) -> np.ndarray:
-        return self.packed[:, :NODE_BYTES].copy().view("<i8").reshape(-1)
 
 
 def read_sidecar(path: Path, payload: Payload, run_id: str, tar: str | None = None) -> Sidecar:
