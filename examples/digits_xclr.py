@@ -9,9 +9,16 @@ All three objectives are xclr_loss with different target graphs (augmentation, c
 and share the CNN, augmentations, optimiser, step budget and seeds. Each encoder is scored by
 kNN accuracy (k=5, cosine) of held-out images against the training images.
 
+--ddp N trains each encoder on N CPU processes (torch.distributed, gloo) the way a multi-GPU
+trainer does: DistributedDataParallel, each rank holding its share of every batch of 128
+(N x 128 // N images), all-gathering the embeddings (with gradients) and the sample ids
+(labels for SupCon), and taking its own rows of the targets against the gathered batch,
+so every row's negatives are the whole batch's.
+
     pip install scikit-learn
     python examples/digits_xclr.py                       # 3 objectives x 3 seeds, ~3-5 min
     python examples/digits_xclr.py --run runs/digits --epochs 5 --seeds 0  # quicker
+    python examples/digits_xclr.py --ddp 2               # the same on 2 processes
     python examples/digits_xclr.py --loader webdataset   # X-CLR streamed from tar shards
 
 With `--loader webdataset` (pip install webdataset), the training images are written as a
@@ -24,11 +31,15 @@ no store in the training process.
 from __future__ import annotations
 
 import argparse
+import json
+import tempfile
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, Subset, TensorDataset
@@ -113,31 +124,108 @@ def knn_accuracy(model: Encoder, x: torch.Tensor, y: torch.Tensor, train: np.nda
 def train(objective: str, x: torch.Tensor, y: torch.Tensor, train_idx: np.ndarray,
           targets: SoftTargets | None, seed: int, epochs: int, batch_size: int = 128,
           tau: float = 0.2) -> Encoder:
+    """One encoder. Under torch.distributed (--ddp) each rank trains on its share of every
+    batch against the batch gathered from all ranks; otherwise on the whole batch."""
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    rank = dist.get_rank() if world > 1 else 0
+    share = batch_size // world  # this rank's images of each batch
     torch.manual_seed(seed)
-    gen = torch.Generator().manual_seed(seed)
-    model = Encoder()
+    gen = torch.Generator().manual_seed(seed * 1000 + rank)  # its own augmentations
+    encoder = Encoder()
+    model = nn.parallel.DistributedDataParallel(encoder) if world > 1 else encoder
     opt = torch.optim.Adam(model.parameters(), lr=2e-3)
     images = TensorDataset(x, y)
     if targets is not None:  # items: (image, label, sample), joined by the run's image ids
         # build_run's TSV holds each image's index as its id; a TSV's ids are text
         images = WithNodes(images, run=targets.run, ids=[str(i) for i in range(len(y))])
-    loader = DataLoader(Subset(images, train_idx), batch_size=batch_size, shuffle=True,
+    # every rank draws the same batches (one seed) and keeps its share of each
+    loader = DataLoader(Subset(images, train_idx), batch_size=share * world, shuffle=True,
                         drop_last=True, generator=torch.Generator().manual_seed(seed))
+    mine = slice(rank * share, (rank + 1) * share)
     for _ in range(epochs):
         model.train()
         for img, label, *sample in loader:
+            img, label, sample = img[mine], label[mine], [s[mine] for s in sample]
             z = model(torch.cat([augment(img, gen), augment(img, gen)]))
-            if objective == "simclr":
-                t = simclr_targets(len(img))
-            elif objective == "supcon":
-                t = supcon_targets(label, views=2)
+            if world == 1:
+                if objective == "simclr":
+                    t = simclr_targets(len(img))
+                elif objective == "supcon":
+                    t = supcon_targets(label, views=2)
+                else:
+                    t = targets(sample[0], views=2)
+                loss = xclr_loss(z, t, tau=tau)
             else:
-                t = targets(sample[0], views=2)
-            loss = xclr_loss(z, t, tau=tau)
+                # this rank's rows sit at rank * share among the gathered columns
+                at = rank * share
+                if objective == "simclr":
+                    t = simclr_targets(share, columns=share * world, self_at=at)
+                elif objective == "supcon":
+                    t = supcon_targets(label, views=2, columns=gather_ids(label), self_at=at)
+                else:
+                    t = targets(sample[0], views=2, columns=gather_ids(sample[0]), self_at=at)
+                loss = xclr_loss(z, t, tau=tau, keys=gather_views(z, 2), self_at=at, views=2)
             opt.zero_grad()
-            loss.backward()
+            loss.backward()  # DDP averages the ranks' gradients: the whole batch's gradient
             opt.step()
-    return model
+    return encoder
+
+
+def gather_ids(local: torch.Tensor) -> torch.Tensor:
+    """Every rank's ids (sample indices or labels), in rank order: a tensor all-gather."""
+    out = [torch.empty_like(local) for _ in range(dist.get_world_size())]
+    dist.all_gather(out, local)
+    return torch.cat(out)
+
+
+def gather_views(z: torch.Tensor, views: int) -> torch.Tensor:
+    """Every rank's embeddings, view by view over the whole batch ([view 1 of rank 0, rank 1,
+    ...; view 2 of ...]), with gradients flowing back to the rank that owns each row."""
+    from torch.distributed.nn.functional import all_gather
+
+    with warnings.catch_warnings():  # torch 2.13 names a successor; this one runs on 2.4+
+        warnings.simplefilter("ignore", FutureWarning)
+        return torch.cat([torch.cat(all_gather(part)) for part in z.chunk(views)])
+
+
+def run_all(args: argparse.Namespace, x: torch.Tensor, y: torch.Tensor,
+            train_idx: np.ndarray, test_idx: np.ndarray,
+            targets: SoftTargets | None) -> dict[str, list[float]]:
+    """Every objective and seed; prints a line per encoder (rank 0 only under --ddp)."""
+    results: dict[str, list[float]] = {}
+    show = not dist.is_initialized() or dist.get_rank() == 0
+    for objective in args.objectives:
+        for seed in args.seeds:
+            t0 = time.perf_counter()
+            model = train(objective, x, y, train_idx, targets, seed, args.epochs)
+            acc = knn_accuracy(model, x, y, train_idx, test_idx)
+            results.setdefault(objective, []).append(acc)
+            if show:
+                print(f"  {objective:7s} seed {seed}: kNN acc {acc:.4f} "
+                      f"({time.perf_counter() - t0:.1f}s)", flush=True)
+    return results
+
+
+def ddp_rank(rank: int, world: int, args: argparse.Namespace, rendezvous: str) -> None:
+    """One process of --ddp: joins the group, trains every encoder, rank 0 saves the results."""
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{rendezvous}", rank=rank,
+                            world_size=world)
+    x, y, train_idx, test_idx = load_data(args)
+    targets = SoftTargets.from_run(args.run, tau_s=args.tau_s) \
+        if "xclr" in args.objectives else None
+    results = run_all(args, x, y, train_idx, test_idx, targets)
+    if rank == 0:
+        Path(rendezvous + ".json").write_text(json.dumps(results))
+    dist.destroy_process_group()
+
+
+def load_data(args: argparse.Namespace) -> tuple[torch.Tensor, torch.Tensor, np.ndarray,
+                                                  np.ndarray]:
+    x, y, train_idx, test_idx = load_digits_split()
+    if args.limit:
+        train_idx = train_idx[:args.limit]
+    return x, y, train_idx, test_idx
 
 
 def write_digit_shards(root: Path, x: torch.Tensor, y: torch.Tensor, index: np.ndarray,
@@ -246,32 +334,38 @@ def main(argv: list[str] | None = None) -> dict[str, list[float]]:
     ap.add_argument("--objectives", nargs="+", default=list(OBJECTIVES), choices=OBJECTIVES)
     ap.add_argument("--tau-s", type=float, default=0.05, help="temperature of the targets")
     ap.add_argument("--limit", type=int, default=None, help="train on this many images only")
+    ap.add_argument("--ddp", type=int, default=1, metavar="N",
+                    help="train on N CPU processes with gathered negatives (gloo)")
     ap.add_argument("--loader", choices=("tensor", "webdataset"), default="tensor",
                     help="webdataset: X-CLR only, streamed from tar shards with sidecars")
     args = ap.parse_args(argv)
     if args.loader == "webdataset":
+        if args.ddp > 1:
+            ap.error("--loader webdataset trains on one process; drop --ddp")
         return main_streamed(args)
+    if not 1 <= args.ddp <= 128:
+        ap.error(f"--ddp takes 1 to 128 processes (a batch of 128 split among them), "
+                 f"got {args.ddp}")
 
     torch.set_num_threads(1)  # a tiny CNN: thread sync costs more than it saves
-    x, y, train_idx, test_idx = load_digits_split()
-    if args.limit:
-        train_idx = train_idx[:args.limit]
-    targets = None
-    if "xclr" in args.objectives:
-        if not (args.run / "graph" / "_meta.json").exists():
-            build_run(args.run, y)
-        targets = SoftTargets.from_run(args.run, tau_s=args.tau_s)
+    x, y, train_idx, test_idx = load_data(args)
+    if "xclr" in args.objectives and not (args.run / "graph" / "_meta.json").exists():
+        build_run(args.run, y)
+    batch = f"batch {128 // args.ddp * args.ddp} ({args.ddp} processes)" if args.ddp > 1 \
+        else "batch 128"
     print(f"digits: {len(train_idx)} train / {len(test_idx)} held-out images, "
-          f"{args.epochs} epochs, batch 128, seeds {args.seeds}")
-    results: dict[str, list[float]] = {}
-    for objective in args.objectives:
-        for seed in args.seeds:
-            t0 = time.perf_counter()
-            model = train(objective, x, y, train_idx, targets, seed, args.epochs)
-            acc = knn_accuracy(model, x, y, train_idx, test_idx)
-            results.setdefault(objective, []).append(acc)
-            print(f"  {objective:7s} seed {seed}: kNN acc {acc:.4f} "
-                  f"({time.perf_counter() - t0:.1f}s)", flush=True)
+          f"{args.epochs} epochs, {batch}, seeds {args.seeds}", flush=True)
+    if args.ddp > 1:
+        import torch.multiprocessing as mp
+
+        with tempfile.TemporaryDirectory() as tmp:
+            rendezvous = str(Path(tmp) / "rendezvous")
+            mp.spawn(ddp_rank, args=(args.ddp, args, rendezvous), nprocs=args.ddp, join=True)
+            results = json.loads(Path(rendezvous + ".json").read_text())
+    else:
+        targets = SoftTargets.from_run(args.run, tau_s=args.tau_s) \
+            if "xclr" in args.objectives else None
+        results = run_all(args, x, y, train_idx, test_idx, targets)
     print("kNN accuracy (k=5) on the held-out split, mean ± std over seeds:")
     for objective, accs in results.items():
         print(f"  {objective:7s} {np.mean(accs):.4f} ± {np.std(accs):.4f}  "
@@ -283,9 +377,7 @@ def main_streamed(args: argparse.Namespace) -> dict[str, list[float]]:
     """--loader webdataset: X-CLR trained from tar shards and their sidecars (built under
     RUN-wds/ if absent), scored as main() scores it."""
     torch.set_num_threads(1)
-    x, y, train_idx, test_idx = load_digits_split()
-    if args.limit:
-        train_idx = train_idx[:args.limit]
+    x, y, train_idx, test_idx = load_data(args)
     root = args.run.parent / f"{args.run.name}-wds"
     shards, run, sidecars = export_digit_shards(root, x, y, train_idx)
     print(f"digits from {len(list(shards.glob('*.tar')))} tar shards in {shards}: "

@@ -1,8 +1,10 @@
 """Shared fixtures. Real text comes from tests/data (the repository's own fixture); the few
-tests that need ../shared/data's size skip without it and say so."""
+tests that need ../shared/data's size skip without it and say so. Tests marked `gpu` skip
+without CUDA ("no CUDA")."""
 
 from __future__ import annotations
 
+import functools
 import os
 import subprocess
 import sys
@@ -16,7 +18,23 @@ COCO = FIXTURES / "coco_val2017_captions_3k.tsv"  # the first 3,000 COCO val2017
 SHARED = REPO.parent / "shared" / "data"
 STS_TEST = SHARED / "sts" / "stsb_sts-test.csv"
 
-needs_shared = pytest.mark.skipif(not SHARED.is_dir(), reason="../shared/data is not present")
+needs_shared = pytest.mark.skipif(not SHARED.is_dir(),
+                                  reason=f"no ../shared: {SHARED} is not present")
+
+
+@functools.cache
+def cuda_available() -> bool:
+    try:
+        import torch
+    except ImportError:
+        return False
+    return torch.cuda.is_available()
+
+
+def pytest_runtest_setup(item):
+    """A test marked `gpu` needs CUDA; torch is imported only when such a test runs."""
+    if item.get_closest_marker("gpu") and not cuda_available():
+        pytest.skip("no CUDA: a GPU test (benchmarks/gpu_check.sh runs them on a GPU machine)")
 
 
 def write(path: Path, text: str) -> Path:

@@ -29,9 +29,10 @@ def why_not_available() -> str | None:
     missing = [d for d in DAEMONS if shutil.which(d) is None
                and not Path("/usr/sbin", d).exists()]
     if missing:
-        return f"not installed: {', '.join(missing)} (apt-get install slurm-wlm munge)"
+        return (f"no SLURM: {', '.join(missing)} not installed (apt-get install slurm-wlm "
+                "munge; ./dev.sh test does it as root)")
     if os.geteuid() != 0:
-        return "slurmd must run as root to launch jobs"
+        return "not root: slurmd must run as root to launch jobs"
     return None
 
 

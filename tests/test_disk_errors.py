@@ -13,7 +13,8 @@ import zarr
 
 from tests.conftest import caption_manifest, coco_subset, graphbuild, one_error
 
-pytestmark = [pytest.mark.skipif(os.geteuid() != 0, reason="mounts need root")]
+pytestmark = [pytest.mark.skipif(os.geteuid() != 0,
+                                 reason="not root: the tmpfs and bind mounts need root")]
 
 
 def mount(*args: str) -> None:

@@ -1,4 +1,5 @@
-"""The exact blocked search against a plain in-memory brute force (no I/O)."""
+"""The exact blocked search against a plain in-memory brute force (no I/O), on the CPU and,
+marked `gpu`, on CUDA (fp16 products there)."""
 
 from __future__ import annotations
 
@@ -31,18 +32,18 @@ def clustered(n: int, d: int, seed: int = 0) -> np.ndarray:
     return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float16)
 
 
-@pytest.fixture(params=["compiled", "torch"])
+@pytest.fixture(params=["compiled", "torch", pytest.param("cuda", marks=pytest.mark.gpu)])
 def candidates(request, monkeypatch):
-    """Every search test runs with the compiled candidate buffers (CPU) and with the torch
-    ones (CUDA's, here on the CPU)."""
+    """Every search test runs with the compiled candidate buffers (CPU), with the torch ones
+    on the CPU, and on CUDA (torch's, fp16 products). Gives the device to search on."""
     from graphbuild.graph import exact
 
     monkeypatch.setattr(exact, "COMPILED_ON_CPU", request.param == "compiled")
-    return request.param
+    return "cuda" if request.param == "cuda" else "cpu"
 
 
-def run(x16, k, rows=None, **kw):
-    blocks = list(blocked_topk(x16, k, rows, device="cpu", **kw))
+def run(x16, k, rows=None, device="cpu", **kw):
+    blocks = list(blocked_topk(x16, k, rows, device=device, **kw))
     return np.concatenate([b[1] for b in blocks]), np.concatenate([b[2] for b in blocks])
 
 
@@ -50,7 +51,7 @@ def run(x16, k, rows=None, **kw):
 def test_equals_brute_force(block_rows, candidates):
     x16 = clustered(1500, 48)
     ref_i, ref_s = brute_force(x16, 10)
-    ids, sims = run(x16, 10, block_rows=block_rows)
+    ids, sims = run(x16, 10, block_rows=block_rows, device=candidates)
     assert np.array_equal(sims, ref_s)
     assert np.array_equal(ids, ref_i)
 
@@ -59,7 +60,7 @@ def test_row_ranges_use_plain_products_for_other_rows(candidates):
     x16 = clustered(1200, 32, seed=1)
     ref_i, ref_s = brute_force(x16, 7)
     for rows in (range(400), range(400, 1000), range(1000, 1200), range(5, 6)):
-        ids, sims = run(x16, 7, rows, block_rows=128)
+        ids, sims = run(x16, 7, rows, block_rows=128, device=candidates)
         assert np.array_equal(sims, ref_s[rows.start:rows.stop])
         assert np.array_equal(ids, ref_i[rows.start:rows.stop])
 
@@ -84,7 +85,7 @@ def test_rows_let_go_while_multiplying_and_reloaded_to_rerank():
 def test_small_capacity_falls_back_and_stays_exact(candidates):
     x16 = clustered(600, 16, seed=2)
     ref_i, ref_s = brute_force(x16, 12)
-    ids, sims = run(x16, 12, block_rows=100, capacity=12)
+    ids, sims = run(x16, 12, block_rows=100, capacity=12, device=candidates)
     assert np.array_equal(sims, ref_s)
     assert np.array_equal(ids, ref_i)
 
@@ -92,14 +93,14 @@ def test_small_capacity_falls_back_and_stays_exact(candidates):
 def test_dense_graph_k_is_n_minus_one(candidates):
     x16 = clustered(50, 8, seed=3)
     ref_i, ref_s = brute_force(x16, 49)
-    ids, sims = run(x16, 49, block_rows=16)
+    ids, sims = run(x16, 49, block_rows=16, device=candidates)
     assert np.array_equal(sims, ref_s) and np.array_equal(ids, ref_i)
 
 
 def test_ties_broken_by_smaller_id(candidates):
     x = np.zeros((6, 4), np.float16)
     x[:, 0] = 1  # all identical: every sim is 1, so neighbours are the other ids in order
-    ids, sims = run(x, 3, block_rows=4)
+    ids, sims = run(x, 3, block_rows=4, device=candidates)
     assert ids.tolist() == [[1, 2, 3], [0, 2, 3], [0, 1, 3], [0, 1, 2], [0, 1, 2], [0, 1, 2]]
     assert (sims == 1).all()
 

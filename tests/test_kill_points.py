@@ -1,7 +1,8 @@
 """SIGKILL `embed`, `knn` and `run` at many points on real captions; each rerun must finish with
 the same bytes as an uninterrupted run, and no marker may ever vouch for partial data.
 
-Kill points are named hooks (graphbuild/faults.py), plus a few timed kills at seeded delays.
+Kill points are named hooks (graphbuild/faults.py), plus a few timed kills at seeded moments
+inside the phases of an uninterrupted run, each checked to have landed while the run was working.
 """
 
 from __future__ import annotations
@@ -53,6 +54,25 @@ def tree_bytes(root: Path) -> dict[str, bytes]:
     return out
 
 
+# Files that appear, in this order, as `graphbuild run` works (RUN: one embed chunk, one knn
+# shard), and the phase each one starts; graph/_meta.json ends the work.
+MILESTONES = {
+    "_state/embed/shard-00000-of-00001.lock": "loading the model",
+    "embeddings.zarr/zarr.json": "encoding",
+    "_state/knn/params.json": "searching",
+    "graph/_meta.json": "finishing",
+}
+FINISHED = "graph/_meta.json"
+POLL = 0.002
+
+
+def start_run(manifest: Path, out: Path) -> subprocess.Popen:
+    env = {k: v for k, v in os.environ.items() if k != "GRAPHBUILD_KILL_AT"}
+    argv = [a.format(manifest=manifest, out=out) for a in RUN]
+    return subprocess.Popen([sys.executable, "-m", "graphbuild", *argv], env=env, cwd=REPO,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
     """Inputs, and reference runs nobody interrupted."""
@@ -66,9 +86,18 @@ def world(tmp_path_factory):
         assert cli(args, out=tmp / name).returncode == 0
         refs[name] = tree_bytes(tmp / name)
     ran = tmp / "ran"
-    assert cli(RUN, manifest=manifest, out=ran).returncode == 0
+    p, timeline = start_run(manifest, ran), {}
+    while True:
+        exited = p.poll() is not None
+        timeline.update((name, time.monotonic()) for name in MILESTONES
+                        if name not in timeline and (ran / name).exists())
+        if exited:
+            break
+        time.sleep(POLL)
+    assert p.returncode == 0 and list(timeline) == list(MILESTONES), timeline
     refs["run"] = tree_bytes(ran)
-    return {"tmp": tmp, "manifest": manifest, "embedded": embedded, "refs": refs}
+    return {"tmp": tmp, "manifest": manifest, "embedded": embedded, "refs": refs,
+            "timeline": timeline}
 
 
 def check_markers_vouch(run: Path, ref: dict[str, bytes]) -> None:
@@ -156,17 +185,42 @@ def test_kill_then_rerun(world, tmp_path, stage, point):
     check_same_and_whole(out, ref)
 
 
+def kill_mid_run(manifest: Path, out: Path, milestone: str, delay: float) -> str:
+    """SIGKILL `graphbuild run` `delay` seconds after `milestone` appears, and make sure the
+    kill landed while it was working (alive, its graph not finished). A kill that came too
+    late is no test of a killed run: the run is started again with a quarter of the delay, a
+    few times, then the test fails. Returns where the kill landed."""
+    for _ in range(3):
+        p = start_run(manifest, out)
+        deadline = time.monotonic() + 300
+        while not (out / milestone).exists():
+            assert p.poll() is None, f"the run exited ({p.returncode}) before {milestone}"
+            assert time.monotonic() < deadline, f"{milestone} never appeared"
+            time.sleep(POLL)
+        time.sleep(delay)
+        p.send_signal(signal.SIGKILL)
+        p.wait()
+        if p.returncode == -signal.SIGKILL and not (out / FINISHED).exists():
+            reached = [n for n in MILESTONES if (out / n).exists()]
+            return f"{delay:.3f}s after {milestone}, while {MILESTONES[reached[-1]]}"
+        shutil.rmtree(out)  # finished (or exited) before the kill: not a mid-run kill
+        delay /= 4
+    pytest.fail(f"no kill landed mid-run: the run finished within {4 * delay:.3f}s of "
+                f"{milestone}")
+
+
 @pytest.mark.parametrize("seed", [1, 2, 3])
 def test_timed_kill_of_run(world, tmp_path, seed):
-    """SIGKILL `graphbuild run` at a seeded moment, wherever it happens to be."""
+    """SIGKILL `graphbuild run` at a seeded moment inside one of its phases (seed 1: loading
+    the model, 2: encoding, 3: searching), placed by the phase's length in the uninterrupted
+    run, wherever in the code that happens to be."""
     out = tmp_path / "run"
-    env = {k: v for k, v in os.environ.items() if k != "GRAPHBUILD_KILL_AT"}
-    argv = [a.format(manifest=world["manifest"], out=out) for a in RUN]
-    p = subprocess.Popen([sys.executable, "-m", "graphbuild", *argv], env=env, cwd=REPO,
-                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    time.sleep(random.Random(seed).uniform(3.0, 9.0))
-    p.send_signal(signal.SIGKILL)
-    p.wait()
+    names = list(MILESTONES)
+    start, end = names[seed - 1], names[seed]
+    length = world["timeline"][end] - world["timeline"][start]
+    landed = kill_mid_run(world["manifest"], out, start,
+                          random.Random(seed).uniform(0.1, 0.6) * length)
+    print(f"killed {landed}")
     check_markers_vouch(out, world["refs"]["run"])
     rerun = cli(RUN, manifest=world["manifest"], out=out)
     assert rerun.returncode == 0, rerun.stderr[-2000:]

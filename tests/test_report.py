@@ -54,7 +54,7 @@ def test_report_is_self_contained(report):
 
 def test_report_renders_in_headless_chromium(report, tmp_path):
     if not CHROMIUM.exists():
-        pytest.skip(f"{CHROMIUM} is not installed (dev.sh test installs it as root)")
+        pytest.skip(f"no chromium: {CHROMIUM} is not installed (./dev.sh test installs it as root)")
     from PIL import Image
 
     shot = tmp_path / "shot.png"

@@ -92,7 +92,7 @@ def test_resubmission_lists_only_unfinished_shards(tmp_path):
 def cluster(tmp_path_factory):
     reason = why_not_available()
     if reason:
-        pytest.skip(f"no SLURM cluster: {reason}")
+        pytest.skip(reason)
     c = SlurmCluster(tmp_path_factory.mktemp("slurm"))
     c.start()
     yield c

@@ -102,7 +102,7 @@ REAL = [  # manifests over the real caption files, with the columns an embed rea
 @pytest.mark.parametrize("path,columns,options", REAL, ids=[r[0].split("/")[1] for r in REAL])
 def test_real_files_read_as_whole(tmp_path, path, columns, options):
     if not (SHARED / path).exists():
-        pytest.skip("../shared/data is not present")
+        pytest.skip(f"no ../shared: {SHARED / path} is not present")
     extra = "".join(f", {k}: {v}" for k, v in options.items())
     ds = load_manifest(write(tmp_path / "m.yaml",
                              f"name: t\nsource: {{path: {SHARED / path}{extra}}}\n{columns}\n"))

@@ -100,7 +100,7 @@ def test_rows_handed_in_are_refused_when_they_cannot_be_a_batchs(stored):
             targets_from_rows(r, n, tau_s=TAU_S)
     twin = np.r_[nodes, nodes[2]]
     other = torch.cat([rows, rows[3:4]])  # node of item 2, row of item 3
-    with pytest.raises(GraphbuildError, match="items 2 and 8 are of node .* rows differ"):
+    with pytest.raises(GraphbuildError, match="rows 2 and 8 are of node .* but differ"):
         targets_from_rows(other, twin, tau_s=TAU_S)
     for bad, message in (({"tau_s": 0.0}, "tau_s must be > 0"),
                          ({"tau_s": TAU_S, "views": 0}, "views must be an int >= 1"),

@@ -88,21 +88,24 @@ class Graph:
         mean = (np.exp(z - top) * weights).sum(1) / weights.sum()
         return (tau_s * (np.log(mean) + top[:, 0])).astype(np.float32)
 
-    def pairs(self, nodes: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Pairs (a, b, sim) of positions in `nodes` (distinct node ids) where node b is in
-        node a's stored row: one direction each, as stored."""
+    def pairs(self, nodes: np.ndarray,
+              among: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Pairs (a, b, sim) of positions in `nodes` and in `among` (each distinct node ids;
+        among=None: `nodes` itself) where node among[b] is in node nodes[a]'s stored row:
+        one direction each, as stored."""
         indptr, indices, sims = self.csr
         nodes = np.asarray(nodes, np.int64)
+        among = nodes if among is None else np.asarray(among, np.int64)
         starts, stops = indptr[nodes], indptr[nodes + 1]
         counts = stops - starts
         row = np.repeat(np.arange(len(nodes)), counts)
         # flat positions of all edges of the batch's rows, without a Python loop
         flat = np.arange(counts.sum()) - np.repeat(np.cumsum(counts) - counts, counts)
         flat += np.repeat(starts, counts)
-        order = np.argsort(nodes, kind="stable")
-        sorted_nodes = nodes[order]
+        order = np.argsort(among, kind="stable")
+        sorted_nodes = among[order]
         pos = np.searchsorted(sorted_nodes, indices[flat])
-        pos = np.minimum(pos, len(nodes) - 1)
+        pos = np.minimum(pos, len(among) - 1)
         hit = sorted_nodes[pos] == indices[flat]
         return row[hit], order[pos[hit]], sims[flat[hit]]
 

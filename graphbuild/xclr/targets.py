@@ -1,4 +1,5 @@
-"""X-CLR soft targets for a batch: exact from the stored rows, or from the top-k graph.
+"""X-CLR soft targets for a batch, over itself or over other columns (a batch gathered across
+ranks, a queue): exact from the stored rows, or from the top-k graph.
 
 Imports numpy, pyarrow and torch only (no zarr, polars, faiss or sentence-transformers), keeps
 no global state, and every object is picklable and opens its files lazily, so it works in
@@ -46,12 +47,23 @@ every row that has any (cos(t_i, t_i) = 1 is the row's largest); either mismatch
 Two views. targets(idx, views=2) is (2B, 2B) for embeddings stacked [view 1; view 2]: each
 sample's other view is a same-node pair (cos = 1).
 
+Columns. targets(idx, columns=cols, self_at=...) is (B, C): each row's softmax runs over the
+column samples instead (a rank's samples against the batch gathered from every rank, or
+queries against keys and a queue), in both modes, with views tiling both axes view by view
+and -1 in either. Where a row sits among the columns is stated, never guessed: self_at=o
+(row i is column o + i), one column per row (-1: none), or None (no row's own item is
+among them). Under "mask" that column, in the row's own view, is left out; every other
+column of its sample or node has cos = 1. self_at is checked against the samples: a row's
+column must hold its sample. xclr_loss(z, t, keys=k, self_at=..., views=...) is the loss.
+
 Loss dtype. xclr_loss computes in float64 for float64 embeddings (torch.autograd.gradcheck
 holds) and in float32 otherwise, bf16 and fp16 included (under autocast too).
 
-Errors (one-line GraphbuildError): sample indices that are float, bool, out of range or
-empty; views < 1; k < 1 in graph mode; tau_s or tau <= 0; an empty batch, targets of
-another shape, or targets with NaN, inf or negative entries in xclr_loss.
+Errors (one-line GraphbuildError): sample or column indices that are float, bool, out of
+range or empty; views < 1; k < 1 in graph mode; tau_s or tau <= 0; columns without self_at,
+a self_at out of range, putting two rows at one column or a row at another sample's column;
+under "mask", more rows than columns; an empty batch, targets of another shape (or, against
+keys, other views), or targets with NaN, inf or negative entries in xclr_loss.
 """
 
 from __future__ import annotations
@@ -67,13 +79,24 @@ from graphbuild.rundir.paths import RunDir
 from graphbuild.rundir.samples import check_nodes_fit, check_store_matches_tables, read_sample_nodes
 from graphbuild.rundir.store import StoredRows
 from graphbuild.xclr.data import NO_TARGET
-from graphbuild.xclr.exact import RowsAt, exact_logits, exact_targets, gram, shared_pairs
+from graphbuild.xclr.exact import (
+    RowsAt,
+    exact_cross_targets,
+    exact_logits,
+    exact_targets,
+    gram,
+    matching_pairs,
+    shared_pairs,
+)
 from graphbuild.xclr.graph import Graph
 from graphbuild.xclr.layout import (
     DIAGONALS,
+    UNSTATED,
     check_choice,
     check_tau,
     check_views,
+    cross_targets,
+    self_positions,
     square_targets,
 )
 
@@ -147,40 +170,77 @@ class SoftTargets:
             self._nodes = nodes
         return self._nodes
 
-    def __call__(self, idx, views: int = 1) -> torch.Tensor:
+    def __call__(self, idx, views: int = 1, *, columns=None,
+                 self_at=UNSTATED) -> torch.Tensor:
+        """Targets of samples `idx` (-1: no target) over themselves, (views*B, views*B); or,
+        with `columns` (samples too, e.g. the batch gathered from every rank, or keys and a
+        queue), over those columns, (views*B, views*C): softmax_j over the columns j.
+
+        Views tile both axes view by view: items [view 1 of idx; view 2 of idx; ...] against
+        [view 1 of columns; view 2 of columns; ...]. self_at states where the rows sit among
+        the columns, never guessed: an int o (row sample i is column sample o + i, e.g.
+        rank * B of a gathered batch), one column position per row (-1: not among them), or
+        None (no row's own item is among the columns, e.g. queries against another encoder's
+        keys). Under diagonal="mask" a row's own column (in its own view) is left out, under
+        "keep" it is kept; any other column of the same sample or node (another view, a
+        repeat in a queue) has cos 1. self_at is checked: each row's column must hold its
+        sample."""
         idx = self._samples(idx, allow_no_target=True)
         views = check_views(views)
-        nodes = np.where(idx == NO_TARGET, NO_TARGET, self.sample_nodes[idx])
+        nodes = self._nodes_of(idx)
+        scale = 1.0 / self.tau_s
+        if columns is None:
+            if self_at is not UNSTATED:
+                raise GraphbuildError("SoftTargets: self_at is for rows against columns; give "
+                                      "columns too")
+            if self.mode == "exact":
+                return exact_targets(nodes, self._store_rows(nodes), tau_s=self.tau_s,
+                                     diagonal=self.diagonal, views=views, dtype=self.dtype,
+                                     device=self.device)
+            return square_targets(
+                nodes, lambda keep: self._graph_logits(nodes if keep is None else nodes[keep],
+                                                       scale),
+                views=views, diagonal=self.diagonal, device=self.device)
+        cols = self._samples(columns, allow_no_target=True, what="column sample")
+        own = self_positions(self_at, idx, cols, self.diagonal, "SoftTargets")
+        col_nodes = self._nodes_of(cols)
         if self.mode == "exact":
-            return exact_targets(nodes, self._store_rows(nodes), tau_s=self.tau_s,
-                                 diagonal=self.diagonal, views=views, dtype=self.dtype,
-                                 device=self.device)
+            return exact_cross_targets(nodes, self._store_rows(nodes), col_nodes,
+                                       self._store_rows(col_nodes), own, tau_s=self.tau_s,
+                                       diagonal=self.diagonal, views=views, dtype=self.dtype,
+                                       device=self.device)
 
-        def logits_of(keep: np.ndarray | None) -> torch.Tensor:
-            return self._graph_logits(nodes if keep is None else nodes[keep], 1.0 / self.tau_s)
+        def logits_of(keep_r: np.ndarray | None, keep_c: np.ndarray | None) -> torch.Tensor:
+            return self._graph_cross_logits(nodes if keep_r is None else nodes[keep_r],
+                                            col_nodes if keep_c is None else col_nodes[keep_c],
+                                            scale)
 
-        return square_targets(nodes, logits_of, views=views, diagonal=self.diagonal,
-                              device=self.device)
+        return cross_targets(nodes, col_nodes, own, logits_of, views=views,
+                             diagonal=self.diagonal, device=self.device)
+
+    def _nodes_of(self, idx: np.ndarray) -> np.ndarray:
+        """The nodes of samples `idx` (checked), NO_TARGET where idx is."""
+        return np.where(idx == NO_TARGET, NO_TARGET, self.sample_nodes[idx])
 
     def sample_sims(self, idx) -> torch.Tensor:
         """(B, B) cosines between the texts of the given samples, float32 on `device`."""
         return self._scaled_sims(self._samples(idx, allow_no_target=False), 1.0)
 
-    def _samples(self, idx, allow_no_target: bool) -> np.ndarray:
+    def _samples(self, idx, allow_no_target: bool, what: str = "sample") -> np.ndarray:
         """The batch as int64 samples, refusing float, bool and out-of-range indices."""
         if isinstance(idx, torch.Tensor):
             idx = idx.detach().cpu().numpy()
         arr = np.asarray(idx)
         if arr.size == 0:
-            raise GraphbuildError("SoftTargets: empty batch (no sample indices)")
+            raise GraphbuildError(f"SoftTargets: empty batch (no {what} indices)")
         if arr.dtype.kind not in "iu":
-            raise GraphbuildError(f"SoftTargets: sample indices must be integers, got "
+            raise GraphbuildError(f"SoftTargets: {what} indices must be integers, got "
                                   f"{arr.dtype}")
         arr = arr.reshape(-1).astype(np.int64, copy=False)
         lo, n = (NO_TARGET if allow_no_target else 0), len(self.sample_nodes)
         if arr.min() < lo or arr.max() >= n:
             bad = int(arr[(arr < lo) | (arr >= n)][0])
-            raise GraphbuildError(f"{RunDir(self.run).samples}: sample index {bad} is out of "
+            raise GraphbuildError(f"{RunDir(self.run).samples}: {what} index {bad} is out of "
                                   f"range {lo}..{n - 1}" + (" (-1: no target)" if lo else ""))
         return arr
 
@@ -210,27 +270,50 @@ class SoftTargets:
         over the distinct nodes, expanded to the items."""
         uniq, inv = np.unique(nodes, return_inverse=True)
         if len(uniq) == len(nodes):  # no shared node: work in batch order, no expansion
-            return self._graph(nodes).mul_(scale)
-        sims = self._graph(uniq).mul_(scale)
+            return self._graph(nodes, nodes).mul_(scale)
+        sims = self._graph(uniq, uniq).mul_(scale)
         inv_t = torch.from_numpy(inv.reshape(-1)).to(sims.device)
         return sims.index_select(0, inv_t).index_select(1, inv_t)
 
-    def _graph(self, nodes: np.ndarray) -> torch.Tensor:
-        a, b, s = self.graph.pairs(nodes)
-        n = len(nodes)
+    def _graph_cross_logits(self, row_nodes: np.ndarray, col_nodes: np.ndarray,
+                            scale: float) -> torch.Tensor:
+        """scale * cosines from the graph of row items against column items (nodes >= 0)."""
+        r_nodes, r_inv = distinct(row_nodes)
+        c_nodes, c_inv = distinct(col_nodes)
+        sims = self._graph(r_nodes, c_nodes).mul_(scale)
+        if r_inv is not None:
+            sims = sims.index_select(0, torch.from_numpy(r_inv).to(sims.device))
+        if c_inv is not None:
+            sims = sims.index_select(1, torch.from_numpy(c_inv).to(sims.device))
+        return sims
+
+    def _graph(self, rows: np.ndarray, cols: np.ndarray) -> torch.Tensor:
+        """Cosines from the graph between distinct row nodes and distinct column nodes,
+        (n_r, n_c) float32, by the rule for pairs it does not hold."""
+        n_r, n_c = len(rows), len(cols)
         if self.rule == "kth":
-            kth = self.graph.kth_sims()[nodes]
-            out = np.minimum.outer(kth, kth).astype(np.float32)
+            kth = self.graph.kth_sims()
+            out = np.minimum.outer(kth[rows], kth[cols]).astype(np.float32)
         elif self.rule == "tail":  # row i's own estimate: targets are row distributions
             if self._tail is None:
                 self._tail = self.graph.tail_floors(self.tau_s)
-            out = np.repeat(self._tail[nodes][:, None], n, axis=1)
+            out = np.repeat(self._tail[rows][:, None], n_c, axis=1)
         else:
-            out = np.full((n, n), self.floor, np.float32)
-        held = np.full((n, n), -np.inf, np.float32)
+            out = np.full((n_r, n_c), self.floor, np.float32)
+        held = np.full((n_r, n_c), -np.inf, np.float32)
+        a, b, s = self.graph.pairs(rows, among=cols)  # column b in row a's stored row
         held[a, b] = s
-        held = np.maximum(held, held.T)
+        c, r, s = self.graph.pairs(cols, among=rows)  # row r in column c's stored row
+        held[r, c] = np.maximum(held[r, c], s)  # the two directions: the larger
         known = np.isfinite(held)
         out[known] = held[known]
-        np.fill_diagonal(out, 1.0)
+        a, b = matching_pairs(rows, cols)
+        out[a, b] = 1.0
         return torch.from_numpy(out).to(self.device)
+
+
+def distinct(nodes: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+    """(the distinct nodes, how to expand them to the items), or (nodes, None) if no two
+    items share a node."""
+    uniq, inv = np.unique(nodes, return_inverse=True)
+    return (nodes, None) if len(uniq) == len(nodes) else (uniq, inv.reshape(-1))
