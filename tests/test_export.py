@@ -5,6 +5,7 @@ and bad input as one line before any work."""
 from __future__ import annotations
 
 import io
+import json
 import os
 import shutil
 import subprocess
@@ -99,6 +100,39 @@ def test_keys_the_run_lacks_get_null_rows_and_are_counted(digits, tmp_path):
     assert t.column("embedding").null_count == 2
     again = graphbuild.export(run, like, tmp_path / "out", payload="fp16")
     assert (again.tars_exported, again.tars_skipped) == (0, 2)
+
+
+def test_rows_the_run_skipped_are_null_counted_and_shift_nothing(digits, tmp_path, monkeypatch,
+                                                                  capsys):
+    import graphbuild
+
+    shards, run, side = digits
+    blank = {"00005", "00398", "00400"}  # in the first tar, at its end, first of the second
+    lines = (run.parent / "captions.tsv").read_text().splitlines()
+    tsv = tmp_path / "c.tsv"
+    tsv.write_text("\n".join(f"{line.split(chr(9))[0]}\t " if line.split("\t")[0] in blank
+                             else line for line in lines) + "\n")
+    manifest = tmp_path / "m.yaml"
+    manifest.write_text(f"name: digits-captions\nsource: {{path: {tsv}, format: tsv}}\n"
+                        "id_column: key\ntext_column: caption\n"
+                        "templates: ['a photo of the digit {}.']\n")
+    graphbuild.embed(manifest, tmp_path / "run", precision="fp32", skip_bad_rows=True)
+    figures = json.loads((tmp_path / "run" / "run.json").read_text())["dataset"]["figures"]
+    assert (figures["samples"], figures["skipped_empty"]) == (1794, 3)
+    code, _out, err = cli_in_process(monkeypatch, capsys, "export", str(tmp_path / "run"),
+                                     "--like", str(shards), "--out", str(tmp_path / "out"),
+                                     "--payload", "fp16", "-q")
+    assert code == 0 and "(1797 samples, 3 without a sample in the run," in err, err
+    for name in ("digits-0000.parquet", "digits-0001.parquet"):
+        got, ref = pq.read_table(tmp_path / "out" / name), pq.read_table(side / name)
+        keys = got.column("key").to_pylist()
+        assert keys == ref.column("key").to_pylist()
+        gaps = [i for i, k in enumerate(keys) if k in blank]
+        assert [got.column("node")[i].as_py() for i in gaps] == [None] * len(gaps)
+        assert [got.column("embedding")[i].as_py() for i in gaps] == [None] * len(gaps)
+        kept = pa.array([k not in blank for k in keys])
+        # every other row holds the row of its own key (the captions' rows are the same)
+        assert got.column("embedding").filter(kept).equals(ref.column("embedding").filter(kept))
 
 
 def test_int8_and_pca_payloads_hold_what_they_say(digits, tmp_path):
@@ -204,6 +238,14 @@ def test_bad_input_is_one_line_before_any_work(digits, tmp_path, monkeypatch, ca
     write_tar(foreign / "a.tar", [(f"img{i}.txt", b"x") for i in range(5)])
     msg = error(run, "--like", foreign, "--out", out)
     assert "none of its first 5 keys" in msg and "id_column" in msg
+    mixed = tmp_path / "mixed"
+    mixed.mkdir()
+    shutil.copy(shards / "digits-0000.tar", mixed)
+    write_tar(mixed / "other.tar", [(f"img{i}.txt", b"x") for i in range(3)])
+    msg = error(run, "--like", mixed, "--out", out)
+    assert "other.tar: none of its first 3 keys (e.g. 'img0')" in msg and "move it out" in msg
+    assert not list(out.glob("*.parquet"))  # refused before any tar's sidecar
+    shutil.rmtree(out)
     for bad in ("fp8", "pca-0", "pca"):
         assert "--payload must be fp16, int8 or pca-N" in error(
             run, "--like", shards, "--out", out, "--payload", bad)

@@ -165,6 +165,11 @@ def test_the_trainer_refuses_sidecars_not_of_its_run_or_payload(coco_stream, dig
         SidecarJoin(out["fp16"], run=same_prov)
     with pytest.raises(GraphbuildError, match="holds payload int8 .* payload='fp16' was asked"):
         SidecarJoin(out["int8"], run=run, payload="fp16")
+    # rows of another sidecar directory's payload, handed to this join's targets
+    int8_rows = SidecarJoin(out["int8"], run=run).sidecar(str(shards / "coco-000.tar")).packed
+    with pytest.raises(GraphbuildError, match=r"^payload rows of 396 bytes, a fp16 row of dim "
+                       r"384 has 776: the batch is not of this sidecar directory$"):
+        SidecarJoin(out["fp16"], run=run).targets(int8_rows[:8], tau_s=0.1)
     # a sidecar copied in from another export: refused when the stream enters its tar
     mixed = tmp_path / "mixed"
     shutil.copytree(out["fp16"], mixed)

@@ -10,7 +10,9 @@ it never shifts another row, and is counted.
 Before any tar: the tars exist, the store is complete and of the run's tables, the payload
 fits the store, `out/_meta.json` (if any) is of this run and payload, and the first tar's
 first keys are sample ids of the run. Then, once per directory and under its lock: the PCA
-basis (pca-N), `_meta.json`, and the samples index (sidecars/index.py). Then each tar: keys,
+basis (pca-N), `_meta.json`, and the samples index (sidecars/index.py). Then, through the
+index, every tar still to export has a sample of the run among its first keys (a foreign tar
+is refused before any sidecar is written). Then each tar: keys,
 nodes, the rows gathered from the store (StoredRows, memory-mapped, each chunk's crc32c
 checked once), the sidecar written atomically, and a done marker after it
 (`out/_state/export/NAME.tar.done`) recording the tar's size and mtime, the sidecar's bytes,
@@ -108,9 +110,11 @@ def export_shard(run: str | Path, like: str | Path, out: str | Path, payload: st
     mine = tars[ours.start:ours.stop]
     result = ExportResult(shard, num_shards, out, spec.spec, ident.run_id, tars=len(mine))
     with file_lock(state_dir(out) / f"{shard_name(shard, num_shards)}.lock"):
+        todo = {t for t in mine if not _vouched(out, t, spec, ident.run_id)}
+        _probe_each(sorted(todo), index, run)
         reporter.start(len(mine), "tars")
         for tar in mine:
-            if _vouched(out, tar, spec, ident.run_id):
+            if tar not in todo:
                 result.tars_skipped += 1
             else:
                 n, missing, size = _export_tar(out, tar, index, rows, spec, basis, ident)
@@ -200,6 +204,17 @@ def _probe(tar: Path, run: Path) -> None:
             f"{run}; the run's manifest must take the tars' keys as its id_column")
 
 
+def _probe_each(tars: list[Path], index: SamplesIndex, run: Path) -> None:
+    """Refuse, before any tar is exported, a tar none of whose first keys is a sample of the
+    run (a foreign shard dropped among the dataset's)."""
+    for tar in tars:
+        keys = tar_keys(tar, limit=PROBE_KEYS)
+        if keys and not (index.nodes(keys) >= 0).any():
+            raise GraphbuildError(
+                f"{tar}: none of its first {len(keys)} keys (e.g. {keys[0]!r}) is a sample id "
+                f"of {run}; it is not a shard of the run's dataset: move it out of --like")
+
+
 def _vouched(out: Path, tar: Path, payload: Payload, run_id: str) -> bool:
     """The tar's marker still vouches for its sidecar: same tar (size, mtime), sidecar of
     the recorded size, same run and payload."""
@@ -223,9 +238,6 @@ def _export_tar(out: Path, tar: Path, index: SamplesIndex, rows: StoredRows, pay
     keys = tar_keys(tar)
     nodes = index.nodes(keys)
     have = nodes >= 0
-    if keys and not have.any():
-        raise GraphbuildError(f"{tar}: none of its {len(keys)} keys (e.g. {keys[0]!r}) is a "
-                              f"sample id of the run; it is not a shard of this dataset")
     if have.any() and nodes.max() >= rows.shape[0]:
         raise GraphbuildError(f"{index.path}: node {nodes.max()} is not a row of the store; "
                               "delete the index directory to have it rebuilt")
