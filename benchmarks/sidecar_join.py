@@ -7,7 +7,7 @@ included), so other jobs on the shared machine move them less than wall time; wa
 rates are printed beside them. The cost is 1 - rate with join / rate without, from the
 best and from the median pass.
 
-  captions  the 91,306-caption WebDataset of benchmarks/sidecar_payloads.py (10 tars of
+  captions  the 91,307-caption WebDataset of benchmarks/sidecar_payloads.py (10 tars of
             KEY.txt and KEY.json): tar reading, grouping, a 1,000-sample shuffle buffer,
             decoding text and JSON, batches of 256. No image work at all: the join's cost
             relative to the least a loader does.

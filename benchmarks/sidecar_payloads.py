@@ -2,7 +2,7 @@
 KL(exact || streamed) per row for each payload.
 
 The set: every caption in ../shared/data/captions (COCO val2017, Flickr8k, CC3M validation,
-a LAION-style img2dataset sample; 91,306 rows), keyed as img2dataset keys its samples
+a LAION-style img2dataset sample; 91,307 rows), keyed as img2dataset keys its samples
 (9 digits, 10,000 to a shard), embedded with the default model (bf16) and searched exactly
 for the top-16 graph (for the neighbour-aware batches). Its WebDataset: 10 tars of KEY.txt
 and KEY.json written by webdataset's ShardWriter (there are no images here; a sidecar's

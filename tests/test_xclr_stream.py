@@ -240,6 +240,41 @@ def test_ddp_ranks_stream_their_own_shards_with_exact_targets(coco_stream, tmp_p
     assert len(rank0) + len(rank1) == 3040 and rank0 and rank1
 
 
+def test_each_ranks_rows_against_every_ranks_batch_equal_exact(coco_stream):
+    """Two ranks, each streaming its own tars (explicit per-rank shard lists), gather their
+    payload rows as columns: each rank's targets are SoftTargets' rows of the whole batch."""
+    from graphbuild.xclr import SidecarJoin, SoftTargets
+
+    shards, run, out = coco_stream
+    samples = sample_of(run)
+    exact = SoftTargets.from_run(run)
+    join = SidecarJoin(out["fp16"], run=run, payload="fp16")
+    urls = sorted(str(p) for p in shards.glob("*.tar"))
+    B = 96
+
+    def rank_batches(rank: int):
+        pipeline = wds.DataPipeline(
+            wds.SimpleShardList(urls[rank::2]), wds.split_by_worker, wds.tarfile_to_samples(),
+            join,
+            wds.shuffle(300, rng=random.Random(rank)), wds.to_tuple("__key__", join.field),
+            wds.batched(B, partial=False))
+        return wds.WebLoader(pipeline, batch_size=None, num_workers=2)
+
+    steps = 0
+    seen: list[list[str]] = [[], []]
+    for (keys0, rows0), (keys1, rows1) in zip(rank_batches(0), rank_batches(1)):
+        every = torch.cat([rows0, rows1])  # what an all-gather of the uint8 rows gives
+        idx = [np.array([samples.get(k, -1) for k in keys]) for keys in (keys0, keys1)]
+        for rank, (keys, rows) in enumerate(((keys0, rows0), (keys1, rows1))):
+            got = join.targets(rows, tau_s=0.1, views=2, columns=every, self_at=rank * B)
+            want = exact(idx[rank], views=2, columns=np.concatenate(idx), self_at=rank * B)
+            assert got.shape == (2 * B, 4 * B) and same_bits(got, want)
+            seen[rank] += keys
+        steps += 1
+    assert steps >= 12 and all(len(set(s)) == len(s) for s in seen)  # each sample once
+    assert not set(seen[0]) & set(seen[1])  # each rank its own tars
+
+
 GUARD = """
 import importlib.abc, runpy, sys
 BLOCK = ("sentence_transformers", "transformers")

@@ -27,7 +27,9 @@ run holds no sample for carry node -1 (no target: a zero row and column).
 
 Workers and ranks. The join holds no state but its cache, so it pickles into each DataLoader
 worker, which reads the sidecars of its own tars; under DDP, each rank streams its own shards
-(wds.split_by_node) and joins them alike. webdataset itself is not imported here: the join is
+(wds.split_by_node) and joins them alike. For negatives from every rank, all-gather the
+batch's payload rows (a uint8 tensor, equal B on every rank) and pass them as `columns`,
+with `self_at=rank * B`: the rank's rows of the whole batch's targets. webdataset itself is not imported here: the join is
 a plain callable over an iterator of samples, so `import graphbuild.xclr` never needs it.
 
 Targets. `join.targets(batch, tau_s=...)` (or `payload_targets`) unpacks the batch's rows and
@@ -70,6 +72,7 @@ from graphbuild.rundir.sidecar import (
     unpack,
 )
 from graphbuild.xclr.exact import targets_from_rows
+from graphbuild.xclr.layout import UNSTATED
 
 log = logging.getLogger(__name__)
 FIELD = "__xclr__"
@@ -149,11 +152,13 @@ class SidecarJoin:
         return unpack(packed_batch(batch), self.payload)
 
     def targets(self, batch, *, tau_s: float, diagonal: str = "mask", views: int = 1,
-                dtype: torch.dtype = torch.float32,
-                device: str | torch.device = "cpu") -> torch.Tensor:
-        """(views*B, views*B) targets of a batch of this join's payload rows."""
+                dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
+                columns=None, self_at=UNSTATED) -> torch.Tensor:
+        """(views*B, views*B) targets of a batch of this join's payload rows; with `columns`
+        (payload rows too, e.g. every rank's batch gathered), (views*B, views*C)."""
         return payload_targets(batch, self.payload, tau_s=tau_s, diagonal=diagonal,
-                               views=views, dtype=dtype, device=device)
+                               views=views, dtype=dtype, device=device, columns=columns,
+                               self_at=self_at)
 
 
 def packed_batch(batch) -> np.ndarray:
@@ -177,9 +182,19 @@ def packed_batch(batch) -> np.ndarray:
 
 def payload_targets(batch, payload: Payload, *, tau_s: float, diagonal: str = "mask",
                     views: int = 1, dtype: torch.dtype = torch.float32,
-                    device: str | torch.device = "cpu") -> torch.Tensor:
+                    device: str | torch.device = "cpu", columns=None,
+                    self_at=UNSTATED) -> torch.Tensor:
     """Targets of a batch of payload rows of `payload` (module docstring): exact mode's for
-    fp16 rows, bit for bit."""
+    fp16 rows, bit for bit. `columns`: payload rows of the columns (under DDP, every rank's
+    batch in rank order, a uint8 tensor all-gather), with `self_at` as SoftTargets takes it:
+    the rows of SoftTargets(idx, columns=all_idx, self_at=...)."""
     nodes, rows = unpack(packed_batch(batch), payload)
+    if columns is None:
+        return targets_from_rows(torch.from_numpy(rows), nodes, tau_s=tau_s,
+                                 diagonal=diagonal, views=views, dtype=dtype, device=device,
+                                 self_at=self_at)
+    col_nodes, col_rows = unpack(packed_batch(columns), payload)
     return targets_from_rows(torch.from_numpy(rows), nodes, tau_s=tau_s, diagonal=diagonal,
-                             views=views, dtype=dtype, device=device)
+                             views=views, dtype=dtype, device=device,
+                             column_rows=torch.from_numpy(col_rows), column_nodes=col_nodes,
+                             self_at=self_at)
