@@ -17,9 +17,14 @@ best and from the median pass.
             an image trainer's loader does.
 
 The join reads each tar's sidecar when the stream enters it and attaches each sample's row
-as bytes; the rest of the pipeline is the same. Prints the table; asserts nothing.
+as bytes; the rest of the pipeline is the same. On a shared machine the difference of two
+loader rates moves by more than the join costs, so the join is also timed alone: its CPU
+time per sample over samples already read into memory (best of 5 passes over the set's
+first ALONE_TARS tars, each tar's sidecar read included), against the loader's CPU time
+per sample without it (its median pass). Prints the tables; asserts nothing.
 
     python benchmarks/sidecar_join.py [--workdir /tmp/graphbuild-sidecars] [--repeats 5]
+    python benchmarks/sidecar_join.py --alone     # the join timed alone, loaders once each
 """
 
 from __future__ import annotations
@@ -35,6 +40,7 @@ import torch
 
 JPEGS = 10_000
 JPEG_PER_TAR = 2_000
+ALONE_TARS = 2
 
 
 def jpeg_shards(workdir: Path, run: Path) -> tuple[Path, dict[str, Path]]:
@@ -92,10 +98,28 @@ def samples_per_s(pipeline) -> tuple[float, float, int]:
     return n / (time.process_time() - c0), n / (time.perf_counter() - t0), n
 
 
+def join_alone(urls: list[str], join) -> float:
+    """The join's CPU seconds per sample over the first ALONE_TARS tars' samples, read into
+    memory first (best of 5 passes, every sidecar read again in each)."""
+    import webdataset as wds
+
+    samples = list(wds.tarfile_to_samples()(iter([{"url": u} for u in urls[:ALONE_TARS]])))
+    best = float("inf")
+    for _ in range(5):
+        join._cache.clear()
+        c0 = time.process_time()
+        for _sample in join(iter(samples)):
+            pass
+        best = min(best, time.process_time() - c0)
+    return best / len(samples)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--workdir", type=Path, default=Path("/tmp/graphbuild-sidecars"))
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--alone", action="store_true",
+                    help="only the join timed alone against one pass of each loader")
     args = ap.parse_args()
     from graphbuild.xclr.stream import SidecarJoin
 
@@ -111,6 +135,18 @@ def main() -> None:
         "jpeg": ([str(p) for p in sorted(jpeg.glob("*.tar"))], ("jpg", "json"), "pil", True,
                  jpeg_sides),
     }
+    if args.alone:
+        print("the join alone, CPU us per sample (its sidecar reads included), against the "
+              "loader's without it (median of 3 passes); 2 CPU cores shared with other jobs")
+        for name, (urls, fields, decode, image, sidecars) in sets.items():
+            per = 1 / float(np.median([samples_per_s(loader(urls, None, fields, decode,
+                                                              image))[0] for _ in range(3)]))
+            for payload, d in sidecars.items():
+                alone = join_alone(urls, SidecarJoin(d, run=run))
+                print(f"{name:>9s} {payload:>5s}: join {alone * 1e6:6.2f} us, loader "
+                      f"{per * 1e6:8.2f} us a sample: {100 * alone / per:5.2f}% of the loader",
+                      flush=True)
+        return
     print(f"webdataset loader samples/s, one process (num_workers=0, torch 1 thread), "
           f"{args.repeats} passes each, alternating; 2 CPU cores shared with other jobs")
     print(f"{'loader':>9s} {'join':>5s} {'samples':>8s} | {'CPU: best':>10s} {'median':>8s} "
