@@ -100,7 +100,8 @@ def export_all(run: Path, shards: Path, workdir: Path) -> dict[str, dict]:
         seconds = time.perf_counter() - t0
         side = sum(p.stat().st_size for p in out.glob("*.parquet"))
         index = sum(p.stat().st_size for p in (out / "_index").glob("*"))
-        figures[payload] = {"seconds": seconds, "bytes": side, "index_bytes": index, "samples": r.samples}
+        figures[payload] = {"seconds": seconds, "bytes": side, "index_bytes": index,
+                            "samples": r.samples}
     return figures
 
 

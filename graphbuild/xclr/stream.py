@@ -29,8 +29,9 @@ Workers and ranks. The join holds no state but its cache, so it pickles into eac
 worker, which reads the sidecars of its own tars; under DDP, each rank streams its own shards
 (wds.split_by_node) and joins them alike. For negatives from every rank, all-gather the
 batch's payload rows (a uint8 tensor, equal B on every rank) and pass them as `columns`,
-with `self_at=rank * B`: the rank's rows of the whole batch's targets. webdataset itself is not imported here: the join is
-a plain callable over an iterator of samples, so `import graphbuild.xclr` never needs it.
+with `self_at=rank * B`: the rank's rows of the whole batch's targets. webdataset itself is
+not imported here: the join is a plain callable over an iterator of samples, so
+`import graphbuild.xclr` never needs it.
 
 Targets. `join.targets(batch, tau_s=...)` (or `payload_targets`) unpacks the batch's rows and
 runs targets_from_rows (xclr/exact.py), the function SoftTargets(mode="exact") goes through:
