@@ -1,6 +1,6 @@
-"""The Python API: graphbuild.embed, graphbuild.knn and graphbuild.run.
+"""The Python API: graphbuild.embed, graphbuild.knn, graphbuild.run and graphbuild.export.
 
-The commands `graphbuild embed | knn | run` are these functions behind flags: the same
+The commands `graphbuild embed | knn | run | export` are these functions behind flags: the same
 options under the same names, the same defaults (graphbuild/options.py) and the same one-line
 GraphbuildErrors for bad values, raised before a source is read or a model loaded. Each
 function runs one shard of a stage in this process (embedding/stage.py, graph/stage.py), or
@@ -24,6 +24,7 @@ if TYPE_CHECKING:
     from graphbuild.embedding.stage import EmbedConfig, ShardResult
     from graphbuild.graph.stage import KnnResult
     from graphbuild.prepare.manifest import Dataset
+    from graphbuild.sidecars.stage import ExportResult
 
     OnShard = Callable[[ShardResult | KnnResult], None]
 
@@ -135,6 +136,30 @@ def run(manifest: str | Path | Dataset, out: str | Path | None = None, *,
 
         shown = example_neighbors(out, ds.manifest.examples, examples)
     return RunResult(out, embedded, graph, shown)
+
+
+def export(run: str | Path, like: str | Path, out: str | Path, *,
+           payload: str = options.PAYLOAD, shard: int | None = None,
+           num_shards: int | None = None, overwrite: bool = False,
+           progress: bool = False) -> ExportResult:
+    """Write a sidecar `out`/NAME.parquet for each WebDataset shard `like`/NAME.tar: the
+    tar's keys in order, each key's node in the run, and its payload (fp16, int8 or pca-N;
+    graphbuild/rundir/sidecar.py), for a trainer that streams the tars
+    (graphbuild.xclr.stream). Resumable: a rerun redoes only tars not done.
+
+    This process exports shard `shard` of `num_shards` (default: the SLURM array task's, or
+    0 of 1): a contiguous run of the tars in name order. `overwrite` replaces an export of
+    another run or payload in `out`. Returns an ExportResult (`complete` once every tar has
+    its sidecar).
+    """
+    from graphbuild.shards import resolve_shard
+    from graphbuild.sidecars.stage import export_shard
+
+    options.payload(payload)
+    options.at_least("--num-shards", num_shards)
+    s, n = resolve_shard(shard, num_shards)
+    return export_shard(run, like, out, payload, s, n, overwrite,
+                        _reporter(f"export {s}/{n}", progress))
 
 
 def _embed_config(model: str, device: str, precision: str, token_budget: int | None,

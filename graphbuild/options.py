@@ -38,6 +38,9 @@ BATCHES = 8
 SEED = 0
 # `graphbuild neighbors`
 NEIGHBORS = 10
+# `graphbuild export`: the sidecars' payload, the smallest whose KL(exact || streamed) is at
+# most 1e-3 nats a row at B=1024, tau_s=0.1 (benchmarks/results/sidecar_payloads.txt)
+PAYLOAD = "int8"
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 DEVICE_PATTERN = re.compile(r"auto|cpu|cuda(:\d+)?")
@@ -100,6 +103,13 @@ def entropy_options(tau_s: float, batch_size: int, batches: int) -> None:
     temperature("--tau-s", tau_s)
     at_least("--batch-size", batch_size, 2)
     at_least("--batches", batches)
+
+
+def payload(value: str) -> None:
+    """fp16, int8 or pca-N; N against the store's dim is checked when the store is open."""
+    from graphbuild.rundir.sidecar import Payload
+
+    Payload.parse(value)
 
 
 def knn_options(k: int, method_: str, block_rows: int | None, recall_target_: float) -> None:

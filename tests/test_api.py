@@ -153,7 +153,7 @@ def test_import_is_light():
              "transformers", "numpy", "pyarrow", "pydantic", "yaml", "faiss", "numba",
              "distributed", "dask"}
     assert loaded & heavy == set()
-    assert {"embed", "knn", "run", "__version__"} <= set(graphbuild.__all__)
+    assert {"embed", "knn", "run", "export", "__version__"} <= set(graphbuild.__all__)
     from importlib import metadata
 
     assert graphbuild.__version__ == metadata.version("graphbuild")
@@ -226,7 +226,7 @@ print(json.dumps(found))
 GOVERNED = {"model": ["MODEL"], "chunk_rows": ["CHUNK_ROWS"], "block_rows": ["BLOCK_ROWS"],
             "k": ["K", "NEIGHBORS", "EXAMPLES"], "recall_target": ["RECALL_TARGET"],
             "examples": ["EXAMPLES"], "tau_s": ["TAU_S"], "batch_size": ["BATCH_SIZE"],
-            "batches": ["BATCHES"], "seed": ["SEED"]}
+            "batches": ["BATCHES"], "seed": ["SEED"], "payload": ["PAYLOAD"]}
 # Same names, other quantities, with defaults of their own.
 OWN = [("graphbuild.graph.ann.build_index", "seed"),      # the index's k-means sample
        ("graphbuild.graph.ann.build_lists", "seed"),
@@ -254,6 +254,7 @@ def test_every_default_comes_from_options():
                   ("graphbuild run", "block_rows"), ("graphbuild knn", "k"),
                   ("graphbuild submit slurm", "chunk_rows"), ("graphbuild stats", "tau_s"),
                   ("graphbuild report", "batches"), ("graphbuild neighbors", "k"),
+                  ("graphbuild.api.export", "payload"), ("graphbuild export", "payload"),
                   ("graphbuild.embedding.stage.EmbedConfig", "model"),
                   ("graphbuild.graph.stage.knn_shard", "block_rows"),
                   ("graphbuild.graph.exact.blocked_topk", "block_rows"),

@@ -2,9 +2,10 @@
 
 The app and its shared options live in app.py; the commands register on it from build.py
 (embed, knn, run: each a call of graphbuild.embed / knn / run, graphbuild/api.py), inspect.py
-(neighbors, stats, validate, report) and scale.py (status, submit slurm); entry.py runs the
-app and turns a user's error into one line and exit 2, never a traceback. Heavy imports
-happen inside each command, so `graphbuild --help` is quick.
+(neighbors, stats, validate, report), export.py (export: graphbuild.export) and scale.py
+(status, submit slurm); entry.py runs the app and turns a user's error into one line and
+exit 2, never a traceback. Heavy imports happen inside each command, so `graphbuild --help`
+is quick.
 
 `main` is the console script, which the thin install (the trainer side) has too: the command
 line needs the `pipeline` extra, and without it any command is one line naming the extra,

@@ -9,7 +9,7 @@ import sys
 import click
 import typer
 
-from graphbuild.cli import build, inspect, scale  # noqa: F401  (they register on `app`)
+from graphbuild.cli import build, export, inspect, scale  # noqa: F401  (they register on `app`)
 from graphbuild.cli.app import app
 from graphbuild.errors import GraphbuildError
 

@@ -176,6 +176,13 @@ class StoredRows:
         if crc != int.from_bytes(stored, "little"):
             raise self._error(c, "fails its crc32c check, it is corrupt")
 
+    def stored_crc(self, c: int) -> bytes:
+        """The crc32c chunk c's file records (its last 4 bytes), read without its rows and
+        not checked against them: a fingerprint of the chunk (rundir/sidecar.py's run id)."""
+        with open(self._sound_file(c), "rb") as f:
+            f.seek(self.chunk_bytes - CRC_BYTES)
+            return f.read(CRC_BYTES)
+
     def check(self, c: int) -> None:
         """Refuse chunk c (StoreError) unless its file is sound; reads and checks it."""
         self.chunk(c)

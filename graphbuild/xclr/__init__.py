@@ -10,6 +10,9 @@ the same checks (crc32c of every chunk, the graph's provenance against the store
   loss.py     xclr_loss, and SimCLR and SupCon as special cases of its targets
   data.py     NeighborBatchSampler, WithNodes (items joined to samples by id), GraphRows
   graph.py    Graph: the top-k graph in memory (CSR), for graph-mode targets and the sampler
+  stream.py   SidecarJoin: a WebDataset stream's samples joined by key to their sidecar rows
+              (`graphbuild export`), and a batch's rows turned into targets; no store needed
+              (webdataset itself stays optional: stream.py never imports it)
 """
 
 from graphbuild.rundir.samples import read_sample_nodes
@@ -18,8 +21,10 @@ from graphbuild.xclr.data import NO_TARGET, GraphRows, NeighborBatchSampler, Sam
 from graphbuild.xclr.exact import targets_from_rows
 from graphbuild.xclr.graph import Graph
 from graphbuild.xclr.loss import simclr_targets, supcon_targets, xclr_loss
+from graphbuild.xclr.stream import SidecarJoin, payload_targets
 from graphbuild.xclr.targets import SoftTargets, soft_targets
 
 __all__ = ["NO_TARGET", "Graph", "GraphRows", "NeighborBatchSampler", "SampleJoin",
-           "SoftTargets", "WithNodes", "ZarrRows", "read_sample_nodes", "simclr_targets",
-           "soft_targets", "supcon_targets", "targets_from_rows", "xclr_loss"]
+           "SidecarJoin", "SoftTargets", "WithNodes", "ZarrRows", "payload_targets",
+           "read_sample_nodes", "simclr_targets", "soft_targets", "supcon_targets",
+           "targets_from_rows", "xclr_loss"]
