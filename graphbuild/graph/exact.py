@@ -53,6 +53,12 @@ from graphbuild.memory import return_freed_memory
 log = logging.getLogger(__name__)
 
 F32_UNIT_ROUNDOFF = 2.0 ** -24
+# The accumulation's unit roundoff in the bound, by device type. cuBLAS promises only "at
+# least 32-bit" accumulation for half-precision products with fp32 compute, not round to
+# nearest in fp32 (tensor cores may truncate), so on CUDA the bound takes twice fp32's unit
+# roundoff: the full spacing 2**-23, which covers truncation. It widens the bound by about
+# 2.3e-5 at d=384, too little to change what passes the filters measurably.
+ACCUMULATION_ROUNDOFF = {"cpu": F32_UNIT_ROUNDOFF, "cuda": 2.0 ** -23}
 # Unit roundoff (half the spacing just above 1.0) of the half-precision compute types.
 HALF_UNIT_ROUNDOFF = {"bf16": 2.0 ** -8, "fp16": 2.0 ** -11}
 THRESHOLD_SLACK = 2e-6     # covers fp32 rounding of the threshold and of the stored sims
@@ -77,11 +83,11 @@ class ErrorBound:
 
     @classmethod
     def of_norms(cls, norm: float, rounded_norm: float, err: float, d: int,
-                 half: str) -> ErrorBound:
+                 half: str, accumulation: float = F32_UNIT_ROUNDOFF) -> ErrorBound:
         """The bound for products of rows of d values whose norms are at most `norm`, at most
         `rounded_norm` once rounded to `half`, and whose rounding errors have norms at most
-        `err` (derivation in `error_bound`)."""
-        g = d * F32_UNIT_ROUNDOFF / (1 - d * F32_UNIT_ROUNDOFF)
+        `err`, summed with unit roundoff `accumulation` (derivation in `error_bound`)."""
+        g = d * accumulation / (1 - d * accumulation)
         u = HALF_UNIT_ROUNDOFF[half]
         return cls(absolute=err * rounded_norm + norm * err + g * rounded_norm ** 2,
                    relative=u / (1 - u))
@@ -114,8 +120,10 @@ def _where(condition, a, b):
     return torch.where(condition, a, b)
 
 
-def error_bound(x16: np.ndarray, half: str = "bf16", block_rows: int = 65536) -> ErrorBound:
-    """A rigorous bound for half-precision dot products of the rows of x16 (fp16).
+def error_bound(x16: np.ndarray, half: str = "bf16", block_rows: int = 65536,
+                device: str = "cpu") -> ErrorBound:
+    """A rigorous bound for half-precision dot products of the rows of x16 (fp16), computed
+    on `device` (its accumulation: ACCUMULATION_ROUNDOFF; 2**-24 below, 2**-23 on CUDA).
 
     Let x, y be rows as fp32 (exact copies of fp16), x~, y~ their roundings to the compute
     type, e = x~ - x, and z the fp32-accumulated dot product of x~ and y~, v = z rounded to
@@ -144,7 +152,8 @@ def error_bound(x16: np.ndarray, half: str = "bf16", block_rows: int = 65536) ->
         err = max(err, float((xr - x).norm(dim=1).max()))
     # Norms are computed in fp32; a relative margin of 1e-5 covers their own rounding.
     norm, rounded_norm, err = (v * (1 + 1e-5) for v in (norm, rounded_norm, err))
-    return ErrorBound.of_norms(norm, rounded_norm, err, d, half)
+    return ErrorBound.of_norms(norm, rounded_norm, err, d, half,
+                               ACCUMULATION_ROUNDOFF[device.split(":")[0]])
 
 
 def half_dtype(half: str):
@@ -468,7 +477,7 @@ def blocked_topk(x16: np.ndarray, k: int, rows: range | None = None,
         raise ValueError(f"x16 must be float16, got {x16.dtype}")
     device = device or default_device()
     half = pick_half(device)
-    bound = bound or error_bound(x16, half)
+    bound = bound or error_bound(x16, half, device=device)
     capacity = min(capacity or default_capacity(k), n - 1)
     if capacity < k:
         raise ValueError(f"capacity must be at least k={k}, got {capacity}")
@@ -755,16 +764,28 @@ class _Progress:
             self.told = rows
 
 
+# torch's switches that let CUDA matmuls of half-precision inputs reduce or accumulate in
+# half precision; allow_fp16_accumulation exists from torch 2.7 (absent ones are skipped).
+HALF_REDUCTION_FLAGS = ("allow_fp16_reduced_precision_reduction",
+                        "allow_bf16_reduced_precision_reduction", "allow_fp16_accumulation")
+
+
 class _exact_cuda_matmul:
-    """On CUDA, forbid fp16 reductions inside matmuls (the bound assumes fp32 accumulation)."""
+    """Forbid half-precision reductions and accumulation inside CUDA matmuls while the search
+    runs, whatever else in the process turned them on (the bound assumes at least fp32
+    accumulation; fp16 accumulation makes errors several times the bound), and restore
+    them after."""
 
     def __enter__(self):
         import torch
 
-        self.saved = torch.backends.cuda.matmul.allow_fp16_reduced_precision_reduction
-        torch.backends.cuda.matmul.allow_fp16_reduced_precision_reduction = False
+        matmul = torch.backends.cuda.matmul
+        self.saved = {f: getattr(matmul, f) for f in HALF_REDUCTION_FLAGS if hasattr(matmul, f)}
+        for flag in self.saved:
+            setattr(matmul, flag, False)
 
     def __exit__(self, *exc):
         import torch
 
-        torch.backends.cuda.matmul.allow_fp16_reduced_precision_reduction = self.saved
+        for flag, value in self.saved.items():
+            setattr(torch.backends.cuda.matmul, flag, value)

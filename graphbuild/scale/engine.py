@@ -121,16 +121,33 @@ def dask_client(scheduler: str | None = None, workers: int | None = None,
 
 
 def _device(requested: str) -> str:
-    """The device for a shard on this worker: as asked, or for auto, this worker's GPU."""
-    if requested != "auto":
+    """The device for a shard on this worker: "cpu" and "cuda:N" as asked; "auto" and "cuda"
+    this worker's own GPU (scale/gpus.worker_device: the i-th worker of a LocalCluster that
+    we started takes GPU i, any other worker the first it sees), made torch's current device
+    so that nothing of the shard lands on GPU 0 unasked. Without GPUs, "auto" stays (the
+    stage picks the CPU) and "cuda" stays (the stage refuses it in one line)."""
+    if requested not in ("auto", "cuda"):
         return requested
     n = _local_gpus()
     if n == 0:
-        return "auto"
+        return requested
     from distributed import get_worker
 
     slots = os.environ.get(LOCAL_SLOTS_ENV)
-    return worker_device(get_worker().name, n, int(slots) if slots else None)
+    device = worker_device(get_worker().name, n, int(slots) if slots else None)
+    _make_current(device)
+    return device
+
+
+def _make_current(device: str) -> None:
+    """torch.cuda.set_device for a "cuda:N" device: kernels and allocations that name no
+    device (inside libraries too) go to this worker's GPU."""
+    import torch
+
+    from graphbuild.devices import cuda_index
+
+    if device.startswith("cuda"):
+        torch.cuda.set_device(cuda_index(device))
 
 
 def _limit_threads() -> None:
