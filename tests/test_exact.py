@@ -252,7 +252,9 @@ def test_cuda_bound_takes_the_accumulation_spacing_2_pow_23(monkeypatch):
     assert exact.ACCUMULATION_ROUNDOFF == {"cpu": 2.0 ** -24, "cuda": 2.0 ** -23}
     x16 = clustered(200, 384, seed=3)
     cpu, cuda = exact.error_bound(x16, "fp16"), exact.error_bound(x16, "fp16", device="cuda:1")
-    g = lambda u: 384 * u / (1 - 384 * u)  # noqa: E731
+    def g(u):
+        return 384 * u / (1 - 384 * u)
+
     assert cuda.absolute - cpu.absolute == pytest.approx(
         (g(2.0 ** -23) - g(2.0 ** -24)) * 1.00001 ** 2, rel=1e-3)
     asked = []
