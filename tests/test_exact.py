@@ -267,3 +267,33 @@ def test_cuda_bound_takes_the_accumulation_spacing_2_pow_23(monkeypatch):
     with pytest.raises(StopIteration):
         exact.blocked_topk(x16, 5, device="cuda:0")
     assert asked == [("fp16", "cuda:0")]
+
+
+def test_rows_held_once_on_the_device_give_the_same_result(monkeypatch):
+    """The CUDA path that uploads every row once (hold_all_rows), run on a CPU: a shard's
+    search against other shards' rows, with a capacity small enough to overflow, equals
+    brute force, and converts (uploads) each row once besides the query rows, where the
+    block-by-block path converts the other rows once per own block and all rows again in
+    every overflow round."""
+    from graphbuild.graph import exact
+
+    x16 = clustered(1200, 16, seed=2)
+    ref_i, ref_s = brute_force(x16, 12)
+    rows = range(300, 700)
+    converted = []
+    real = exact._Search.half_rows
+
+    def counting(self, which, step=65536):
+        converted.append(which.stop - which.start if isinstance(which, slice) else len(which))
+        return real(self, which, step)
+
+    monkeypatch.setattr(exact._Search, "half_rows", counting)
+    by_block = run(x16, 12, rows, block_rows=100, capacity=12)
+    per_block = sum(converted)
+    converted.clear()
+    monkeypatch.setattr(exact, "RESIDENT_ON_CPU", True)
+    ids, sims = run(x16, 12, rows, block_rows=100, capacity=12)
+    assert np.array_equal(sims, ref_s[300:700]) and np.array_equal(ids, ref_i[300:700])
+    assert np.array_equal(ids, by_block[0])
+    # the query rows twice (locality order, then in that order), every row once
+    assert sum(converted) == 2 * 400 + 1200 < per_block

@@ -66,6 +66,12 @@ GROUP = 16  # rows per max-pooled group when filtering a block of scores
 MERGE_BANDS = (16, 64)  # hit counts per row that bound one padded merge (hits.py)
 SCORE_FLOOR = -1e30  # below every finite score; filtering thresholds never go lower
 COMPILED_ON_CPU = True  # CPU searches use the compiled candidate buffers (tests flip it)
+# On CUDA, every row is uploaded once (`_Search.hold_all_rows`) when its fp16 bytes fit the
+# device's free memory with this much to spare; CPUs convert each block as it is used (a
+# second copy of the rows in host memory would cost more than the conversions). Tests set
+# RESIDENT_ON_CPU to run the CUDA path on a CPU.
+RESIDENT_HEADROOM = 1 << 30
+RESIDENT_ON_CPU = False
 
 
 def default_capacity(k: int) -> int:
@@ -523,6 +529,7 @@ class _Search:
         self.device, self.dtype, self.bound = torch.device(device), half_dtype(half), bound
         small = x16.shape[0] < 2 ** 31
         self.id_dtype, self.id_np = (torch.int32, np.int32) if small else (torch.int64, np.int64)
+        self.resident = None  # every row in the compute type on the device, once held
 
     def run(self, plan: _Plan, capacity: int, progress: _Progress,
             reload: Callable[[], np.ndarray] | None) -> tuple[np.ndarray, np.ndarray]:
@@ -543,6 +550,8 @@ class _Search:
                 self.x16 = reload()
         ids = np.empty((len(plan.rows), self.k), self.id_np)
         sims = np.empty((len(plan.rows), self.k), np.float32)
+        if plan.other:
+            self.hold_all_rows()
         for lo, hi in plan.own:
             if plan.other:
                 self.offer_other_rows(cands, queries.sorted_block(cands, lo, hi), plan, progress)
@@ -588,7 +597,7 @@ class _Search:
         import torch
 
         for clo, chi in plan.other:
-            s = block.scores(self, self.half(clo, chi))
+            s = block.scores(self, self.columns(clo, chi))
             cands.offer_block(s, block.rows, block.ids,
                               torch.arange(clo, chi, device=self.device))
             progress.add(block.count * (chi - clo))
@@ -610,6 +619,31 @@ class _Search:
     def half(self, lo: int, hi: int):
         """Rows lo..hi in the compute type."""
         return self.half_rows(slice(lo, hi))
+
+    def hold_all_rows(self) -> None:
+        """On CUDA, when they fit (RESIDENT_HEADROOM), upload every row once, in the compute
+        type: other shards' rows are then the columns of every query block, and of the
+        overflow fallback, without a host-to-device copy per block pair (at 375k rows a
+        shard and blocks of 4,096 that is about 820 GB of copies a shard)."""
+        import torch
+
+        if self.resident is not None:
+            return
+        n, d = self.x16.shape
+        if self.device.type == "cuda":
+            free, _ = torch.cuda.mem_get_info(self.device)
+            if n * d * 2 + RESIDENT_HEADROOM > free:
+                log.info("rows uploaded block by block: all %d need %.1f GiB, %.1f GiB free on "
+                         "%s", n, n * d * 2 / 2**30, free / 2**30, self.device)
+                return
+        elif not RESIDENT_ON_CPU:
+            return
+        self.resident = self.half(0, n)
+
+    def columns(self, lo: int, hi: int):
+        """Rows lo..hi in the compute type: the held rows (`hold_all_rows`), else converted
+        (and uploaded) now."""
+        return self.half(lo, hi) if self.resident is None else self.resident[lo:hi]
 
     def half_rows(self, rows: np.ndarray | slice, step: int = 65536):
         """x16[rows] in the compute type, converted in steps: no fp32 (or fp16) copy of all
@@ -637,6 +671,7 @@ class _Search:
         ids = np.empty((len(rows), self.k), np.int64)
         sims = np.empty((len(rows), self.k), np.float32)
         todo = np.arange(len(rows))
+        self.hold_all_rows()
         while len(todo):
             capacity = min(capacity * 4, n - 1)
             log.info("%d rows have more near-ties than the candidate buffer; searching them "
@@ -644,10 +679,11 @@ class _Search:
             sub = rows[todo]
             cands = _Candidates(len(sub), self.k, capacity, self.bound, self.id_dtype,
                                 self.device)
-            xq = self.half_rows(sub)
             self_col = torch.from_numpy(sub).to(self.device)
+            xq = (self.half_rows(sub) if self.resident is None
+                  else self.resident.index_select(0, self_col))
             for clo, chi in _blocks(0, n, self.block_rows):
-                s = self.scores(xq, self.half(clo, chi))
+                s = self.scores(xq, self.columns(clo, chi))
                 mine = (self_col >= clo) & (self_col < chi)
                 s[mine.nonzero()[:, 0], (self_col[mine] - clo)] = -torch.inf
                 cands.offer(0, len(sub), s, torch.arange(clo, chi, device=self.device))
