@@ -35,6 +35,20 @@ class Device:
     half_flops: float  # half-precision multiply-adds x 2 a second the search may reach
 
 
+def check_cuda(device: str) -> None:
+    """A "cuda" or "cuda:N" device this process has, else one line naming --device."""
+    import torch
+
+    if not device.startswith("cuda"):
+        return
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if count == 0:
+        raise GraphbuildError(f"--device {device}: CUDA is not available on this machine")
+    if cuda_index(device) >= count:
+        raise GraphbuildError(f"--device {device}: this process sees {count} CUDA device(s) "
+                              f"(cuda:0..cuda:{count - 1}; CUDA_VISIBLE_DEVICES numbers them)")
+
+
 def cuda_index(device: str) -> int:
     """N of "cuda:N"; 0 (the first visible device) for "cuda"."""
     return int(device.split(":")[1]) if ":" in device else 0

@@ -106,3 +106,31 @@ def test_cuda_oom_on_dask_is_returned_not_retried(coco3k, tmp_path, monkeypatch)
 def test_other_errors_pass_through():
     with pytest.raises(ValueError), devices.cuda_oom_as_error("x", "y"):
         raise ValueError("not memory")
+
+
+def test_knn_on_a_cuda_device_this_machine_lacks_is_one_line(coco3k, monkeypatch):
+    import torch
+
+    from graphbuild.graph.stage import knn_shard
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(GraphbuildError, match=r"^--device cuda: CUDA is not available"):
+        knn_shard(coco3k, 16, "exact", device="cuda")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    with pytest.raises(GraphbuildError, match=r"^--device cuda:2: this process sees 2 CUDA"):
+        knn_shard(coco3k, 16, "exact", device="cuda:2")
+
+
+def test_dask_auto_chooses_from_a_workers_gpu(monkeypatch):
+    """On Dask, auto is resolved before the tasks start (dask_memory.knn_need): with a
+    worker's GPU, from its memory and rate, as knn_shard does locally."""
+    from graphbuild.scale import dask_memory, engine
+
+    shape = dask_memory.KnnShape.of(4_000_000, 384, 32, 8, 2048)
+    assert dask_memory.knn_need(shape, "auto", 2**36).method == "approximate"
+    emulate_cuda(monkeypatch)
+    monkeypatch.setattr(engine, "_device", lambda requested: "cuda:0")
+    gpu = engine._worker_gpu(None)
+    need = dask_memory.knn_need(shape, "auto", 2**36, gpu=gpu)
+    assert need.method == "exact" and "NVIDIA H100" in need.reason

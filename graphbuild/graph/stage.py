@@ -298,6 +298,12 @@ def knn_shard(out: str | Path, k: int = options.K, method: str = "auto", shard: 
     the exact search runs and faiss searches ("cpu", "cuda", "cuda:N"; None: CUDA when there
     is one)."""
     options.knn_options(k, method, block_rows, recall_target)
+    if device is not None:
+        from graphbuild.devices import check_cuda
+
+        options.device(device)
+        check_cuda(device)
+        device = None if device == "auto" else device
     out = Path(out)
     run = RunDir(out)
     reporter = reporter or Reporter()
