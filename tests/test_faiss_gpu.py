@@ -92,6 +92,8 @@ def test_pq_lookup_table_fits_shared_memory_only_in_fp16():
     # d=768: d/4 = 192 would need 98,304 bytes even in fp16; 96 (8 dims each) fits
     assert faiss_gpu.gpu_subquantizers(768) == 96
     assert faiss_gpu.gpu_subquantizers(1024) == 64  # 96 does not divide 1024
+    with pytest.raises(GraphbuildError, match="300-dimensional rows cannot be searched"):
+        faiss_gpu.gpu_subquantizers(300)  # 75 x 4, 50 x 6, 30 x 10: none faiss-gpu has
     fake = types.SimpleNamespace(GpuClonerOptions=ClonerOptions)
     assert faiss_gpu.cloner_options(fake).useFloat16 is True
     assert hasattr(faiss, "IndexIVFPQ")

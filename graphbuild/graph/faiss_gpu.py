@@ -33,8 +33,11 @@ GPU_MAX_K = 2048
 GPU_MAX_NPROBE = 2048
 SHARED_MEMORY_BYTES = 48 * 1024  # per thread block, what faiss-gpu checks tables against
 PQ_CODES = 256  # 8-bit codes
-# Sub-quantizer counts that faiss-gpu's IVF-PQ kernels are compiled for
+# Sub-quantizer counts, and dimensions per sub-quantizer (without precomputed tables), that
+# faiss-gpu's IVF-PQ kernels are compiled for (IVFPQ::isSupportedPQCodeLength and
+# isSupportedNoPrecomputedSubDimSize)
 GPU_SUBQUANTIZERS = (1, 2, 3, 4, 8, 12, 16, 20, 24, 28, 32, 40, 48, 56, 64, 96)
+GPU_SUBQUANTIZER_DIMS = (1, 2, 3, 4, 6, 8, 10, 12, 16, 20, 24, 28, 32)
 LOOKUP_TABLE_BYTES = {"fp32": 4, "fp16": 2}
 
 
@@ -45,13 +48,19 @@ def lookup_table_bytes(subquantizers: int, entry: str) -> int:
 
 def gpu_subquantizers(d: int) -> int:
     """Sub-quantizers of an IVF-PQ index searched on a GPU: as on a CPU (d/4, or the largest
-    divisor of d below it), capped to the counts faiss-gpu supports whose fp16 table fits."""
+    divisor of d below it), capped to what faiss-gpu supports (the counts, the dimensions
+    each, an fp16 table that fits); none there, one line saying so."""
     from graphbuild.graph.ann import pq_subquantizers
 
     cpu = pq_subquantizers(d)
-    return max(m for m in GPU_SUBQUANTIZERS
-               if m <= cpu and d % m == 0
-               and lookup_table_bytes(m, "fp16") <= SHARED_MEMORY_BYTES)
+    fits = [m for m in GPU_SUBQUANTIZERS
+            if m <= cpu and d % m == 0 and d // m in GPU_SUBQUANTIZER_DIMS
+            and lookup_table_bytes(m, "fp16") <= SHARED_MEMORY_BYTES]
+    if not fits:
+        raise GraphbuildError(f"an IVF-PQ index of {d}-dimensional rows cannot be searched by "
+                              "faiss-gpu (no sub-quantizer count it supports divides d); use "
+                              "--device cpu")
+    return max(fits)
 
 
 def cloner_options(faiss):

@@ -270,14 +270,18 @@ def _exact_gpu(device: str | None) -> Device | None:
 
 def _check_approximate(n: int, d: int, k: int, budget: int, device: str | None) -> None:
     """Before any work: faiss for an IVF-PQ index (one line naming what to install), and k
-    within faiss-gpu's limit when faiss will search on a GPU."""
-    from graphbuild.graph.faiss_gpu import check_k, faiss_device
+    and the IVF-PQ sub-quantizers within faiss-gpu's limits when faiss will search on a
+    GPU."""
+    from graphbuild.graph.faiss_gpu import check_k, faiss_device, gpu_subquantizers
     from graphbuild.graph.faiss_loader import faiss_if_installed, load_faiss
 
-    if _index_kind(n, d, budget) == "ivf-pq":
+    pq = _index_kind(n, d, budget) == "ivf-pq"
+    if pq:
         load_faiss(IVF_PQ_USE)
     if faiss_device(device, faiss_if_installed()) is not None:
         check_k(k)
+        if pq:
+            gpu_subquantizers(d)
 
 
 def resumed_method(out: str | Path, k: int) -> str | None:
