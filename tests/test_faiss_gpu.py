@@ -51,9 +51,13 @@ class EmulatedGpuIndex:
 
 
 def emulated_faiss_gpu(monkeypatch, gpus: int = 2) -> list[EmulatedGpuIndex]:
-    """faiss-cpu dressed as faiss-gpu with `gpus` GPUs, loaded by faiss_loader; returns the
-    list every index moved to a GPU is appended to."""
+    """faiss-cpu dressed as faiss-gpu with `gpus` GPUs, loaded by faiss_loader, and torch
+    told it has as many; returns the list every index moved to a GPU is appended to."""
     import faiss
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: gpus)
 
     moved: list[EmulatedGpuIndex] = []
 
