@@ -1,6 +1,6 @@
 """Texts/s of the embed stage's tokenizing alone (no model forward), at 1 and 2 threads.
 
-    python benchmarks/tokenize.py [--texts N] [--threads 1 2] [--repeats R]
+    python benchmarks/tokenize_rate.py [--texts N] [--threads 1 2] [--repeats R]
 
 Texts: the 3,000 COCO captions of tests/data, then copies suffixed " 1", " 2", ... (as
 benchmarks/gpu_check.py makes them). For each thread count, in a fresh process (the fast
