@@ -9,7 +9,9 @@
 # GRAPHBUILD_TORCH=cpu|cuda and GRAPHBUILD_FAISS=cpu|gpu (faiss-cpu or faiss-gpu-cu12). A new
 # venv gets cpu and cpu; an existing one keeps what it has unless asked for the other flavour,
 # which then replaces it (the venv's torch or faiss is uninstalled, the one asked for
-# installed). torch is torch==2.13.0 from pip's indexes, or from GRAPHBUILD_TORCH_INDEX=URL,
+# installed). On a machine whose nvidia-smi lists a GPU, a torch without CUDA is replaced by
+# a CUDA one unless GRAPHBUILD_TORCH=cpu was asked for, and what still cannot use the GPU
+# (faiss-cpu, a torch or faiss that sees no GPU) is said at the end. torch is torch==2.13.0 from pip's indexes, or from GRAPHBUILD_TORCH_INDEX=URL,
 # e.g. PyTorch's own CPU-only or CUDA wheel index (see pytorch.org, "Get started"): PyPI's
 # torch for Linux x86_64 is a CUDA build, which also runs on a CPU.
 set -euo pipefail
@@ -22,6 +24,11 @@ FAISS_GPU=faiss-gpu-cu12
 
 pip_() { "$VENV/bin/python" -m pip --disable-pip-version-check -q "$@"; }
 
+# Whether this machine has an NVIDIA GPU: nvidia-smi lists one.
+gpu_present() {
+  command -v nvidia-smi >/dev/null && nvidia-smi -L 2>/dev/null | grep -q '^GPU '
+}
+
 # The venv's torch: "cuda" for a build with CUDA, "cpu" for one without, "" for none.
 torch_build() {
   "$VENV/bin/python" -c "import torch; print('cuda' if torch.version.cuda else 'cpu')" \
@@ -30,21 +37,32 @@ torch_build() {
 
 # torch in the flavour asked for. $VENV/.graphbuild-torch records the flavour installed and
 # the index it came from: where the plain torch line gives a CUDA build, that build stands for
-# "cpu" (it runs on a CPU) until another index is given.
+# "cpu" (it runs on a CPU) until another index is given; a third line "asked" when
+# GRAPHBUILD_TORCH chose it. On a GPU machine a torch without CUDA stays only if asked for.
 setup_torch() {
   local stamp="$VENV/.graphbuild-torch" build recorded=() index=${GRAPHBUILD_TORCH_INDEX:-}
   build=$(torch_build)
   [ -f "$stamp" ] && mapfile -t recorded < "$stamp"
   local want=${GRAPHBUILD_TORCH:-${recorded[0]:-${build:-cpu}}}
+  local asked=${GRAPHBUILD_TORCH:+asked}
+  [ -z "$asked" ] && [ "${recorded[0]:-}" = "$want" ] && asked=${recorded[2]:-}
+  if [ "$want" = cpu ] && [ "$build" != cuda ] && [ -z "$asked" ] && gpu_present; then
+    local have="a CPU-only torch"
+    [ -z "$build" ] && have="no torch"
+    echo "dev.sh: nvidia-smi lists a GPU and $VENV has $have: installing a CUDA one" \
+         "(GRAPHBUILD_TORCH=cpu keeps torch CPU-only)" >&2
+    want=cuda
+  fi
   case "$want" in
     cpu|cuda) ;;
     *) echo "dev.sh: GRAPHBUILD_TORCH must be cpu or cuda" >&2; exit 2 ;;
   esac
+  local keep="$want"$'\n'"${index:-${recorded[1]:-}}"$'\n'"$asked"
   case "$want/$build" in
-    cpu/cpu|cuda/cuda) return 0 ;;
+    cpu/cpu|cuda/cuda) printf '%s\n' "$keep" > "$stamp"; return 0 ;;
     cpu/cuda)  # what the cpu line gave, unless another index is given now
       [ "${recorded[0]:-}" = cpu ] && [ "${index:-${recorded[1]:-}}" = "${recorded[1]:-}" ] &&
-        return 0 ;;
+        { printf '%s\n' "$keep" > "$stamp"; return 0; } ;;
   esac
   if [ -n "$build" ]; then
     echo "dev.sh: replacing the venv's torch ($build build) for GRAPHBUILD_TORCH=$want" >&2
@@ -61,7 +79,7 @@ setup_torch() {
   [ "$want" = cpu ] && [ "$build" = cuda ] &&
     echo "dev.sh: this $TORCH is a CUDA build (it runs on a CPU too); GRAPHBUILD_TORCH_INDEX" \
          "set to PyTorch's CPU-only wheel index gives a smaller one" >&2
-  printf '%s\n%s\n' "$want" "$index" > "$stamp"
+  printf '%s\n%s\n%s\n' "$want" "$index" "$asked" > "$stamp"
 }
 
 # graphbuild[pipeline,$extras] with faiss in the flavour asked for: faiss-cpu (the extra) or
@@ -95,10 +113,36 @@ names and print(*names, sep='\n')")
   fi
 }
 
+# On a GPU machine, say what in the venv cannot use the GPU: a torch that sees no CUDA device
+# (a CPU build, or a driver older than its CUDA), faiss-cpu, or a faiss-gpu that sees no GPU.
+check_gpu_use() {
+  gpu_present || return 0
+  local seen
+  seen=$("$VENV/bin/python" -c "import torch
+try:
+    import faiss
+    gpus = faiss.get_num_gpus() if hasattr(faiss, 'get_num_gpus') else 0
+except ImportError:
+    gpus = -1
+print(torch.cuda.device_count() if torch.cuda.is_available() else 0, gpus,
+      torch.version.cuda or 'none')" 2>/dev/null) || seen="0 -1 none"
+  read -r torch_gpus faiss_gpus torch_cuda <<< "$seen"
+  [ "$torch_gpus" -gt 0 ] ||
+    echo "dev.sh: nvidia-smi lists a GPU, but $VENV's torch sees none (torch.version.cuda:" \
+         "$torch_cuda): embed and exact knn will run on the CPU; GRAPHBUILD_TORCH=cuda with" \
+         "GRAPHBUILD_TORCH_INDEX set to a CUDA wheel index matching the driver fixes it" >&2
+  [ "$faiss_gpus" -gt 0 ] || [ "$faiss_gpus" -lt 0 ] ||
+    echo "dev.sh: nvidia-smi lists a GPU, but $VENV's faiss has none (faiss-cpu, or" \
+         "faiss-gpu without a matching CUDA): approximate knn searches on the CPU;" \
+         "GRAPHBUILD_FAISS=gpu ./dev.sh setup installs $FAISS_GPU" >&2
+  return 0
+}
+
 setup() {
   [ -x "$VENV/bin/python" ] || "$PY" -m venv "$VENV"
   setup_torch
   setup_project "$1"
+  check_gpu_use
 }
 
 # Programs some tests drive for real: Chromium (the HTML report), and SLURM with munge (a

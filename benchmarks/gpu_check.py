@@ -21,6 +21,10 @@ Items, in order:
                fp32 sums: never a better set than ours).
   approx-knn   the approximate knn stage tuned to recall 0.95 (a faiss IVF index searched on
                the GPU): its time, and its recall over every row against exact-knn's graph.
+  venv-gpu, pq-fp16-tables, faiss-limits, device-placement, gpu-memory, fp16-accumulation,
+  knn-device-cpu
+               the GPU paths of issue 26, one item each (their docstrings say what each
+               shows); SKIP on a CPU rehearsal, the faiss ones also without faiss-gpu.
   time         the whole check, set-up included, within 8 minutes (set by gpu_check.sh).
 
 Without faiss, or with a faiss that has no GPU, the faiss steps say SKIP and the rest runs, so
@@ -346,6 +350,213 @@ def approx_knn(check: Check) -> str:
                f"{RECALL_TARGET - RECALL_SLACK:.2f})")
     if r.recall < RECALL_TARGET or whole < RECALL_TARGET - RECALL_SLACK:
         raise Fail(figures)
+    return figures
+
+
+# ---------------------------------------------------- the GPU paths of issue 26, one item each
+
+
+def gpu_only(check: Check) -> None:
+    if check.device != "cuda":
+        raise Skip("a GPU path; a rehearsal on the CPU has none (tests/test_faiss_gpu.py and "
+                   "test_devices.py emulate it)")
+
+
+@item("venv-gpu")
+def venv_gpu(check: Check) -> str:
+    """dev.sh's promise: on a GPU machine torch is a CUDA build that sees the GPU, and faiss,
+    when installed, sees it too."""
+    import torch
+
+    gpu_only(check)
+    faiss = faiss_here(check)
+    figures = (f"torch {torch.__version__} (CUDA {torch.version.cuda}) sees "
+               f"{torch.cuda.device_count()} GPU(s); faiss {faiss.__version__} sees "
+               f"{faiss.get_num_gpus()}")
+    if not torch.version.cuda or faiss.get_num_gpus() < torch.cuda.device_count():
+        raise Fail(figures)
+    return figures
+
+
+@item("pq-fp16-tables")
+def pq_fp16_tables(check: Check) -> str:
+    """An IVF-PQ index at d=384 (96 sub-quantizers) moves to the GPU with our cloner options
+    and searches there; faiss's default options (fp32 tables, 98,304 bytes) are refused."""
+    from graphbuild.graph.ann import pq_subquantizers
+    from graphbuild.graph.faiss_gpu import OnGpu, lookup_table_bytes
+
+    gpu_only(check)
+    faiss = faiss_here(check)
+    m = pq_subquantizers(384)
+    x = np.random.default_rng(0).standard_normal((5_000, 384)).astype(np.float32)
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    index = faiss.IndexIVFPQ(faiss.IndexFlatIP(384), 384, 16, m, 8, faiss.METRIC_INNER_PRODUCT)
+    index.cp.niter = index.pq.cp.niter = 4  # trained on the CPU: a few seconds
+    index.train(x)
+    index.add(x)
+    try:
+        faiss.index_cpu_to_gpu(faiss.StandardGpuResources(), 0, index)
+        default = "faiss's default options were accepted too"
+    except RuntimeError as e:
+        default = f"faiss's default options refused ({str(e).splitlines()[0][:80]}...)"
+    searcher = OnGpu(faiss, index, 0, lambda: index)
+    searcher.nprobe = 8
+    _, ids = searcher.search(x[:1000], 10)
+    own = float((ids[:, 0] == np.arange(1000)).mean())
+    figures = (f"{m} sub-quantizers, fp16 table {lookup_table_bytes(m, 'fp16'):,} bytes: "
+               f"searched on GPU 0, own row first in {own:.1%} of 1,000 queries; {default}")
+    if own < 0.5:
+        raise Fail(figures)
+    return figures
+
+
+@item("faiss-limits")
+def faiss_limits(check: Check) -> str:
+    """faiss-gpu's limits are where faiss_gpu.py says (k and nprobe 2048), and OnGpu searches
+    past the nprobe limit on the CPU index with the same answers."""
+    from graphbuild.graph.faiss_gpu import GPU_MAX_K, GPU_MAX_NPROBE, OnGpu
+
+    gpu_only(check)
+    faiss = faiss_here(check)
+    nlist = 4096
+    x = np.random.default_rng(1).standard_normal((nlist * 40, 16)).astype(np.float32)
+    index = faiss.IndexIVFFlat(faiss.IndexFlatIP(16), 16, nlist, faiss.METRIC_INNER_PRODUCT)
+    index.cp.niter = 4
+    index.train(x)
+    index.add(x)
+    searcher = OnGpu(faiss, index, 0, lambda: index)
+    refused = []
+    for what, nprobe, k in (("nprobe", GPU_MAX_NPROBE + 1, 10), ("k", 8, GPU_MAX_K + 1)):
+        searcher.gpu.nprobe = nprobe
+        try:
+            searcher.gpu.search(x[:10], k)
+        except RuntimeError:
+            refused.append(what)
+    searcher.nprobe = GPU_MAX_NPROBE * 2
+    _, beyond = searcher.search(x[:100], 10)
+    index.nprobe = GPU_MAX_NPROBE * 2
+    same = bool((beyond == index.search(x[:100], 10)[1]).all())
+    figures = (f"faiss-gpu refuses {', '.join(refused) or 'neither'} above {GPU_MAX_K}; "
+               f"nprobe {GPU_MAX_NPROBE * 2} via the CPU index: "
+               f"{'same' if same else 'other'} neighbours")
+    if refused != ["nprobe", "k"] or not same:
+        raise Fail(figures)
+    return figures
+
+
+@item("device-placement")
+def device_placement(check: Check) -> str:
+    """A shard's device cuda:1 puts the faiss index and the exact search's tensors on GPU 1."""
+    import torch
+
+    from graphbuild.graph.exact import blocked_topk
+    from graphbuild.graph.faiss_gpu import on_gpu
+
+    gpu_only(check)
+    if torch.cuda.device_count() < 2:
+        raise Skip(f"{torch.cuda.device_count()} GPU: placement needs two")
+    x16, _ = stored(check.need("texts_run", "embed-fp16"))
+    x16 = x16[:20_000]
+    held = [torch.cuda.memory_allocated(i) for i in range(2)]
+    for i in range(2):
+        torch.cuda.reset_peak_memory_stats(i)
+    blocked_topk(x16, 10, device="cuda:1")
+    peak = [torch.cuda.max_memory_allocated(i) - held[i] for i in range(2)]
+    text = (f"exact on cuda:1: a peak of {peak[1] / 2**20:.0f} MiB there, "
+            f"{peak[0] / 2**20:.0f} MiB on GPU 0")
+    try:
+        faiss = faiss_here(check)
+    except Skip as why:
+        text += f"; faiss: SKIP ({why})"
+    else:
+        index = faiss.IndexIVFScalarQuantizer(faiss.IndexFlatIP(x16.shape[1]), x16.shape[1], 64,
+                                              faiss.ScalarQuantizer.QT_fp16,
+                                              faiss.METRIC_INNER_PRODUCT)
+        index.train(x16.astype(np.float32))
+        searcher = on_gpu(index, "cuda:1", lambda: index)
+        text += f"; faiss index on GPU {searcher.gpu.getDevice()}"
+        if searcher.gpu.getDevice() != 1:
+            raise Fail(text)
+    if peak[1] <= 0 or peak[0] > 0:
+        raise Fail(text)
+    return text
+
+
+@item("gpu-memory")
+def gpu_memory(check: Check) -> str:
+    """auto chooses from the GPU's free memory and rate; a CUDA OOM is one GraphbuildError."""
+    import torch
+
+    from graphbuild.devices import cuda_device, cuda_oom_as_error
+    from graphbuild.errors import GraphbuildError
+    from graphbuild.graph.stage import choose_method
+
+    gpu_only(check)
+    gpu = cuda_device("cuda")
+    _, reason = choose_method(4_000_000, 384, 32, 2**38, gpu=gpu)
+    try:
+        with cuda_oom_as_error("gpu-check", "lower --block-rows"):
+            torch.empty(gpu.free_bytes * 2, dtype=torch.uint8, device="cuda")
+        oom = "no error for twice the free memory"
+    except GraphbuildError as e:
+        oom = f"one line: {str(e)[:60]}..." if "\n" not in str(e) else "several lines"
+    figures = (f"{gpu.name}: {gpu.free_bytes / 2**30:.1f} GiB free, "
+               f"{gpu.half_flops / 1e12:.0f} TFLOP/s assumed for exact; auto at N=4M: "
+               f"{reason}; OOM: {oom}")
+    if not oom.startswith("one line"):
+        raise Fail(figures)
+    return figures
+
+
+@item("fp16-accumulation")
+def fp16_accumulation(check: Check) -> str:
+    """Inside the exact search's matmul context, fp16 products stay within the CUDA bound
+    even when the process allowed fp16 accumulation; outside it, the same products."""
+    import torch
+
+    from graphbuild.graph.exact import _exact_cuda_matmul, error_bound
+
+    gpu_only(check)
+    x16, _ = stored(check.need("texts_run", "embed-fp16"))
+    x16 = x16[:4096]
+    bound = error_bound(x16, "fp16", device="cuda")
+    exact = x16.astype(np.float64) @ x16.astype(np.float64).T
+    x = torch.from_numpy(x16).cuda()
+    matmul = torch.backends.cuda.matmul
+    if not hasattr(matmul, "allow_fp16_accumulation"):
+        raise Skip(f"torch {torch.__version__} has no allow_fp16_accumulation")
+    saved, ratios = matmul.allow_fp16_accumulation, {}
+    try:
+        matmul.allow_fp16_accumulation = True
+        for name, context in (("inside", _exact_cuda_matmul()), ("outside", None)):
+            with context or torch.no_grad():
+                v = (x @ x.T).float().cpu().numpy().astype(np.float64)
+            ratios[name] = float((np.abs(v - exact) / (bound.absolute + bound.relative
+                                                       * np.abs(v))).max())
+    finally:
+        matmul.allow_fp16_accumulation = saved
+    figures = (f"max |error| / bound: {ratios['inside']:.3f} in the search's context, "
+               f"{ratios['outside']:.3f} outside it with fp16 accumulation allowed")
+    if ratios["inside"] > 1:
+        raise Fail(figures)
+    return figures
+
+
+@item("knn-device-cpu")
+def knn_device_cpu(check: Check) -> str:
+    """`graphbuild knn --device cpu` searches on the CPU on a GPU machine: its own lists, no
+    faiss index on a GPU."""
+    run = check.need("texts_run", "embed-fp16")
+    copy = check.work / "device-cpu"
+    shutil.rmtree(copy, ignore_errors=True)
+    shutil.copytree(run, copy, ignore=shutil.ignore_patterns("graph", "knn"))
+    r = subprocess.run([sys.executable, "-m", "graphbuild", "knn", str(copy), "--k", "8",
+                        "--method", "approximate", "--device", "cpu"], cwd=REPO,
+                       capture_output=True, text=True, check=False)
+    index = sorted(p.name for p in (copy / "graph" / "_index").glob("*") if p.suffix != ".json")
+    figures = f"exit {r.returncode}, index files {index}"
+    if r.returncode != 0 or index != ["lists.npz"] or "faiss GPU" in r.stderr:
+        raise Fail(figures + "; " + (r.stderr.strip().splitlines() or [""])[-1])
     return figures
 
 

@@ -20,7 +20,8 @@ sentence-transformers, polars, zarr or typer: the CLI starts quickly and the tra
   rundir/     the run directory's format, read by everyone
   xclr/       the trainer side: soft targets, loss, samplers
   cli/        the command line, a thin layer over api.py
-options.py holds every default and the checks of user values; errors.py the one error type.
+options.py holds every default and the checks of user values; errors.py the one error type;
+devices.py what a CUDA device offers a stage, and its out-of-memory errors as one line.
 """
 
 from graphbuild.api import RunResult, embed, export, knn, run

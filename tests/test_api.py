@@ -264,3 +264,19 @@ def test_every_default_comes_from_options():
                   ("graphbuild.embedding.models.DEFAULT_MODEL", "model")]:
         assert entry in checked
 
+
+
+@pytest.mark.parametrize(("flag", "device"), [([], None), (["--device", "cpu"], "cpu"),
+                                              (["--device", "cuda:1"], "cuda:1")])
+def test_knn_device_flag_reaches_the_shard(flag, device, tmp_path, monkeypatch, capsys):
+    """`graphbuild knn --device` is the device knn_shard searches on (auto: None, the
+    search's own choice); `run` hands its --device to knn alike."""
+    seen = []
+
+    def knn_shard(out, *args, device=None, **kwargs):
+        seen.append(device)
+        raise GraphbuildError("stopped by the test")
+
+    monkeypatch.setattr("graphbuild.graph.stage.knn_shard", knn_shard)
+    code, _, err = cli_in_process(monkeypatch, capsys, "knn", tmp_path, "-q", *flag)
+    assert code == 2 and "stopped by the test" in err and seen == [device]

@@ -44,6 +44,7 @@ CASES = {
     "recall-nan": (KNN + ["--recall-target", "nan"], "--recall-target"),
     "k-0": (KNN + ["--k", "0"], "--k"),
     "method-unknown": (KNN + ["--method", "hnsw"], "--method"),
+    "knn-device-tpu": (KNN + ["--device", "tpu"], "--device"),
     "run-device-tpu": (RUN + ["--device", "tpu"], "--device"),
     "run-recall-nan": (RUN + ["--recall-target", "nan"], "--recall-target"),
     "stats-tau-nan": (["stats", "{o}", "--tau-s", "nan"], "--tau-s"),

@@ -188,3 +188,27 @@ def test_rerun_of_a_finished_shard_does_not_load_the_model(tmp_path, coco600):
             "print(r.texts_encoded, r.complete, 'sentence_transformers' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True)
     assert out.stdout.split() == ["0", "True", "False"], out.stderr
+
+
+def test_fp16_model_directory_computes_in_the_asked_precision(tmp_path, st_model):
+    """A model directory that stores fp16 weights (gpu_check's local copy) is loaded in fp32:
+    bf16 autocast on a CPU runs (fp16 parameters failed there with "mixed dtype"), and fp32
+    is fp32 compute of those weights, not fp16 compute."""
+    import copy
+
+    import torch
+
+    from graphbuild.embedding.encode import TextEncoder
+    from graphbuild.embedding.models import load_sentence_transformer, resolve_model
+
+    folder = tmp_path / "model-fp16"
+    copy.deepcopy(st_model).half().save(str(folder))
+    model = load_sentence_transformer(resolve_model(str(folder)), "cpu")
+    assert {p.dtype for p in model.parameters()} == {torch.float32}
+    texts = ["a dog sleeping on a couch", "two people riding horses on a beach"]
+    rounded = copy.deepcopy(st_model).half().float()  # the same weights, in fp32
+    want = rounded.encode(texts, normalize_embeddings=True)
+    # fp16 compute would miss by about 1e-3
+    assert np.abs(TextEncoder(model, "cpu", "fp32").encode(texts) - want).max() < 1e-5
+    bf16 = TextEncoder(model, "cpu", "bf16").encode(texts)
+    assert (np.sum(bf16 * want, axis=1) > 0.999).all()

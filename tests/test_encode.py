@@ -58,3 +58,40 @@ def test_padding_rows_and_lengths_leaves_the_vectors_alone(st_model):
     ours = np.concatenate([enc.encode(texts), enc.encode(texts[:1])])  # a lone text: 32 rows
     plain = st_model.encode(texts + texts[:1], batch_size=1, normalize_embeddings=True)
     assert np.max(1 - np.sum(ours * plain, axis=1)) <= 1e-5
+
+
+def caption_texts(n: int) -> list[str]:
+    from tests.conftest import COCO
+
+    lines = COCO.read_text(encoding="utf-8").splitlines()[1:n + 1]
+    # a text past the model's 256 tokens (truncated), one with spaces around it
+    return [line.split("\t")[2] for line in lines] + ["  spaced out  ", "word " * 400]
+
+
+def test_tokenized_once_pads_as_the_model_does_whatever_the_threads(st_model):
+    """One pass of the fast tokenizer, on 1 or 2 threads, gives the model's own preprocess()
+    tensors for any batch (shortest, longest, mixed)."""
+    from graphbuild.embedding.tokens import Tokenized, same_features
+
+    texts = caption_texts(400)
+    one = Tokenized.of(st_model, texts, st_model.max_seq_length, 1)
+    two = Tokenized.of(st_model, texts, st_model.max_seq_length, 2)
+    assert np.array_equal(one.ids, two.ids) and np.array_equal(one.offsets, two.offsets)
+    assert one.lengths.max() == st_model.max_seq_length
+    for idx in (np.arange(0, 400, 7), np.argsort(one.lengths)[-40:], np.array([400, 401, 3])):
+        assert same_features(one.features(idx), st_model.preprocess([texts[i] for i in idx]))
+
+
+def test_encoder_tokenizes_once_or_falls_back_to_the_same_bits(st_model, monkeypatch):
+    """The encoder's one-pass tokenizing gives the bits of batch-by-batch preprocess(); a
+    model whose features it cannot reproduce is tokenized batch by batch."""
+    from graphbuild.embedding import encode
+    from graphbuild.embedding.encode import TextEncoder
+
+    texts = caption_texts(300)
+    once = TextEncoder(st_model, "cpu", "fp32")
+    got = once.encode(texts)
+    assert once._tokens_ok is True
+    monkeypatch.setattr(encode, "same_features", lambda ours, theirs: False)
+    by_batch = TextEncoder(st_model, "cpu", "fp32")
+    assert np.array_equal(by_batch.encode(texts), got) and by_batch._tokens_ok is False

@@ -220,3 +220,80 @@ def test_kth_of_row_and_selection_against_numpy():
             assert _select_best(held, ids, len(held), k) == want
             assert (held[:k] >= want).all() and (held[k:] <= want).all()
             assert np.array_equal(keys[ids], held)  # ids moved with their keys
+
+
+def test_cuda_matmul_context_forces_half_accumulation_off_and_restores_it():
+    """Whatever turned them on, the search's CUDA matmuls neither reduce nor accumulate in
+    half precision, and the process gets its settings back afterwards."""
+    import torch
+
+    from graphbuild.graph.exact import HALF_REDUCTION_FLAGS, _exact_cuda_matmul
+
+    matmul = torch.backends.cuda.matmul
+    present = [f for f in HALF_REDUCTION_FLAGS if hasattr(matmul, f)]
+    assert "allow_fp16_accumulation" in present  # torch >= 2.7 has it
+    saved = {f: getattr(matmul, f) for f in present}
+    try:
+        for f in present:
+            setattr(matmul, f, True)
+        with _exact_cuda_matmul():
+            assert not any(getattr(matmul, f) for f in present)
+        assert all(getattr(matmul, f) for f in present)
+    finally:
+        for f, v in saved.items():
+            setattr(matmul, f, v)
+
+
+def test_cuda_bound_takes_the_accumulation_spacing_2_pow_23(monkeypatch):
+    """cuBLAS promises only at least 32-bit accumulation: on CUDA the bound's accumulation
+    term uses 2**-23, and blocked_topk asks for the bound of its device."""
+    from graphbuild.graph import exact
+
+    assert exact.ACCUMULATION_ROUNDOFF == {"cpu": 2.0 ** -24, "cuda": 2.0 ** -23}
+    x16 = clustered(200, 384, seed=3)
+    cpu, cuda = exact.error_bound(x16, "fp16"), exact.error_bound(x16, "fp16", device="cuda:1")
+    def g(u):
+        return 384 * u / (1 - 384 * u)
+
+    assert cuda.absolute - cpu.absolute == pytest.approx(
+        (g(2.0 ** -23) - g(2.0 ** -24)) * 1.00001 ** 2, rel=1e-3)
+    asked = []
+
+    def spy(x, half, block_rows=65536, device="cpu"):
+        asked.append((half, device))
+        raise StopIteration
+
+    monkeypatch.setattr(exact, "error_bound", spy)
+    with pytest.raises(StopIteration):
+        exact.blocked_topk(x16, 5, device="cuda:0")
+    assert asked == [("fp16", "cuda:0")]
+
+
+def test_rows_held_once_on_the_device_give_the_same_result(monkeypatch):
+    """The CUDA path that uploads every row once (hold_all_rows), run on a CPU: a shard's
+    search against other shards' rows, with a capacity small enough to overflow, equals
+    brute force, and converts (uploads) each row once besides the query rows, where the
+    block-by-block path converts the other rows once per own block and all rows again in
+    every overflow round."""
+    from graphbuild.graph import exact
+
+    x16 = clustered(1200, 16, seed=2)
+    ref_i, ref_s = brute_force(x16, 12)
+    rows = range(300, 700)
+    converted = []
+    real = exact._Search.half_rows
+
+    def counting(self, which, step=65536):
+        converted.append(which.stop - which.start if isinstance(which, slice) else len(which))
+        return real(self, which, step)
+
+    monkeypatch.setattr(exact._Search, "half_rows", counting)
+    by_block = run(x16, 12, rows, block_rows=100, capacity=12)
+    per_block = sum(converted)
+    converted.clear()
+    monkeypatch.setattr(exact, "RESIDENT_ON_CPU", True)
+    ids, sims = run(x16, 12, rows, block_rows=100, capacity=12)
+    assert np.array_equal(sims, ref_s[300:700]) and np.array_equal(ids, ref_i[300:700])
+    assert np.array_equal(ids, by_block[0])
+    # the query rows twice (locality order, then in that order), every row once
+    assert sum(converted) == 2 * 400 + 1200 < per_block

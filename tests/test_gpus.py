@@ -52,3 +52,46 @@ def test_local_cluster_shape():
     assert local_workers(cpus=2, n_gpus=0) == (2, 1)
     assert local_workers(cpus=32, n_gpus=8) == (8, 4)
     assert local_workers(cpus=4, n_gpus=8) == (8, 1)
+
+
+def test_dask_worker_with_explicit_cuda_takes_its_own_gpu(monkeypatch):
+    """--device cuda on a LocalCluster of ours with 2 GPUs: worker 1 takes cuda:1 and makes it
+    torch's current device; cuda:N and cpu stay as asked; auto without GPUs stays auto."""
+    import types
+
+    import distributed
+    import torch
+
+    from graphbuild.scale import engine
+
+    current = []
+    monkeypatch.setattr(engine, "_local_gpus", lambda: 2)
+    monkeypatch.setattr(distributed, "get_worker", lambda: types.SimpleNamespace(name=1))
+    monkeypatch.setattr(torch.cuda, "set_device", current.append)
+    monkeypatch.setenv(engine.LOCAL_SLOTS_ENV, "2")
+    assert engine._device("cuda") == "cuda:1"
+    assert engine._device("auto") == "cuda:1"
+    assert current == [1, 1]
+    assert engine._device("cuda:0") == "cuda:0" and engine._device("cpu") == "cpu"
+    # a worker someone else started with its own CUDA_VISIBLE_DEVICES sees its GPU as 0
+    monkeypatch.delenv(engine.LOCAL_SLOTS_ENV)
+    monkeypatch.setattr(distributed, "get_worker",
+                        lambda: types.SimpleNamespace(name="tcp://10.0.0.5:4001"))
+    assert engine._device("cuda") == "cuda:0"
+    monkeypatch.setattr(engine, "_local_gpus", lambda: 0)
+    assert engine._device("auto") == "auto" and engine._device("cuda") == "cuda"
+
+
+def test_local_gpus_follow_cuda_visible_devices(monkeypatch):
+    """A LocalCluster gets one worker per GPU this process may use: CUDA_VISIBLE_DEVICES caps
+    what the driver reports."""
+    import torch
+
+    from graphbuild.scale import engine
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "2,3")
+    assert engine._local_gpus() == 2
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+    assert engine._local_gpus() == 0

@@ -194,3 +194,46 @@ def test_wheel_ships_the_slurm_templates(tmp_path):
         assert len(fixed) >= 5 and [line for line in fixed if line not in printed] == [], t.name
     assert sum(line.startswith("# ---- ") for line in printed) == 2  # embed and knn scripts
     assert not (elsewhere / "run").exists()
+
+
+FAKE_PYTHON = """#!/usr/bin/env bash
+# A venv's python as dev.sh asks it things: torch's build, faiss's distributions, what sees a
+# GPU, and pip (logged, not run). torch is CPU-only until pip installs torch.
+log=$(dirname "$0")/../pip.log
+case "$*" in
+  *"-m pip"*) echo "${@:2}" >> "$log" ;;
+  *"torch.version.cuda else"*) grep -q "install.*torch==" "$log" 2>/dev/null && echo cuda ||
+                               echo cpu ;;
+  *importlib.metadata*) echo faiss-cpu ;;
+  *"torch.cuda.device_count"*) echo "0 0 none" ;;
+esac
+"""
+
+
+@pytest.mark.parametrize("asked", [None, "cpu"])
+def test_dev_sh_on_a_gpu_machine_does_not_keep_a_cpu_only_torch(tmp_path, asked):
+    """An existing venv whose torch has no CUDA, on a machine whose nvidia-smi lists a GPU:
+    dev.sh installs a CUDA torch unless GRAPHBUILD_TORCH=cpu is asked for, and says what
+    cannot use the GPU (here faiss-cpu, and the emulated torch that sees none)."""
+    venv, bin_ = tmp_path / "venv", tmp_path / "bin"
+    for path, text in ((venv / "bin" / "python", FAKE_PYTHON),
+                       (bin_ / "nvidia-smi", "#!/bin/sh\necho 'GPU 0: NVIDIA H100 (UUID: x)'\n")):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text)
+        path.chmod(0o755)
+    env = {**os.environ, "GRAPHBUILD_VENV": str(venv), "PATH": f"{bin_}:{os.environ['PATH']}"}
+    env.pop("GRAPHBUILD_TORCH", None)
+    if asked:
+        env["GRAPHBUILD_TORCH"] = asked
+    r = subprocess.run(["bash", str(REPO / "dev.sh"), "setup"], env=env, capture_output=True,
+                       text=True, check=False)
+    assert r.returncode == 0, r.stderr
+    pip = (venv / "pip.log").read_text()
+    if asked:
+        assert "torch==" not in pip
+        assert (venv / ".graphbuild-torch").read_text().splitlines() == ["cpu", "", "asked"]
+    else:
+        assert "installing a CUDA one" in r.stderr
+        assert "uninstall -y torch" in pip and f"install {TORCH}" in pip
+        assert (venv / ".graphbuild-torch").read_text().splitlines()[0] == "cuda"
+    assert "torch sees none" in r.stderr and "faiss has none" in r.stderr

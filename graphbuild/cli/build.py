@@ -111,16 +111,19 @@ def knn(
     num_shards: NumShards = None,
     block_rows: BlockRows = options.BLOCK_ROWS,
     overwrite: Overwrite = False,
+    device: Device = "auto",
     engine: Engine = "local",
     scheduler: Scheduler = None,
     quiet: Quiet = False,
 ) -> None:
-    """Build the top-k cosine graph of a run: RUN/graph/part-*.parquet. Resumable."""
+    """Build the top-k cosine graph of a run: RUN/graph/part-*.parquet. Resumable.
+    --device: where the exact search runs and faiss searches (auto: CUDA when there is one;
+    on Dask, each worker's own GPU)."""
     _logging(quiet)
     results = graphbuild.knn(
         run_dir, k, method=method, recall_target=recall_target, shard=shard,
-        num_shards=num_shards, block_rows=block_rows, overwrite=overwrite, engine=engine,
-        scheduler=scheduler, progress=not quiet, on_shard=_echo_shard)
+        num_shards=num_shards, block_rows=block_rows, overwrite=overwrite, device=device,
+        engine=engine, scheduler=scheduler, progress=not quiet, on_shard=_echo_shard)
     _dask_summary("knn", results)
 
 

@@ -12,6 +12,10 @@ and keeps kernels for every matrix shape it meets, about 2 MiB a batch shape her
 exact shapes, 410k shuffled captions kept meeting new ones and the process grew by 400 MiB,
 still climbing. Bucketed, captions yield about 45 shapes, half of them in the first 8,192
 texts, for 1.3% more padded tokens.
+
+Each text is tokenized once, by the fast tokenizer on the process's threads (tokens.py), where
+that gives what the model's own preprocess() gives (checked on a call's shortest and longest
+batch, once per encoder); otherwise each batch is tokenized by preprocess().
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ import numpy as np
 
 from graphbuild import options
 from graphbuild.cpu import has_native_bf16
+from graphbuild.embedding.tokens import Tokenized, same_features
 from graphbuild.errors import GraphbuildError
 
 log = logging.getLogger(__name__)
@@ -131,6 +136,8 @@ class TextEncoder:
         self.max_seq_length = int(model.max_seq_length)
         self._pool: ThreadPoolExecutor | None = None
         self._pool_size = 0
+        self._tokens_ok: bool | None = None  # Tokenized stands in for preprocess() (checked)
+        self._extra: dict = {}  # preprocess()'s entries that are not tensors (e.g. modality)
 
     def _autocast(self):
         import torch
@@ -150,6 +157,28 @@ class TextEncoder:
                                    add_special_tokens=True)["input_ids"]
         return np.fromiter((len(x) for x in ids), dtype=np.int64, count=len(ids))
 
+    def _tokenized(self, texts: Sequence[str], threads: int) -> Tokenized | None:
+        """Every text tokenized once on `threads` threads, or None where that does not give
+        preprocess()'s features: checked on the shortest and the longest texts of the first
+        call (where padding and truncation show), and not used again once it failed."""
+        if self._tokens_ok is False:
+            return None
+        tok = Tokenized.of(self.model, texts, self.max_seq_length, threads)
+        if tok is None or self._tokens_ok:
+            self._tokens_ok = tok is not None
+            return tok
+        order = np.argsort(tok.lengths, kind="stable")
+        for idx in (order[:ROW_MULTIPLE], order[-ROW_MULTIPLE:]):
+            theirs = self._features([texts[i] for i in idx])
+            if not same_features(tok.features(idx), theirs):
+                log.info("tokenizing batch by batch: one pass of the fast tokenizer does not "
+                         "give this model's features")
+                self._tokens_ok = False
+                return None
+        self._extra = {k: v for k, v in theirs.items() if not hasattr(v, "shape")}
+        self._tokens_ok = True
+        return tok
+
     def encode(self, texts: Sequence[str], on_batch: Callable[[int], None] | None = None) -> np.ndarray:
         """Unit-norm float32 embeddings of `texts`, in input order."""
         import torch
@@ -157,14 +186,16 @@ class TextEncoder:
         out = np.empty((len(texts), self.dim), dtype=np.float32)
         if not texts:
             return out
-        lengths = padded_lengths(self.token_lengths(texts), self.max_seq_length)
+        threads = torch.get_num_threads()
+        tok = self._tokenized(texts, threads)
+        lengths = padded_lengths(self.token_lengths(texts) if tok is None else tok.lengths,
+                                 self.max_seq_length)
         batches = token_batches(lengths, self.token_budget)
         pad_id = getattr(self.model.tokenizer, "pad_token_id", None) or 0
-        threads = torch.get_num_threads()
         workers = min(CPU_WORKERS, threads) if self.device == "cpu" else 1
         # On a CPU, `workers` batches run at once, each on threads // workers cores: this
         # model's products are too small to keep many cores busy together (measured on 2
-        # cores: 1,149 texts/s as 2 x 1 thread, 986 as 1 x 2). Tokenizing stays on this
+        # cores: 1,149 texts/s as 2 x 1 thread, 986 as 1 x 2). Batches are padded on this
         # thread (fast tokenizers refuse concurrent calls), one batch ahead of the workers.
         # The same worker threads serve every call: each new thread would get a malloc arena
         # of its own, and the process would grow with the number of chunks.
@@ -175,7 +206,8 @@ class TextEncoder:
         pending = []
         try:
             for idx in batches:
-                feats = self._features([texts[i] for i in idx])
+                feats = (self._features([texts[i] for i in idx]) if tok is None
+                         else {**tok.features(idx), **self._extra})
                 length = int(lengths[idx].max())
                 rows = padded_rows(len(idx), length, self.token_budget)
                 feats = pad_batch(feats, rows, length, pad_id)

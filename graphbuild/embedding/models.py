@@ -104,7 +104,7 @@ def resolve_model(name: str) -> ModelRef:
 
 
 def load_sentence_transformer(ref: ModelRef, device: str, trust_remote_code: bool = False):
-    """Load the model from its local files with every hub call disabled."""
+    """Load the model from its local files with every hub call disabled, weights in fp32."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -121,5 +121,9 @@ def load_sentence_transformer(ref: ModelRef, device: str, trust_remote_code: boo
     except Exception as e:  # sentence-transformers raises many kinds; all mean "cannot load"
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise GraphbuildError(f"--model {ref.name}: cannot load from {ref.path}: {first}") from None
+    # Weights in fp32 whatever the directory stores: fp32 compute needs them (an fp16 copy of a
+    # model would silently compute in fp16 on a CPU), and autocast (bf16, fp16) expects fp32
+    # parameters (fp16 ones under bf16 autocast on a CPU fail: "mixed dtype").
+    model.float()
     model.eval()
     return model

@@ -8,4 +8,5 @@
   kernels.py       the compiled loops (numba): candidate buffers, heaps, probes, exact dots
   hits.py          padded top-k by bands of hit counts (the torch path, CUDA's)
   faiss_loader.py  faiss (an extra; a CPU searches without it), imported with its CPU quirks handled
+  faiss_gpu.py     a faiss index on the shard's GPU, within faiss-gpu's limits (tables, k, nprobe)
 """

@@ -82,8 +82,9 @@ def sample_ids(n: int, size: int, seed: int) -> np.ndarray:
     return np.sort(rng.choice(n, size=min(size, n), replace=False))
 
 
-def _trained_index(arr, kind: str, nlist: int, seed: int):
-    """An empty IVF index of `kind`, its k-means trained on a seeded sample of rows."""
+def _trained_index(arr, kind: str, nlist: int, seed: int, subquantizers: int | None = None):
+    """An empty IVF index of `kind`, its k-means trained on a seeded sample of rows; IVF-PQ
+    with `subquantizers` (default `pq_subquantizers(d)`)."""
     from graphbuild.graph.faiss_loader import load_faiss
 
     faiss = load_faiss()
@@ -93,7 +94,7 @@ def _trained_index(arr, kind: str, nlist: int, seed: int):
         index = faiss.IndexIVFScalarQuantizer(quantizer, d, nlist, faiss.ScalarQuantizer.QT_fp16,
                                               faiss.METRIC_INNER_PRODUCT)
     else:
-        index = faiss.IndexIVFPQ(quantizer, d, nlist, pq_subquantizers(d), 8,
+        index = faiss.IndexIVFPQ(quantizer, d, nlist, subquantizers or pq_subquantizers(d), 8,
                                  faiss.METRIC_INNER_PRODUCT)
     index.own_fields = True
     quantizer.this.disown()
@@ -112,13 +113,15 @@ def _blocks_with_lists(arr, centroids: torch.Tensor, block_rows: int):
         yield x, np.ascontiguousarray(nearest_list(x, centroids), np.int64)
 
 
-def build_index(arr, kind: str, nlist: int, block_rows: int, seed: int = SEED):
-    """Train on a seeded sample and add every row in order."""
+def build_index(arr, kind: str, nlist: int, block_rows: int, seed: int = SEED,
+                subquantizers: int | None = None):
+    """Train on a seeded sample and add every row in order (IVF-PQ: `subquantizers`, as
+    `_trained_index`)."""
     from graphbuild.graph.faiss_loader import load_faiss
 
     faiss = load_faiss()
     t0 = time.perf_counter()
-    index = _trained_index(arr, kind, nlist, seed)
+    index = _trained_index(arr, kind, nlist, seed, subquantizers)
     t1 = time.perf_counter()
     centroids = torch.from_numpy(index.quantizer.reconstruct_n(0, nlist))
     for x, lists in _blocks_with_lists(arr, centroids, block_rows):
@@ -161,24 +164,6 @@ def faiss_gpus() -> int:
 
     faiss = faiss_if_installed()
     return 0 if faiss is None else getattr(faiss, "get_num_gpus", lambda: 0)()
-
-
-def on_gpu_if_available(index):
-    """The index on GPU 0 when faiss has GPUs (the faiss-gpu package), else unchanged.
-
-    GpuIndexIVF takes `nprobe` like its CPU twin, so search() works on either. Untested on
-    this project's CPU-only CI; faiss-cpu reports 0 GPUs and this is a no-op there.
-    """
-    from graphbuild.graph.faiss_loader import load_faiss
-
-    faiss = load_faiss()
-    if faiss_gpus() == 0:
-        return index
-    resources = faiss.StandardGpuResources()
-    gpu_index = faiss.index_cpu_to_gpu(resources, 0, index)
-    gpu_index.referenced_objects = [resources]  # keep the resources alive with the index
-    log.info("searching on GPU 0 (%d visible)", faiss.get_num_gpus())
-    return gpu_index
 
 
 def ground_truth(arr, queries: np.ndarray, k: int, block_rows: int) -> np.ndarray:
@@ -339,9 +324,14 @@ def tune_nprobe(index, arr, k: int, target: float, block_rows: int,
                  len(queries), curve[-1]["seconds"])
         return recall
 
+    # faiss-gpu probes at most 2048 lists (faiss_gpu.OnGpu.max_nprobe)
+    limit = getattr(index, "max_nprobe", index.nlist)
     low, high = 0, 1  # low: largest nprobe known to miss the target (0: none tried)
-    while measure(high) < target and high < index.nlist:
-        low, high = high, min(high * 2, index.nlist)
+    while measure(high) < target and high < limit:
+        low, high = high, min(high * 2, limit)
+    if recalls[high] < target and limit < index.nlist:
+        log.warning("nprobe stops at %d of %d lists, faiss-gpu's limit: recall@%d %.4f, below "
+                    "the target %.2f", limit, index.nlist, k, recalls[high], target)
     while recalls[high] >= target and high - low > 1:
         mid = (low + high) // 2
         if measure(mid) >= target:

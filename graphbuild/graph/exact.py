@@ -53,6 +53,12 @@ from graphbuild.memory import return_freed_memory
 log = logging.getLogger(__name__)
 
 F32_UNIT_ROUNDOFF = 2.0 ** -24
+# The accumulation's unit roundoff in the bound, by device type. cuBLAS promises only "at
+# least 32-bit" accumulation for half-precision products with fp32 compute, not round to
+# nearest in fp32 (tensor cores may truncate), so on CUDA the bound takes twice fp32's unit
+# roundoff: the full spacing 2**-23, which covers truncation. It widens the bound by about
+# 2.3e-5 at d=384, too little to change what passes the filters measurably.
+ACCUMULATION_ROUNDOFF = {"cpu": F32_UNIT_ROUNDOFF, "cuda": 2.0 ** -23}
 # Unit roundoff (half the spacing just above 1.0) of the half-precision compute types.
 HALF_UNIT_ROUNDOFF = {"bf16": 2.0 ** -8, "fp16": 2.0 ** -11}
 THRESHOLD_SLACK = 2e-6     # covers fp32 rounding of the threshold and of the stored sims
@@ -60,6 +66,12 @@ GROUP = 16  # rows per max-pooled group when filtering a block of scores
 MERGE_BANDS = (16, 64)  # hit counts per row that bound one padded merge (hits.py)
 SCORE_FLOOR = -1e30  # below every finite score; filtering thresholds never go lower
 COMPILED_ON_CPU = True  # CPU searches use the compiled candidate buffers (tests flip it)
+# On CUDA, every row is uploaded once (`_Search.hold_all_rows`) when its fp16 bytes fit the
+# device's free memory with this much to spare; CPUs convert each block as it is used (a
+# second copy of the rows in host memory would cost more than the conversions). Tests set
+# RESIDENT_ON_CPU to run the CUDA path on a CPU.
+RESIDENT_HEADROOM = 1 << 30
+RESIDENT_ON_CPU = False
 
 
 def default_capacity(k: int) -> int:
@@ -77,11 +89,11 @@ class ErrorBound:
 
     @classmethod
     def of_norms(cls, norm: float, rounded_norm: float, err: float, d: int,
-                 half: str) -> ErrorBound:
+                 half: str, accumulation: float = F32_UNIT_ROUNDOFF) -> ErrorBound:
         """The bound for products of rows of d values whose norms are at most `norm`, at most
         `rounded_norm` once rounded to `half`, and whose rounding errors have norms at most
-        `err` (derivation in `error_bound`)."""
-        g = d * F32_UNIT_ROUNDOFF / (1 - d * F32_UNIT_ROUNDOFF)
+        `err`, summed with unit roundoff `accumulation` (derivation in `error_bound`)."""
+        g = d * accumulation / (1 - d * accumulation)
         u = HALF_UNIT_ROUNDOFF[half]
         return cls(absolute=err * rounded_norm + norm * err + g * rounded_norm ** 2,
                    relative=u / (1 - u))
@@ -114,8 +126,10 @@ def _where(condition, a, b):
     return torch.where(condition, a, b)
 
 
-def error_bound(x16: np.ndarray, half: str = "bf16", block_rows: int = 65536) -> ErrorBound:
-    """A rigorous bound for half-precision dot products of the rows of x16 (fp16).
+def error_bound(x16: np.ndarray, half: str = "bf16", block_rows: int = 65536,
+                device: str = "cpu") -> ErrorBound:
+    """A rigorous bound for half-precision dot products of the rows of x16 (fp16), computed
+    on `device` (its accumulation: ACCUMULATION_ROUNDOFF; 2**-24 below, 2**-23 on CUDA).
 
     Let x, y be rows as fp32 (exact copies of fp16), x~, y~ their roundings to the compute
     type, e = x~ - x, and z the fp32-accumulated dot product of x~ and y~, v = z rounded to
@@ -144,7 +158,8 @@ def error_bound(x16: np.ndarray, half: str = "bf16", block_rows: int = 65536) ->
         err = max(err, float((xr - x).norm(dim=1).max()))
     # Norms are computed in fp32; a relative margin of 1e-5 covers their own rounding.
     norm, rounded_norm, err = (v * (1 + 1e-5) for v in (norm, rounded_norm, err))
-    return ErrorBound.of_norms(norm, rounded_norm, err, d, half)
+    return ErrorBound.of_norms(norm, rounded_norm, err, d, half,
+                               ACCUMULATION_ROUNDOFF[device.split(":")[0]])
 
 
 def half_dtype(half: str):
@@ -468,7 +483,7 @@ def blocked_topk(x16: np.ndarray, k: int, rows: range | None = None,
         raise ValueError(f"x16 must be float16, got {x16.dtype}")
     device = device or default_device()
     half = pick_half(device)
-    bound = bound or error_bound(x16, half)
+    bound = bound or error_bound(x16, half, device=device)
     capacity = min(capacity or default_capacity(k), n - 1)
     if capacity < k:
         raise ValueError(f"capacity must be at least k={k}, got {capacity}")
@@ -514,6 +529,7 @@ class _Search:
         self.device, self.dtype, self.bound = torch.device(device), half_dtype(half), bound
         small = x16.shape[0] < 2 ** 31
         self.id_dtype, self.id_np = (torch.int32, np.int32) if small else (torch.int64, np.int64)
+        self.resident = None  # every row in the compute type on the device, once held
 
     def run(self, plan: _Plan, capacity: int, progress: _Progress,
             reload: Callable[[], np.ndarray] | None) -> tuple[np.ndarray, np.ndarray]:
@@ -534,6 +550,8 @@ class _Search:
                 self.x16 = reload()
         ids = np.empty((len(plan.rows), self.k), self.id_np)
         sims = np.empty((len(plan.rows), self.k), np.float32)
+        if plan.other:
+            self.hold_all_rows()
         for lo, hi in plan.own:
             if plan.other:
                 self.offer_other_rows(cands, queries.sorted_block(cands, lo, hi), plan, progress)
@@ -579,7 +597,7 @@ class _Search:
         import torch
 
         for clo, chi in plan.other:
-            s = block.scores(self, self.half(clo, chi))
+            s = block.scores(self, self.columns(clo, chi))
             cands.offer_block(s, block.rows, block.ids,
                               torch.arange(clo, chi, device=self.device))
             progress.add(block.count * (chi - clo))
@@ -601,6 +619,31 @@ class _Search:
     def half(self, lo: int, hi: int):
         """Rows lo..hi in the compute type."""
         return self.half_rows(slice(lo, hi))
+
+    def hold_all_rows(self) -> None:
+        """On CUDA, when they fit (RESIDENT_HEADROOM), upload every row once, in the compute
+        type: other shards' rows are then the columns of every query block, and of the
+        overflow fallback, without a host-to-device copy per block pair (at 375k rows a
+        shard and blocks of 4,096 that is about 820 GB of copies a shard)."""
+        import torch
+
+        if self.resident is not None:
+            return
+        n, d = self.x16.shape
+        if self.device.type == "cuda":
+            free, _ = torch.cuda.mem_get_info(self.device)
+            if n * d * 2 + RESIDENT_HEADROOM > free:
+                log.info("rows uploaded block by block: all %d need %.1f GiB, %.1f GiB free on "
+                         "%s", n, n * d * 2 / 2**30, free / 2**30, self.device)
+                return
+        elif not RESIDENT_ON_CPU:
+            return
+        self.resident = self.half(0, n)
+
+    def columns(self, lo: int, hi: int):
+        """Rows lo..hi in the compute type: the held rows (`hold_all_rows`), else converted
+        (and uploaded) now."""
+        return self.half(lo, hi) if self.resident is None else self.resident[lo:hi]
 
     def half_rows(self, rows: np.ndarray | slice, step: int = 65536):
         """x16[rows] in the compute type, converted in steps: no fp32 (or fp16) copy of all
@@ -628,6 +671,7 @@ class _Search:
         ids = np.empty((len(rows), self.k), np.int64)
         sims = np.empty((len(rows), self.k), np.float32)
         todo = np.arange(len(rows))
+        self.hold_all_rows()
         while len(todo):
             capacity = min(capacity * 4, n - 1)
             log.info("%d rows have more near-ties than the candidate buffer; searching them "
@@ -635,10 +679,11 @@ class _Search:
             sub = rows[todo]
             cands = _Candidates(len(sub), self.k, capacity, self.bound, self.id_dtype,
                                 self.device)
-            xq = self.half_rows(sub)
             self_col = torch.from_numpy(sub).to(self.device)
+            xq = (self.half_rows(sub) if self.resident is None
+                  else self.resident.index_select(0, self_col))
             for clo, chi in _blocks(0, n, self.block_rows):
-                s = self.scores(xq, self.half(clo, chi))
+                s = self.scores(xq, self.columns(clo, chi))
                 mine = (self_col >= clo) & (self_col < chi)
                 s[mine.nonzero()[:, 0], (self_col[mine] - clo)] = -torch.inf
                 cands.offer(0, len(sub), s, torch.arange(clo, chi, device=self.device))
@@ -755,16 +800,28 @@ class _Progress:
             self.told = rows
 
 
+# torch's switches that let CUDA matmuls of half-precision inputs reduce or accumulate in
+# half precision; allow_fp16_accumulation exists from torch 2.7 (absent ones are skipped).
+HALF_REDUCTION_FLAGS = ("allow_fp16_reduced_precision_reduction",
+                        "allow_bf16_reduced_precision_reduction", "allow_fp16_accumulation")
+
+
 class _exact_cuda_matmul:
-    """On CUDA, forbid fp16 reductions inside matmuls (the bound assumes fp32 accumulation)."""
+    """Forbid half-precision reductions and accumulation inside CUDA matmuls while the search
+    runs, whatever else in the process turned them on (the bound assumes at least fp32
+    accumulation; fp16 accumulation makes errors several times the bound), and restore
+    them after."""
 
     def __enter__(self):
         import torch
 
-        self.saved = torch.backends.cuda.matmul.allow_fp16_reduced_precision_reduction
-        torch.backends.cuda.matmul.allow_fp16_reduced_precision_reduction = False
+        matmul = torch.backends.cuda.matmul
+        self.saved = {f: getattr(matmul, f) for f in HALF_REDUCTION_FLAGS if hasattr(matmul, f)}
+        for flag in self.saved:
+            setattr(matmul, flag, False)
 
     def __exit__(self, *exc):
         import torch
 
-        torch.backends.cuda.matmul.allow_fp16_reduced_precision_reduction = self.saved
+        for flag, value in self.saved.items():
+            setattr(torch.backends.cuda.matmul, flag, value)

@@ -14,7 +14,9 @@ whichever of them are missing; --overwrite replaces the graph.
 
 Methods: exact (exact.py; the same bytes for any shard count) or approximate (ann.py; IVF
 with nprobe tuned to a recall target: its own lists on a CPU, a faiss index for IVF-PQ or
-on faiss's GPUs). auto picks one from N, d, k and free memory.
+on faiss's GPUs). auto picks one from N, d, k and free memory: the host's and a CPU's rate,
+or, when the exact search would run on CUDA, the device's free memory and rate (devices.py).
+A CUDA out-of-memory error is one line naming the flags that shrink a shard's work.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from pathlib import Path
 import numpy as np
 
 from graphbuild import options
+from graphbuild.devices import Device, cuda_oom_as_error
 from graphbuild.errors import GraphbuildError
 from graphbuild.faults import kill_point
 from graphbuild.graph.exact import default_capacity
@@ -95,13 +98,23 @@ def exact_memory(n: int, d: int, rows: int, k: int, block_rows: int) -> int:
 
 
 def choose_method(n: int, d: int, k: int, budget: int,
-                  block_rows: int = options.BLOCK_ROWS) -> tuple[str, str]:
-    """(method, one-line reason) for method="auto"."""
+                  block_rows: int = options.BLOCK_ROWS,
+                  gpu: Device | None = None) -> tuple[str, str]:
+    """(method, one-line reason) for method="auto": within `budget` bytes of host memory at
+    a CPU's rate, or, with `gpu` (the CUDA device the exact search would run on), within its
+    free memory at its rate, the host holding the fp16 rows."""
     need = exact_memory(n, d, n, k, block_rows)
-    est = n * n * d / CPU_HALF_FLOPS  # symmetric products: N*N*d multiply-adds in all
-    figures = f"N={n:,}, d={d}, k={k}, ~{need / 2**30:.1f} GiB, ~{est:,.0f}s estimated"
-    if need > budget:
-        return "approximate", f"approximate: exact needs {figures} > {budget / 2**30:.1f} GiB"
+    room, flops = (budget, CPU_HALF_FLOPS) if gpu is None else (gpu.free_bytes, gpu.half_flops)
+    est = n * n * d / flops  # symmetric products: N*N*d multiply-adds in all
+    where = "" if gpu is None else f" on {gpu.name}"
+    figures = f"N={n:,}, d={d}, k={k}, ~{need / 2**30:.1f} GiB, ~{est:,.0f}s estimated{where}"
+    if need > room:
+        return "approximate", (f"approximate: exact needs {figures} > {room / 2**30:.1f} GiB"
+                               + (" free there" if gpu else ""))
+    if gpu is not None and n * d * 2 > budget:
+        return "approximate", (f"approximate: exact needs {figures}, and the host "
+                               f"{n * d * 2 / 2**30:.1f} GiB for the rows > "
+                               f"{budget / 2**30:.1f} GiB")
     if n <= EXACT_MAX_NODES or est <= EXACT_MAX_SECONDS:
         return "exact", f"exact: {figures} (N <= {EXACT_MAX_NODES:,} or under 1 hour)"
     return "approximate", f"approximate: {figures} (N > {EXACT_MAX_NODES:,} and over 1 hour)"
@@ -231,7 +244,7 @@ def _claim(run: RunDir, params: dict, overwrite: bool) -> None:
 
 
 def _resolve(out: Path, k: int, method: str, n: int, d: int, block_rows: int,
-             budget: int) -> tuple[int, str, str]:
+             budget: int, device: str | None) -> tuple[int, str, str]:
     if n < 2:
         raise GraphbuildError(f"{RunDir(out).embeddings}: {n} node(s); a graph needs two")
     if k >= n:
@@ -242,8 +255,33 @@ def _resolve(out: Path, k: int, method: str, n: int, d: int, block_rows: int,
     resumed = resumed_method(out, k)
     if resumed:
         return k, resumed, f"{resumed}: the method of the graph being resumed"
-    method, reason = choose_method(n, d, k, budget, block_rows)
+    method, reason = choose_method(n, d, k, budget, block_rows, _exact_gpu(device))
     return k, method, reason
+
+
+def _exact_gpu(device: str | None) -> Device | None:
+    """The CUDA device the exact search would run on (exact.default_device for None)."""
+    from graphbuild.devices import cuda_device
+    from graphbuild.graph.exact import default_device
+
+    device = device or default_device()
+    return cuda_device(device) if device.startswith("cuda") else None
+
+
+def _check_approximate(n: int, d: int, k: int, budget: int, device: str | None) -> None:
+    """Before any work: faiss for an IVF-PQ index (one line naming what to install), and k
+    and the IVF-PQ sub-quantizers within faiss-gpu's limits when faiss will search on a
+    GPU."""
+    from graphbuild.graph.faiss_gpu import check_k, faiss_device, gpu_subquantizers
+    from graphbuild.graph.faiss_loader import faiss_if_installed, load_faiss
+
+    pq = _index_kind(n, d, budget) == "ivf-pq"
+    if pq:
+        load_faiss(IVF_PQ_USE)
+    if faiss_device(device, faiss_if_installed()) is not None:
+        check_k(k)
+        if pq:
+            gpu_subquantizers(d)
 
 
 def resumed_method(out: str | Path, k: int) -> str | None:
@@ -260,8 +298,16 @@ def knn_shard(out: str | Path, k: int = options.K, method: str = "auto", shard: 
               recall_target: float = options.RECALL_TARGET, reporter: Reporter | None = None,
               overwrite: bool = False, memory_budget: int | None = None,
               device: str | None = None) -> KnnResult:
-    """Build shard `shard` of `num_shards` of the top-k graph. Safe to rerun."""
+    """Build shard `shard` of `num_shards` of the top-k graph. Safe to rerun. `device`: where
+    the exact search runs and faiss searches ("cpu", "cuda", "cuda:N"; None: CUDA when there
+    is one)."""
     options.knn_options(k, method, block_rows, recall_target)
+    if device is not None:
+        from graphbuild.devices import check_cuda
+
+        options.device(device)
+        check_cuda(device)
+        device = None if device == "auto" else device
     out = Path(out)
     run = RunDir(out)
     reporter = reporter or Reporter()
@@ -272,11 +318,9 @@ def knn_shard(out: str | Path, k: int = options.K, method: str = "auto", shard: 
         raise GraphbuildError(f"{run.embeddings}: shape {arr.shape} does not match its attrs "
                               f"(n_nodes={attrs['n_nodes']}, dim={attrs['dim']})")
     budget = memory_budget or available_memory()
-    k, method, reason = _resolve(out, k, method, n, d, block_rows, budget)
-    if method == "approximate" and _index_kind(n, d, budget) == "ivf-pq":
-        from graphbuild.graph.faiss_loader import load_faiss
-
-        load_faiss(IVF_PQ_USE)  # before any work: one line naming what to install
+    k, method, reason = _resolve(out, k, method, n, d, block_rows, budget, device)
+    if method == "approximate":
+        _check_approximate(n, d, k, budget, device)
     log.info("knn %s: %s", shard_name(shard, num_shards), reason)
     params = _params(k, method, num_shards, recall_target, attrs)
     _claim(run, params, overwrite)
@@ -354,15 +398,23 @@ def _search_shard(run: RunDir, arr, attrs: dict, params: dict, result: KnnResult
                                    shard_name(result.shard, result.num_shards))
     t0 = time.perf_counter()
     reporter.start(len(rows), "queries")
+    remedy = (f"lower --block-rows (now {block_rows}) or raise --num-shards (now "
+              f"{result.num_shards}) so that a shard holds fewer rows on the GPU"
+              if method == "exact" else
+              "the faiss index does not fit this GPU: use --device cpu, or a GPU with more "
+              "memory")
     try:
-        if method == "exact":
-            result.edges = _exact_part(out, arr, k, rows, shard, block_rows, device, reporter)
-            result.recall = 1.0
-        else:
-            result.edges, tuning = _approximate_part(out, arr, attrs, k, rows, shard, block_rows,
-                                                     params["recall_target"], budget, reporter)
-            result.recall, result.nprobe = tuning["recall"], tuning["nprobe"]
-            result.probe_gap = tuning.get("probe_gap")
+        with cuda_oom_as_error(f"knn {name} ({method})", remedy):
+            if method == "exact":
+                result.edges = _exact_part(out, arr, k, rows, shard, block_rows, device,
+                                           reporter)
+                result.recall = 1.0
+            else:
+                result.edges, tuning = _approximate_part(
+                    out, arr, attrs, k, rows, shard, block_rows, params["recall_target"],
+                    budget, device, reporter)
+                result.recall, result.nprobe = tuning["recall"], tuning["nprobe"]
+                result.probe_gap = tuning.get("probe_gap")
     finally:
         reporter.stop()
     result.seconds = time.perf_counter() - t0
@@ -397,30 +449,31 @@ def _exact_part(out: Path, arr, k: int, rows: range, shard: int, block_rows: int
 
 
 def _index(run: RunDir, arr, attrs: dict, k: int, recall_target: float, block_rows: int,
-           budget: int):
+           budget: int, device: str | None):
     """What searches the shared index and its nprobe: built and tuned once under the lock,
     then reused. On a CPU an ivf-sq16 index is only its lists (ListScan reads the rows from
-    the store: no codes duplicating the store on disk); else a faiss index, on a GPU if
-    faiss has one."""
+    the store: no codes duplicating the store on disk); else a faiss index, on the GPU of
+    `device` if faiss has GPUs (faiss_gpu.py)."""
     from graphbuild.graph import ivf_scan
-    from graphbuild.graph.ann import (
-        build_index,
-        build_lists,
-        faiss_gpus,
-        nlist_for,
-        on_gpu_if_available,
-        tune_nprobe,
-    )
-    from graphbuild.graph.faiss_loader import load_faiss
+    from graphbuild.graph.ann import build_index, build_lists, nlist_for, tune_nprobe
+    from graphbuild.graph.faiss_gpu import faiss_device, gpu_subquantizers, on_gpu
+    from graphbuild.graph.faiss_loader import faiss_if_installed, load_faiss
 
     n, d = arr.shape
     step = arr.block_step(block_rows)
     folder = run.graph / "_index"
     kind = _index_kind(n, d, budget)
-    list_scan = kind == "ivf-sq16" and faiss_gpus() == 0
+    gpu = faiss_device(device, faiss_if_installed())
+    list_scan = kind == "ivf-sq16" and gpu is None
     want = {"kind": kind, "nlist": nlist_for(n), "n_nodes": n, "dim": d,
             "model": attrs["model"], "model_revision": attrs["model_revision"],
             "file": "lists.npz" if list_scan else f"{kind}.index"}
+    subquantizers = None
+    if kind == "ivf-pq":
+        from graphbuild.graph.ann import pq_subquantizers
+
+        subquantizers = pq_subquantizers(d) if gpu is None else gpu_subquantizers(d)
+        want["subquantizers"] = subquantizers
     path = folder / want["file"]
     with run.lock():
         info = read_json(folder / "index.json")
@@ -440,11 +493,11 @@ def _index(run: RunDir, arr, attrs: dict, k: int, recall_target: float, block_ro
             if reuse:
                 index = faiss.read_index(str(path))
             else:
-                index = build_index(arr, kind, want["nlist"], step)
+                index = build_index(arr, kind, want["nlist"], step, subquantizers=subquantizers)
                 _replace_index_files(folder, path,
                                      lambda tmp: faiss.write_index(index, str(tmp)))
                 info = {"index": want}
-            searcher = on_gpu_if_available(index)
+            searcher = on_gpu(index, device, lambda: faiss.read_index(str(path)))
         tune_key = f"k={k} target={recall_target}"
         if tune_key not in info.get("tuning", {}):
             rows = searcher.in_store_order() if hasattr(searcher, "in_store_order") else arr
@@ -477,14 +530,15 @@ def _replace_index_files(folder: Path, path: Path, write) -> None:
 
 
 def _approximate_part(out: Path, arr, attrs: dict, k: int, rows: range, shard: int,
-                      block_rows: int, recall_target: float, budget: int,
+                      block_rows: int, recall_target: float, budget: int, device: str | None,
                       reporter: Reporter) -> tuple[int, dict]:
     import torch
 
     from graphbuild.graph.ann import search
     from graphbuild.graph.ivf_scan import QUERY_STEP, ListScan
 
-    index, tuning = _index(RunDir(out), arr, attrs, k, recall_target, block_rows, budget)
+    index, tuning = _index(RunDir(out), arr, attrs, k, recall_target, block_rows, budget,
+                           device)
 
     def blocks():
         # Search many queries at once (ListScan's products grow with them), then hand the

@@ -122,10 +122,11 @@ class KnnNeed:
 
 
 def knn_need(shape: KnnShape, method: str, budget: int, resumed: str | None = None,
-             given: int | None = None) -> KnnNeed:
+             given: int | None = None, gpu=None) -> KnnNeed:
     """The need of a knn task. auto resolves as knn_shard does: the method of the graph being
-    resumed, else `knn.choose_method` within `budget` (the most a task may use). `given`:
-    bytes to use instead of the estimate."""
+    resumed, else `knn.choose_method` within `budget` (the most a task may use) and, with
+    `gpu` (devices.Device: a worker's GPU), its memory and rate. `given`: bytes to use
+    instead of the estimate."""
     from graphbuild.graph.stage import choose_method, exact_memory
 
     n, d, k, rows, block_rows = shape.n, shape.d, shape.k, shape.rows, shape.block_rows
@@ -133,7 +134,7 @@ def knn_need(shape: KnnShape, method: str, budget: int, resumed: str | None = No
     if method == "auto" and resumed:
         method, reason = resumed, f"{resumed}: the method of the graph being resumed"
     elif method == "auto":
-        method, reason = choose_method(n, d, k, budget, block_rows)
+        method, reason = choose_method(n, d, k, budget, block_rows, gpu)
     if given is not None:
         return KnnNeed(method, reason, given, "as given")
     figures = f"N={n:,}, d={d}, {rows:,} rows a shard, k={k}"

@@ -121,16 +121,33 @@ def dask_client(scheduler: str | None = None, workers: int | None = None,
 
 
 def _device(requested: str) -> str:
-    """The device for a shard on this worker: as asked, or for auto, this worker's GPU."""
-    if requested != "auto":
+    """The device for a shard on this worker: "cpu" and "cuda:N" as asked; "auto" and "cuda"
+    this worker's own GPU (scale/gpus.worker_device: the i-th worker of a LocalCluster that
+    we started takes GPU i, any other worker the first it sees), made torch's current device
+    so that nothing of the shard lands on GPU 0 unasked. Without GPUs, "auto" stays (the
+    stage picks the CPU) and "cuda" stays (the stage refuses it in one line)."""
+    if requested not in ("auto", "cuda"):
         return requested
     n = _local_gpus()
     if n == 0:
-        return "auto"
+        return requested
     from distributed import get_worker
 
     slots = os.environ.get(LOCAL_SLOTS_ENV)
-    return worker_device(get_worker().name, n, int(slots) if slots else None)
+    device = worker_device(get_worker().name, n, int(slots) if slots else None)
+    _make_current(device)
+    return device
+
+
+def _make_current(device: str) -> None:
+    """torch.cuda.set_device for a "cuda:N" device: kernels and allocations that name no
+    device (inside libraries too) go to this worker's GPU."""
+    import torch
+
+    from graphbuild.devices import cuda_index
+
+    if device.startswith("cuda"):
+        torch.cuda.set_device(cuda_index(device))
 
 
 def _limit_threads() -> None:
@@ -238,14 +255,17 @@ def knn(client, out: Path, k: int = options.K, method: str = "auto",
     num_shards = num_shards or default_shards(client)
     shape = dask_memory.KnnShape.of(attrs["n_nodes"], attrs["dim"], k, num_shards, block_rows)
     resumed = resumed_method(out, shape.k)
+    gpu = None  # a worker's GPU, when auto would choose for the exact search on it
+    if method == "auto" and not resumed and device != "cpu" and _uses_gpus(client):
+        gpu = client.submit(_worker_gpu, device, pure=False, resources={"GPU": 1}).result()
     chosen = None  # the method, when a LocalCluster of ours was sized for it
     local = _STARTED.get(id(client))
     if local is not None:
-        chosen = _fit_local_cluster(client, local, shape, method, resumed, task_memory)
+        chosen = _fit_local_cluster(client, local, shape, method, resumed, task_memory, gpu)
     offers = dask_memory.declare_offers(client)
     budget = max((o.offer for o in offers), default=0)  # what one task may take
     need = dask_memory.knn_need(shape, chosen.method if chosen else method, budget, resumed,
-                                task_memory)
+                                task_memory, gpu)
     if method == "auto":
         log.info("knn on dask: %s", (chosen or need).reason)
     log.info(dask_memory.rule(need, offers, _remedy(need, shape, budget)))
@@ -266,8 +286,16 @@ def _remedy(need, shape, budget: int) -> str:
     return text + ", or run knn with --engine local on a machine that has the memory"
 
 
+def _worker_gpu(device: str | None):
+    """On a worker: its GPU's free memory and rate (devices.Device), None without one."""
+    from graphbuild.devices import cuda_device
+
+    device = _device(device or "auto")
+    return cuda_device(device) if device.startswith("cuda") else None
+
+
 def _fit_local_cluster(client, local: _Local, shape, method: str, resumed: str | None,
-                       given: int | None):
+                       given: int | None, gpu=None):
     """Resize a LocalCluster that we started so that each worker holds one knn task: at most
     min(workers it may have, memory // the memory a worker needs) workers, sharing its
     memory. Returns the need (dask_memory.KnnNeed), the method resolved within the memory of
@@ -275,7 +303,8 @@ def _fit_local_cluster(client, local: _Local, shape, method: str, resumed: str |
     from graphbuild.scale import dask_memory as dm
 
     terminate = dm.terminate_fraction()
-    need = dm.knn_need(shape, method, dm.task_offer(local.memory, terminate), resumed, given)
+    need = dm.knn_need(shape, method, dm.task_offer(local.memory, terminate), resumed, given,
+                       gpu)
     workers, limit = dm.local_workers(need.bytes, local.memory, local.most, terminate)
     if workers == 0:
         raise GraphbuildError(
