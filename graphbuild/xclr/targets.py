@@ -311,7 +311,10 @@ class SoftTargets:
             out = np.repeat(self._tail[rows][:, None], n_c, axis=1)
         elif self.rule == "calibrated":  # p_i . p_j + c_i, at most row i's k-th sim
             proj, fills, kth = self._calibration()
-            out = proj[rows] @ proj[cols].T + fills[rows][:, None]
+            # einsum, not a BLAS product: each entry the same bits whatever the batch's shape,
+            # so a rank's rows against gathered columns equal the single-process targets
+            out = (np.einsum("ik,jk->ij", proj[rows].astype(np.float64),
+                             proj[cols].astype(np.float64)) + fills[rows][:, None])
             out = np.minimum(out, kth[rows][:, None]).astype(np.float32)
         else:
             out = np.full((n_r, n_c), self.floor, np.float32)
@@ -328,12 +331,11 @@ class SoftTargets:
 
 
     def _calibration(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """rule "calibrated"'s per-row data, read once: principal coordinates (float64), c_i
-        and the k-th stored sim."""
+        """rule "calibrated"'s per-row data, read once: principal coordinates (float32, as
+        stored), c_i and the k-th stored sim."""
         if self._calibrated is None:
             moments = read_moments(self.run)
-            self._calibrated = (moments.proj.astype(np.float64),
-                                self.graph.row_fills(self.tau_s, moments),
+            self._calibrated = (moments.proj, self.graph.row_fills(self.tau_s, moments),
                                 self.graph.kth_sims().astype(np.float64))
         return self._calibrated
 
