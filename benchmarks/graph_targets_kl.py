@@ -13,7 +13,9 @@ from its stored sims by rank; Graph.tail_floors), "best floor" (the constant flo
 mean KL for that line, picked from FLOORS by looking at the exact targets: no trainer can
 know it) and "calibrated" (the default: p_i . p_j + c_i from the row moments the knn stage
 stores; SoftTargets' docstring). Prints the table and how long the knn stage took for the
-graph and for the moments; asserts nothing.
+graph and for the moments, then the calibrated rule's KL by the number r of principal axes
+the moments keep (the knn stage stores r = 16; r = 0 is a per-row fill, c_i alone); asserts
+nothing.
 
     python benchmarks/graph_targets_kl.py [--workdir /tmp/graphbuild-xclr] [--data DIR]
 """
@@ -33,6 +35,7 @@ K_MAX = 256
 TAU_S = 0.1
 FLOORS = (0.0, 0.12, 0.16, 0.18, 0.2, 0.24)
 RULES = ("floor", "kth", "tail", "best floor", "calibrated")
+RANKS = (0, 1, 4, 16, 64)
 
 
 def write_captions(tsv: Path, data: Path = DATA) -> int:
@@ -94,6 +97,34 @@ def graph_kl(run: Path, graph, batches: list, exact_t: list, **options) -> np.nd
     return np.concatenate([row_kl(p, t(idx).numpy()) for idx, p in zip(batches, exact_t)])
 
 
+def rank_table(run: Path, nodes: np.ndarray, graphs: dict, exact, rows: int) -> None:
+    """The calibrated rule's mean KL at B=1024 with row moments of each rank in RANKS,
+    computed here as the knn stage does (graph/moments.py)."""
+    from graphbuild.graph.moments import principal_axes, row_moments, store_sums
+    from graphbuild.rundir.store import StoredRows
+    from graphbuild.xclr import NeighborBatchSampler
+    from graphbuild.xclr.data import random_batches
+
+    store = StoredRows(run / "embeddings.zarr")
+    total, gram = store_sums(store)
+    every = range(store.shape[0])
+    moments = {r: row_moments(store, every, total, gram, principal_axes(gram, r))
+               for r in RANKS}
+    b = 1024
+    sampler = NeighborBatchSampler(nodes, graphs[16], b, seed=0, rank=0, world_size=1)
+    kinds = {"random": random_batches(len(nodes), b, seed=0)[:max(1, rows // b)],
+             "neighbour": sampler.global_batches(0)[:max(1, rows // b)]}
+    print(f"\ncalibrated: mean KL by principal axes r, B={b} ({RANKS[0]}: c_i alone; the knn "
+          "stage stores 16: 16 x 4 + 2 x 8 bytes a row beside the node id)")
+    print(f"{'batches':>9s} {'k':>4s} | " + " ".join(f"{'r=' + str(r):>7s}" for r in RANKS))
+    for kind, batches in kinds.items():
+        exact_t = [exact(idx).numpy() for idx in batches]
+        for k, graph in graphs.items():
+            kl = [graph_kl(run, graph, batches, exact_t, moments=moments[r]).mean()
+                  for r in RANKS]
+            print(f"{kind:>9s} {k:>4d} | " + " ".join(f"{v:7.3f}" for v in kl), flush=True)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--workdir", type=Path, default=Path("/tmp/graphbuild-xclr"))
@@ -152,6 +183,7 @@ def main() -> None:
                     cells.append(f"{mean:>{max(10, len(r) + 5)}s} {np.percentile(v, 95):6.3f}")
                 print(f"{kind:>9s} {b:>5d} {k:>4d} {np.mean(held):9.1f} | " + " | ".join(cells),
                       flush=True)
+    rank_table(run, nodes, graphs, exact, args.rows)
     print("\nin-batch graph edges per batch (top-16 graph; ordered pairs of samples of one batch "
           "whose nodes differ and the second is in the first's row), whole epoch 0:")
     for r in edges:

@@ -268,3 +268,19 @@ def test_calibrated_targets_beat_every_constant_floor(run):
                                         for n in ("exact", "calibrated", "floor"))
     assert abs(cal_mass - exact_mass) < 0.05 < exact_mass - floor_mass, (
         exact_mass, cal_mass, floor_mass)
+
+
+def test_calibrated_targets_from_given_moments_and_after_pickling(run):
+    """In-memory moments (as the benchmark passes them) and a pickled copy (a DataLoader
+    worker's, which reads the moments again) give the run's own targets, bit for bit."""
+    import pickle
+
+    from graphbuild.rundir.moments import read_moments
+    from graphbuild.xclr import SoftTargets
+
+    idx = np.arange(0, 3000, 7)
+    t = SoftTargets.from_run(run, mode="graph")
+    want = t(idx)
+    given = SoftTargets.from_run(run, mode="graph", moments=read_moments(run))
+    assert torch.equal(given(idx), want)
+    assert torch.equal(pickle.loads(pickle.dumps(t))(idx), want)

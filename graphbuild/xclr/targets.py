@@ -66,7 +66,9 @@ Loss dtype. xclr_loss computes in float64 for float64 embeddings (torch.autograd
 holds) and in float32 otherwise, bf16 and fp16 included (under autocast too).
 
 Errors (one-line GraphbuildError): sample or column indices that are float, bool, out of
-range or empty; views < 1; k < 1 in graph mode; tau_s or tau <= 0; columns without self_at,
+range or empty; views < 1; k < 1 in graph mode; under rule="calibrated", row moments that are
+missing or stale (at construction) or damaged (at the first batch, which reads them);
+tau_s or tau <= 0; columns without self_at,
 a self_at out of range, putting two rows at one column or a row at another sample's column;
 under "mask", more rows than columns; an empty batch, targets of another shape (or, against
 keys, other views), or targets with NaN, inf or negative entries in xclr_loss.
@@ -81,7 +83,7 @@ import torch
 
 from graphbuild.errors import GraphbuildError
 from graphbuild.rundir.graph import meta_path
-from graphbuild.rundir.moments import check_moments, read_moments
+from graphbuild.rundir.moments import RowMoments, check_moments, read_moments
 from graphbuild.rundir.paths import RunDir
 from graphbuild.rundir.samples import check_nodes_fit, check_store_matches_tables, read_sample_nodes
 from graphbuild.rundir.store import StoredRows
@@ -137,7 +139,8 @@ class SoftTargets:
     def __init__(self, run: str | Path, mode: str = "exact", tau_s: float = 0.1,
                  diagonal: str = "mask", device: str | torch.device = "cpu",
                  dtype: torch.dtype = torch.float32, mmap: bool = False, k: int | None = None,
-                 rule: str = "calibrated", floor: float = 0.0, graph: Graph | None = None):
+                 rule: str = "calibrated", floor: float = 0.0, graph: Graph | None = None,
+                 moments: RowMoments | None = None):
         check_choice("mode", mode, MODES)
         check_choice("rule", rule, RULES)
         check_choice("diagonal", diagonal, DIAGONALS)
@@ -153,9 +156,11 @@ class SoftTargets:
         self._table: torch.Tensor | None = None
         self._tail: np.ndarray | None = None
         self._calibrated: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None
+        # moments: in-memory row moments to use instead of the run's (e.g. of another rank)
+        self.moments = moments
         if self.rows is not None:
             check_store_matches_tables(run, self.rows)
-        if self.graph is not None and rule == "calibrated":
+        if self.graph is not None and rule == "calibrated" and moments is None:
             check_moments(run)  # now, not at the first step: missing or stale is an error
         self.sample_nodes  # noqa: B018  read and checked now, before any training step
 
@@ -334,7 +339,7 @@ class SoftTargets:
         """rule "calibrated"'s per-row data, read once: principal coordinates (float32, as
         stored), c_i and the k-th stored sim."""
         if self._calibrated is None:
-            moments = read_moments(self.run)
+            moments = self.moments if self.moments is not None else read_moments(self.run)
             self._calibrated = (moments.proj, self.graph.row_fills(self.tau_s, moments),
                                 self.graph.kth_sims().astype(np.float64))
         return self._calibrated
