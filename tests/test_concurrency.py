@@ -99,8 +99,10 @@ def test_different_shards_at_once_write_disjoint_files(inputs, tmp_path):
     shared = (written(logs[0], out) | written(knn_logs[0], out)) & \
         (written(logs[1], out) | written(knn_logs[1], out))
     # Files both may write, each under the run's lock: run.json, the lock file, the knn
-    # parameters both shards claim, and the finished graph's _meta.json (whoever is last).
-    allowed = {"run.json", ".lock", "_state/knn/params.json", "graph/_meta.json"}
+    # parameters both shards claim, and the finished graph's _meta.json and its row moments'
+    # (whoever is last).
+    allowed = {"run.json", ".lock", "_state/knn/params.json", "graph/_meta.json",
+               "graph/_moments/_meta.json"}
     assert shared <= allowed, shared - allowed
     assert written(logs[0], out) & {f"embeddings.zarr/c/{c}/0" for c in range(7)}
     got = zarr.open_array(str(out / "embeddings.zarr"), mode="r")[:]

@@ -115,6 +115,13 @@ def check_markers_vouch(run: Path, ref: dict[str, bytes]) -> None:
     for marker in (run / "_state/knn").glob("shard-*.done"):
         part = f"graph/part-{int(marker.stem.split('-')[1]):05d}.parquet"
         assert (run / part).read_bytes() == ref[part], f"{marker.name}: its part is not whole"
+    for marker in (run / "_state/knn").glob("moments-shard-*.done"):
+        part = f"graph/_moments/part-{int(marker.stem.split('-')[2]):05d}.parquet"
+        assert (run / part).read_bytes() == ref[part], f"{marker.name}: its part is not whole"
+    if (run / "graph/_moments/_meta.json").exists():
+        for name, data in ref.items():
+            if name.startswith("graph/_moments/part-"):
+                assert (run / name).read_bytes() == data
     if (run / "graph/_meta.json").exists():
         for name, data in ref.items():
             if name.startswith("graph/part-"):
@@ -160,8 +167,12 @@ POINTS = [
     ("knn", "before_replace@2"),  # the part's temp file whole, not yet renamed
     ("knn", "knn.part_written"),  # part in place, marker not yet
     ("knn", "knn.shard_marked"),
-    ("knn", "knn.meta_written"),  # _meta.json in place, run.json not yet
-    ("knn", "json.mid_write@4"),  # half of run.json's update
+    ("knn", "parquet.row_group_written@2"),  # the moments part's row group, footer not yet
+    ("knn", "knn.moments_written"),  # moments part in place, its marker not yet
+    ("knn", "json.mid_write@3"),  # half of the moments marker
+    ("knn", "knn.meta_written"),  # _meta.json in place, the moments' _meta.json not yet
+    ("knn", "knn.moments_meta_written"),  # both _meta.json in place, run.json not yet
+    ("knn", "json.mid_write@6"),  # half of run.json's update
     ("approx", "ann.index_written"),  # faiss index saved, tuning not yet
     ("approx", "knn.block_searched@3"),  # mid-search
     ("run", "embed.shard_marked"),

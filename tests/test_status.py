@@ -40,6 +40,19 @@ def write_graph_part(root: Path, shard: int, rows: range, n_nodes: int, k: int) 
                [(rows.start, ids.astype(np.int32), np.zeros(ids.shape, np.float32))])
 
 
+def write_moments_part(root: Path, shard: int, rows: range, rank: int = 16) -> None:
+    """A row moments part and its marker as knn writes them (the values do not matter)."""
+    import numpy as np
+
+    from graphbuild.rundir.moments import RowMoments, write_moments_part
+
+    n = len(rows)
+    write_moments_part(root, shard, rows.start,
+                       RowMoments(np.zeros((n, rank)), np.zeros(n), np.zeros(n)))
+    _touch(root / "_state" / "knn" / f"moments-shard-0000{shard}-of-00002.done",
+           {"first": rows.start, "stop": rows.stop, "rank": rank})
+
+
 def half_finished(root: Path) -> Path:
     """600 nodes in chunks of 100; embed as 3 shards: 0 done, 1 killed, 2 running; knn not
     started. Chunks finished 10 s apart, the last one 5 s ago."""
@@ -98,11 +111,17 @@ def test_a_knn_marker_without_its_part_is_not_done(tmp_path):
     """knn redoes a shard whose part is missing or is not what its marker records, so status
     and submit slurm count it as still to do."""
     from graphbuild.rundir.graph import part_path
+    from graphbuild.rundir.moments import moments_part_path
     from graphbuild.scale.status import unfinished_knn_shards
 
     root = tmp_path / "run"
     test_a_finished_dask_run_has_no_logs(tmp_path)
     assert unfinished_knn_shards(root, 2) == []
+    moments = moments_part_path(root, 0)
+    kept = moments.read_bytes()
+    moments.write_bytes(kept[:100])  # a shard whose row moments are not whole: knn adds them
+    assert unfinished_knn_shards(root, 2) == [0]
+    moments.write_bytes(kept)
     part_path(root, 1).write_bytes(part_path(root, 1).read_bytes()[:100])  # truncated
     assert unfinished_knn_shards(root, 2) == [1]
     part_path(root, 0).unlink()
@@ -161,7 +180,9 @@ def test_a_finished_dask_run_has_no_logs(tmp_path):
         write_graph_part(root, s, range(5 * s, 5 * s + 5), n_nodes=10, k=3)
         _touch(root / "_state" / "knn" / f"shard-0000{s}-of-00002.done",
                {"seconds": 0.5, "rows": 5, "first": 5 * s, "stop": 5 * s + 5, "edges": 15})
+        write_moments_part(root, s, range(5 * s, 5 * s + 5))
     write_json(root / "graph" / "_meta.json", {"k": 3})
+    write_json(root / "graph" / "_moments" / "_meta.json", {"n_nodes": 10})
     st = run_status(root)
     for stage in ("embed", "knn"):
         s = st["stages"][stage]

@@ -14,6 +14,7 @@ import pytest
 from tests.conftest import cli_in_process, graphbuild
 
 PART = "graph/part-00000.parquet"
+MOMENTS_PART = "graph/_moments/part-00000.parquet"
 
 
 @pytest.fixture
@@ -34,7 +35,7 @@ def test_a_sound_run_passes(run):
     r = graphbuild("validate", run)
     assert r.returncode == 0, r.stdout + r.stderr
     assert r.stdout.strip().splitlines() == [
-        (f"ok: {run}: all 19 checks passed on {n:,} nodes (3 chunks) and {16 * n:,} edges "
+        (f"ok: {run}: all 20 checks passed on {n:,} nodes (3 chunks) and {16 * n:,} edges "
          "(1 part)")]
 
 
@@ -89,6 +90,14 @@ def float64_sims(run: Path) -> None:
     pq.write_table(t.set_column(2, "sims", sims), path)
 
 
+def corrupt_pages(path: Path) -> None:
+    """Bytes flipped inside the column data: the footer still reads."""
+    data = bytearray(path.read_bytes())
+    for i in range(len(data) // 3, len(data) // 3 + 100):
+        data[i] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
 def swap_rows(rows: list[dict]) -> None:
     rows[10], rows[11] = rows[11], rows[10]
 
@@ -131,6 +140,7 @@ BREAK = {
     "sims-descending": (lambda r: edit_rows(r, lambda rows: rows[8]["sims"].reverse()), PART),
     "sims-match": (lambda r: edit_rows(r, lambda rows: [
         row.update(sims=[s * 0.9 for s in row["sims"]]) for row in rows]), PART),
+    "moments": (lambda r: corrupt_pages(r / MOMENTS_PART), MOMENTS_PART),
 }
 
 

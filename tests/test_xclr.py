@@ -193,7 +193,7 @@ def test_graph_targets_rules(run):
     r, c = np.nonzero(~held)
     assert np.allclose(tg[r, c], floors[r])  # row i's own estimate for the pairs it lacks
     assert np.all(floors <= last + 1e-6) and np.all(floors >= -1)
-    top4 = SoftTargets.from_run(run, mode="graph", k=4).sample_sims(idx).numpy()
+    top4 = SoftTargets.from_run(run, mode="graph", k=4, rule="floor").sample_sims(idx).numpy()
     held4 = _held(nodes, indptr, indices, 4)
     assert (held & ~held4).sum() > 0 and np.all(top4[~held4] == 0.0)
     assert np.allclose(top4[held4], exact[held4], atol=2e-3)

@@ -1,6 +1,8 @@
 """Stage 3, graph: the stored rows to the top-k cosine graph in graph/part-*.parquet.
 
   stage.py         knn_shard(): a shard's query rows searched, its part written and marked
+  moments.py       each row's principal coordinates and residual cosine sums, exact, from
+                   X^T X (one pass over the store), for graph-mode targets' fill
   exact.py         exact search: bf16 candidates, a proven error bound, an exact re-rank
   ann.py           approximate search: inverted lists, nprobe tuned to a recall target
   ivf_scan.py      the lists searched inside out (each list scored against its queries)

@@ -7,6 +7,11 @@ graph and the part's footer holds the marker's rows and edges. Any other marker 
 the shard done again. The shard that finds every shard of the layout vouched for writes
 graph/_meta.json; one that finds a shard not done removes it. Then run.json's stage entry.
 
+Each shard also writes its rows' moments (sum and sum of squares of all their cosines:
+graph/moments.py, for graph-mode targets' fill) to graph/_moments/, with a marker and a
+_meta.json of their own by the same rules. They depend on the store alone, so a rerun over
+a graph built without them adds them without searching again.
+
 What graph a run holds is what every file that vouches for it says: graph/_meta.json,
 _state/knn/params.json and each shard marker. A request that differs from any of them (k,
 method, shard layout, recall target, or the store's provenance: a stale graph) is refused,
@@ -35,6 +40,7 @@ from graphbuild.devices import Device, cuda_oom_as_error
 from graphbuild.errors import GraphbuildError
 from graphbuild.faults import kill_point
 from graphbuild.graph.exact import default_capacity
+from graphbuild.graph.moments import finalize_moments, moments_shard
 from graphbuild.progress import Reporter
 from graphbuild.rundir.files import atomic_path, mark_done, marker, read_json, write_json
 from graphbuild.rundir.graph import FORMAT_VERSION, meta_path, part_path, part_problem, write_part
@@ -70,7 +76,8 @@ class KnnResult:
     recall: float | None = None
     nprobe: int | None = None
     probe_gap: float | None = None  # adaptive probing: nprobe is then an average
-    complete: bool = False   # every shard of the layout is done and _meta.json written
+    moments_seconds: float = 0.0  # the shard's row moments (graph/moments.py); 0: were done
+    complete: bool = False   # every shard of the layout is done, both _meta.json written
     missing_shards: list[int] = field(default_factory=list)
 
     @property
@@ -340,6 +347,8 @@ def knn_shard(out: str | Path, k: int = options.K, method: str = "auto", shard: 
             _unvouch(run, name, why_not)
             _search_shard(run, arr, attrs, params, result, rows, block_rows, budget, device,
                           reporter)
+        result.moments_seconds = moments_shard(run, arr, shard, num_shards,
+                                               params["provenance"])
     _finalize(run, attrs, params, n, result)
     return result
 
@@ -560,7 +569,8 @@ def _approximate_part(out: Path, arr, attrs: dict, k: int, rows: range, shard: i
 
 def _finalize(run: RunDir, attrs: dict, params: dict, n: int, result: KnnResult) -> None:
     """Once every shard's marker vouches for its part: _meta.json (written when absent or
-    different); while any does not, no _meta.json. Then the stage's figures in run.json."""
+    different); while any does not, no _meta.json. The same for the row moments'
+    _moments/_meta.json (graph/moments.py). Then the stage's figures in run.json."""
     k, method, num_shards = params["k"], params["method"], params["num_shards"]
     with run.lock():
         stats = {}
@@ -571,21 +581,23 @@ def _finalize(run: RunDir, attrs: dict, params: dict, n: int, result: KnnResult)
             elif why_not is not None:
                 log.warning("knn %s: %s; its rerun does it again", shard_name(s, num_shards),
                             why_not)
-        result.missing_shards = [s for s in range(num_shards) if s not in stats]
-        result.complete = not result.missing_shards
         seconds = sum(st.get("seconds", 0.0) for st in stats.values())
         queries = sum(st.get("rows", 0) for st in stats.values())
         first = next(iter(stats.values()), {})
         path = meta_path(run.root)
-        if result.complete:
+        parts_missing = [s for s in range(num_shards) if s not in stats]
+        if not parts_missing:  # the graph is readable whether or not its moments are done
             meta = _meta(run, attrs, params, stats)
             if read_json(path) != meta:
                 write_json(path, meta)
                 kill_point("knn.meta_written")
         elif path.exists():
-            log.warning("%s: removed: shards %s are not done", path,
-                        id_ranges(result.missing_shards))
+            log.warning("%s: removed: shards %s are not done", path, id_ranges(parts_missing))
             path.unlink()
+        moments_missing, moments_seconds = finalize_moments(run, num_shards,
+                                                            params["provenance"], n)
+        result.missing_shards = sorted({*parts_missing, *moments_missing})
+        result.complete = not result.missing_shards
 
     def change(info: dict) -> None:
         info.setdefault("stages", {})["knn"] = {
@@ -594,6 +606,7 @@ def _finalize(run: RunDir, attrs: dict, params: dict, n: int, result: KnnResult)
             "seconds": round(seconds, 2),
             "queries_per_s": round(queries / seconds, 1) if seconds else None,
             "shards_done": len(stats), "num_shards": num_shards,
+            "moments_seconds": round(moments_seconds, 2),
         }
 
     run.update_run(change)

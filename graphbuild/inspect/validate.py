@@ -34,6 +34,9 @@ names (`CHECKS` holds the names):
   sims-descending    every row's sims are non-increasing (best first)
   sims-match         sampled edges' sims equal the dot products of the stored rows (exact graph:
                      1e-5; approximate: 1e-3; IVF-PQ estimates are not checked)
+  moments            graph/_moments (the row moments graph-mode targets fill from): _meta.json
+                     with the graph's nodes and provenance, every part read (page checksums)
+                     holding its nodes in order, finite values (rundir/moments.py)
 
 A path that is not a run directory (no run.json) is an error (GraphbuildError), not a problem.
 Memory stays bounded: the graph is read one row group at a time, the store one chunk at a time.
@@ -56,7 +59,7 @@ from graphbuild.rundir.store import NORM_TOLERANCE, StoredRows, StoreError, unit
 CHECKS = ("run-files", "tables", "embed-done", "knn-done", "emb-shape", "emb-chunks",
           "emb-finite", "emb-norms", "provenance", "graph-meta", "graph-schema", "rows-sorted",
           "row-length", "ids-in-range", "no-self-edges", "unique-neighbours", "sims-range",
-          "sims-descending", "sims-match")
+          "sims-descending", "sims-match", "moments")
 SIM_LIMIT = 1.01
 SIM_TOLERANCE = {"exact": 1e-5, "approximate": 1e-3}
 SAMPLED_EDGES = 512  # per row group, for sims-match
@@ -123,7 +126,20 @@ def validate(out: str | Path) -> Validation:
     edges = _parts(v, run, meta, n_nodes) if meta is not None else None
     if store is not None:
         _embeddings(v, run, store, n_nodes, edges, meta)
+    if meta is not None:
+        _moments(v, run)
     return v
+
+
+def _moments(v: Validation, run: RunDir) -> None:
+    """The row moments, read whole through their one checked reader."""
+    from graphbuild.rundir.moments import read_moments
+
+    try:
+        read_moments(run.root)
+    except GraphbuildError as e:
+        path, _, what = str(e).partition(": ")
+        v.fail("moments", Path(path), what)
 
 
 def _json(v: Validation, path: Path) -> dict | None:

@@ -11,6 +11,9 @@ google-crc32c only (never zarr, polars or torch), so the trainer imports it.
                             (paths.PROVENANCE_KEYS)
   RUN/graph/part-NNNNN.parquet  node int64, neighbors list<int32>, sims list<float32>, sorted
                             by node, page checksums; graph/_meta.json vouches for all parts
+  RUN/graph/_moments/       per node: principal coordinates and residual cosine sums, which
+                            graph-mode targets fill unheld pairs from; one part per knn shard
+                            and a _meta.json of their own (moments.py)
   RUN/_state/STAGE/         completion markers (with stats), written after their data
 
   paths.py    RunDir, PROVENANCE_KEYS, the store's attributes
@@ -22,4 +25,5 @@ google-crc32c only (never zarr, polars or torch), so the trainer imports it.
   graph.py    graph parts: writer, footer check, _meta.json and its provenance, and the one
               reader of each kind: the CSR, a row group, one node's row, a footer
   samples.py  samples.parquet and the source's record, as the trainer joins by id
+  moments.py  graph/_moments/: the row moments' writer, footer check and checked reader
 """

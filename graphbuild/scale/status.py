@@ -5,7 +5,8 @@ Per stage: the shard layout, shards done / pending / failed, throughput and an E
 - **Done** is a marker with its data: an embed shard is done when every chunk it owns is
   marked and its file is there at a chunk's size (so a shard finished under another layout
   still counts), a knn shard when its marker vouches for
-  its part (the part's footer holds the rows and edges the marker records).
+  its part (the part's footer holds the rows and edges the marker records) and its moments
+  marker for its row moments' part.
 - **Failed** is a shard that is not done and whose newest SLURM log (OUT/logs/STAGE-JOB_SHARD
   .out, by modification time) last says it failed: its last `graphbuild: exit RC` line has
   RC != 0, or a `slurmstepd: error:` line (cancelled, time limit, out of memory, node failure)
@@ -71,7 +72,8 @@ def unfinished_embed_shards(out: str | Path, num_shards: int) -> list[int]:
 
 def unfinished_knn_shards(out: str | Path, num_shards: int) -> list[int]:
     """Shards without a marker that vouches for their part: the part's footer holds the rows
-    and edges the marker records (knn redoes any other shard)."""
+    and edges the marker records (knn redoes any other shard), or without one that vouches
+    for their row moments (knn adds them)."""
     from graphbuild.rundir.graph import part_path, part_problem
 
     run = RunDir(out)
@@ -84,9 +86,23 @@ def unfinished_knn_shards(out: str | Path, num_shards: int) -> list[int]:
             stats = {}
         recorded = [stats.get(key) for key in ("first", "stop", "edges")]
         if (layout is None or not all(isinstance(v, int) for v in recorded)
-                or part_problem(part_path(out, s), *recorded, layout["n_nodes"])):
+                or part_problem(part_path(out, s), *recorded, layout["n_nodes"])
+                or not _moments_done(run, s, num_shards)):
             todo.append(s)
     return todo
+
+
+def _moments_done(run: RunDir, shard: int, num_shards: int) -> bool:
+    """Whether shard's moments marker reads and its part's footer holds what it records."""
+    from graphbuild.rundir.moments import moments_part_path, moments_part_problem
+
+    try:
+        stats = read_json(run.state("knn") / f"moments-{shard_name(shard, num_shards)}.done")
+    except GraphbuildError:
+        return False
+    recorded = [stats.get(key) for key in ("first", "stop", "rank")]
+    return (all(isinstance(v, int) for v in recorded)
+            and moments_part_problem(moments_part_path(run.root, shard), *recorded) is None)
 
 
 def log_state(path: Path) -> tuple[str, str]:
@@ -232,7 +248,8 @@ def run_status(out: str | Path) -> dict:
                            sum(m[2] for m in marks), "queries")
     knn_info = info.get("stages", {}).get("knn", {})
     stages["knn"]["k"], stages["knn"]["method"] = knn_info.get("k"), knn_info.get("method")
-    stages["knn"]["complete"] = (run.graph / "_meta.json").exists()
+    stages["knn"]["complete"] = all((run.graph / name).exists()
+                                    for name in ("_meta.json", "_moments/_meta.json"))
     return {"run": str(run.root), "dataset": ds.get("name"), "nodes": n_nodes,
             "samples": ds.get("figures", {}).get("samples"),
             "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "stages": stages}

@@ -9,7 +9,8 @@ the same checks (crc32c of every chunk, the graph's provenance against the store
   layout.py   a batch's targets around its logits: no-target items, views, diagonal, softmax
   loss.py     xclr_loss, and SimCLR and SupCon as special cases of its targets
   data.py     NeighborBatchSampler, WithNodes (items joined to samples by id), GraphRows
-  graph.py    Graph: the top-k graph in memory (CSR), for graph-mode targets and the sampler
+  graph.py    Graph: the top-k graph in memory (CSR), for graph-mode targets and the sampler,
+              and the per-row fill of the pairs it does not hold
   stream.py   SidecarJoin: a WebDataset stream's samples joined by key to their sidecar rows
               (`graphbuild export`), and a batch's rows turned into targets; no store needed
               (webdataset itself stays optional: stream.py never imports it)

@@ -1,4 +1,6 @@
-"""The top-k graph in memory (CSR) with what the trainer asks of it."""
+"""The top-k graph in memory (CSR) with what the trainer asks of it: the pairs of a batch it
+holds, and what to fill the others with (from a row's stored sims alone, or calibrated by the
+run's row moments)."""
 
 from __future__ import annotations
 
@@ -8,6 +10,7 @@ import numpy as np
 
 from graphbuild.errors import GraphbuildError
 from graphbuild.rundir.graph import read_graph_csr, read_meta
+from graphbuild.rundir.moments import RowMoments
 
 
 class Graph:
@@ -87,6 +90,28 @@ class Graph:
         top = z.max(1, keepdims=True)
         mean = (np.exp(z - top) * weights).sum(1) / weights.sum()
         return (tau_s * (np.log(mean) + top[:, 0])).astype(np.float32)
+
+    def row_fills(self, tau_s: float, moments: RowMoments) -> np.ndarray:
+        """Per row i, c_i: the fill of pair (i, j) that it does not hold is p_i . p_j + c_i
+        (p: the rows' principal coordinates; rundir/moments.py). c_i keeps the softmax mass of
+        row i's unheld pairs: tau_s * log(mean exp(e / tau_s)) over their residual cosines
+        e_ij = s_ij - p_i . p_j, which is m + v / (2 tau_s) for Gaussian residuals of mean m
+        and variance v. m and v are exact: the row's residual sums over every other node less
+        those of the pairs it holds. float64; 0 for a row that holds every other node."""
+        indptr, indices, sims = self.csr
+        n = len(indptr) - 1
+        if len(moments.sum) != n:
+            raise GraphbuildError(f"row moments for {len(moments.sum)} nodes, the graph has {n}")
+        held = np.diff(indptr)
+        row = np.repeat(np.arange(n), held)
+        proj = moments.proj.astype(np.float64)
+        resid = sims - np.einsum("ij,ij->i", proj[row], proj[indices])  # e of the held pairs
+        count = n - 1 - held
+        per = np.maximum(count, 1)
+        mean = (moments.sum - np.bincount(row, resid, n)) / per
+        var = np.maximum((moments.sum_sq - np.bincount(row, resid * resid, n)) / per
+                         - mean * mean, 0.0)
+        return np.where(count > 0, mean + var / (2 * tau_s), 0.0)
 
     def pairs(self, nodes: np.ndarray,
               among: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

@@ -20,13 +20,19 @@ joins dataset items to samples by id); an integer tensor, array or list.
   the trainer. The graph must have been built from the run's current embeddings (checked at
   construction: a stale graph is refused). Rule for the pairs: a pair held by either row's
   top-k gets its stored sim (the two directions are symmetrised by taking the larger); a pair
-  of the same node gets 1; a pair held by neither row gets a floor: rule="floor" a constant
-  (`floor`, default 0.0, i.e. treated as unrelated); rule="kth" min(s_k(i), s_k(j)), the
-  rows' k-th stored sims, which bound from above every sim the rows do not hold; rule="tail"
-  row i's soft mean of the sims it does not hold, tau_s * log(mean exp(s/tau_s)),
-  extrapolated from its stored sims by rank (Graph.tail_floors).
-  benchmarks/graph_targets_kl.py measures all three: "kth" is worse than a 0.0 floor,
-  "tail" a little better.
+  of the same node gets 1; a pair held by neither row gets a fill by `rule`:
+  - "calibrated" (default): p_i . p_j + c_i, at most s_k(i), row i's k-th stored sim (which
+    bounds every sim an exact graph does not hold). p are the rows' coordinates on the
+    store's top 16 principal axes, and c_i keeps the softmax mass of row i's unheld pairs
+    (Graph.row_fills), both from the row moments the knn stage writes beside the graph
+    (rundir/moments.py), checked at construction: missing or stale moments are an error
+    saying how to add them.
+  - "floor": a constant (`floor`, 0.0 unless given, i.e. treated as unrelated).
+  - "kth": min(s_k(i), s_k(j)), the rows' k-th stored sims.
+  - "tail": row i's soft mean of the sims it does not hold, tau_s * log(mean exp(s/tau_s)),
+    extrapolated from its stored sims by rank alone (Graph.tail_floors).
+  benchmarks/graph_targets_kl.py measures them against exact targets on real captions:
+  "calibrated" is well below the best constant floor, "kth" worse than a 0.0 floor.
 
 No target. Sample index -1 marks a dataset item the run holds no sample for (WithNodes
 returns it for an id the run skipped). Its targets row is all zero and so is its column:
@@ -60,7 +66,9 @@ Loss dtype. xclr_loss computes in float64 for float64 embeddings (torch.autograd
 holds) and in float32 otherwise, bf16 and fp16 included (under autocast too).
 
 Errors (one-line GraphbuildError): sample or column indices that are float, bool, out of
-range or empty; views < 1; k < 1 in graph mode; tau_s or tau <= 0; columns without self_at,
+range or empty; views < 1; k < 1 in graph mode; under rule="calibrated", row moments that are
+missing or stale (at construction) or damaged (at the first batch, which reads them);
+tau_s or tau <= 0; columns without self_at,
 a self_at out of range, putting two rows at one column or a row at another sample's column;
 under "mask", more rows than columns; an empty batch, targets of another shape (or, against
 keys, other views), or targets with NaN, inf or negative entries in xclr_loss.
@@ -75,6 +83,7 @@ import torch
 
 from graphbuild.errors import GraphbuildError
 from graphbuild.rundir.graph import meta_path
+from graphbuild.rundir.moments import RowMoments, check_moments, read_moments
 from graphbuild.rundir.paths import RunDir
 from graphbuild.rundir.samples import check_nodes_fit, check_store_matches_tables, read_sample_nodes
 from graphbuild.rundir.store import StoredRows
@@ -103,7 +112,7 @@ from graphbuild.xclr.layout import (
 __all__ = ["DIAGONALS", "SoftTargets", "gram", "shared_pairs", "soft_targets"]
 
 MODES = ("exact", "graph")
-RULES = ("floor", "kth", "tail")
+RULES = ("calibrated", "floor", "kth", "tail")
 
 
 def soft_targets(sims: torch.Tensor, tau_s: float, diagonal: str = "mask") -> torch.Tensor:
@@ -130,7 +139,8 @@ class SoftTargets:
     def __init__(self, run: str | Path, mode: str = "exact", tau_s: float = 0.1,
                  diagonal: str = "mask", device: str | torch.device = "cpu",
                  dtype: torch.dtype = torch.float32, mmap: bool = False, k: int | None = None,
-                 rule: str = "floor", floor: float = 0.0, graph: Graph | None = None):
+                 rule: str = "calibrated", floor: float = 0.0, graph: Graph | None = None,
+                 moments: RowMoments | None = None):
         check_choice("mode", mode, MODES)
         check_choice("rule", rule, RULES)
         check_choice("diagonal", diagonal, DIAGONALS)
@@ -145,8 +155,13 @@ class SoftTargets:
         self._nodes: np.ndarray | None = None
         self._table: torch.Tensor | None = None
         self._tail: np.ndarray | None = None
+        self._calibrated: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None
+        # moments: in-memory row moments to use instead of the run's (e.g. of another rank)
+        self.moments = moments
         if self.rows is not None:
             check_store_matches_tables(run, self.rows)
+        if self.graph is not None and rule == "calibrated" and moments is None:
+            check_moments(run)  # now, not at the first step: missing or stale is an error
         self.sample_nodes  # noqa: B018  read and checked now, before any training step
 
     @classmethod
@@ -155,7 +170,8 @@ class SoftTargets:
         return cls(run, **options)
 
     def __getstate__(self) -> dict:
-        return {**self.__dict__, "_nodes": None, "_table": None, "_tail": None}
+        return {**self.__dict__, "_nodes": None, "_table": None, "_tail": None,
+                "_calibrated": None}
 
     @property
     def sample_nodes(self) -> np.ndarray:
@@ -298,6 +314,13 @@ class SoftTargets:
             if self._tail is None:
                 self._tail = self.graph.tail_floors(self.tau_s)
             out = np.repeat(self._tail[rows][:, None], n_c, axis=1)
+        elif self.rule == "calibrated":  # p_i . p_j + c_i, at most row i's k-th sim
+            proj, fills, kth = self._calibration()
+            # einsum, not a BLAS product: each entry the same bits whatever the batch's shape,
+            # so a rank's rows against gathered columns equal the single-process targets
+            out = (np.einsum("ik,jk->ij", proj[rows].astype(np.float64),
+                             proj[cols].astype(np.float64)) + fills[rows][:, None])
+            out = np.minimum(out, kth[rows][:, None]).astype(np.float32)
         else:
             out = np.full((n_r, n_c), self.floor, np.float32)
         held = np.full((n_r, n_c), -np.inf, np.float32)
@@ -310,6 +333,16 @@ class SoftTargets:
         a, b = matching_pairs(rows, cols)
         out[a, b] = 1.0
         return torch.from_numpy(out).to(self.device)
+
+
+    def _calibration(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """rule "calibrated"'s per-row data, read once: principal coordinates (float32, as
+        stored), c_i and the k-th stored sim."""
+        if self._calibrated is None:
+            moments = self.moments if self.moments is not None else read_moments(self.run)
+            self._calibrated = (moments.proj, self.graph.row_fills(self.tau_s, moments),
+                                self.graph.kth_sims().astype(np.float64))
+        return self._calibrated
 
 
 def distinct(nodes: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:

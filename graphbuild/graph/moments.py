@@ -1,0 +1,171 @@
+"""Row moments, exact, in one pass over the store (rundir/moments.py: the file and what it
+holds). With the store's unit rows x_i (X, n x d) and their cosines s_ij = x_i . x_j:
+
+  t = sum of all rows,  G = X^T X (d x d),  U = G's top r eigenvectors (d x r),
+  p_i = U^T x_i (the row's coordinates on the store's top r principal axes, uncentred),
+  e_ij = s_ij - p_i . p_j = y_i . y_j with y_i = Q x_i, Q = I - U U^T (the residual),
+  sum_j e_ij   = y_i . (Q t) - y_i . y_i
+  sum_j e_ij^2 = y_i^T (Q G Q) y_i - (y_i . y_i)^2          (sums over j != i)
+
+so t and G (one pass over the store, float64) give every row's sums without the N x N
+products a search makes. t and G are accumulated store chunk by store chunk in chunk order,
+and a row's values are computed with its whole chunk, so the bytes do not depend on the shard
+layout.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+
+import numpy as np
+
+from graphbuild.errors import GraphbuildError
+from graphbuild.faults import kill_point
+from graphbuild.rundir.files import marker, read_json, write_json
+from graphbuild.rundir.moments import (
+    RANK,
+    RowMoments,
+    moments_meta,
+    moments_meta_path,
+    moments_part_path,
+    moments_part_problem,
+    write_moments_part,
+)
+from graphbuild.rundir.paths import RunDir
+from graphbuild.rundir.store import StoredRows
+from graphbuild.shards import shard_name, shard_range
+
+log = logging.getLogger(__name__)
+
+
+def store_sums(store: StoredRows) -> tuple[np.ndarray, np.ndarray]:
+    """(t, G): the sum of all rows (d,) and their Gram matrix X^T X (d, d), float64."""
+    d = store.shape[1]
+    total, gram = np.zeros(d), np.zeros((d, d))
+    for c in range(store.n_chunks):
+        x = store.chunk(c).astype(np.float64)
+        total += x.sum(axis=0)
+        gram += x.T @ x
+    return total, gram
+
+
+def principal_axes(gram: np.ndarray, rank: int = RANK) -> np.ndarray:
+    """G's top `rank` eigenvectors (d, r), by eigenvalue, each signed so that its largest
+    entry is positive (the same axes for the same G)."""
+    _, vectors = np.linalg.eigh(gram)
+    axes = vectors[:, ::-1][:, :min(rank, len(gram))]
+    signs = np.sign(axes[np.abs(axes).argmax(axis=0), np.arange(axes.shape[1])])
+    return axes * signs
+
+
+def row_moments(store: StoredRows, rows: range, total: np.ndarray, gram: np.ndarray,
+                axes: np.ndarray) -> RowMoments:
+    """Each node of `rows`: its coordinates on `axes`, and the sum and sum of squares of its
+    residual cosines to every other node."""
+    resid = np.eye(len(gram)) - axes @ axes.T  # Q
+    q_total, q_gram = resid @ total, resid @ gram @ resid
+    proj = np.empty((len(rows), axes.shape[1]))
+    sums, sum_sqs = np.empty(len(rows)), np.empty(len(rows))
+    size = store.chunk_rows
+    for c in range(rows.start // size, -(-rows.stop // size)):
+        x = store.chunk(c).astype(np.float64)
+        p = x @ axes
+        y = x - p @ axes.T  # Q x, without a d x d product per row
+        own = np.einsum("ij,ij->i", y, y)  # e_ii
+        lo, hi = max(rows.start, c * size), min(rows.stop, c * size + len(x))
+        at, to = slice(lo - c * size, hi - c * size), slice(lo - rows.start, hi - rows.start)
+        proj[to] = p[at]
+        sums[to] = (y @ q_total - own)[at]
+        sum_sqs[to] = (np.einsum("ij,ij->i", y @ q_gram, y) - own * own)[at]
+    return RowMoments(proj, sums, sum_sqs)
+
+
+def moments_marker(run: RunDir, shard: int, num_shards: int) -> Path:
+    return marker(run.state("knn"), f"moments-{shard_name(shard, num_shards)}")
+
+
+def vouched_moments(run: RunDir, shard: int, num_shards: int, provenance: dict,
+                    n: int) -> tuple[dict | None, str | None]:
+    """(the marker's stats, None) when shard's moments marker vouches for its part: it reads,
+    records the store's provenance and the shard's rows, and the part's footer holds those
+    rows. Otherwise (None, why not); why not is None when there is no marker."""
+    path = moments_marker(run, shard, num_shards)
+    if not path.exists():
+        return None, None
+    try:
+        stats = read_json(path)
+    except GraphbuildError as e:
+        return None, str(e)
+    rows = shard_range(n, shard, num_shards)
+    rank = min(RANK, provenance["dim"])
+    want = {"first": rows.start, "stop": rows.stop, "n_nodes": n, "rank": rank,
+            "provenance": provenance}
+    for key, value in want.items():
+        if stats.get(key) != value:
+            return None, f"{path}: records another {key} than this shard's"
+    part = moments_part_path(run.root, shard)
+    problem = moments_part_problem(part, rows.start, rows.stop, rank)
+    if problem:
+        return None, f"{part}: {problem}, not what {path.name} records"
+    return stats, None
+
+
+def moments_shard(run: RunDir, store: StoredRows, shard: int, num_shards: int,
+                  provenance: dict) -> float:
+    """Make shard's moments part vouched for (under the shard's lock): nothing to do if its
+    marker vouches for it; else remove _moments/_meta.json and the marker, compute and write
+    the part, then the marker. Returns the seconds it took (0.0 when already done)."""
+    n = store.shape[0]
+    stats, why_not = vouched_moments(run, shard, num_shards, provenance, n)
+    if stats is not None:
+        return 0.0
+    with run.lock():
+        moments_meta_path(run.root).unlink(missing_ok=True)
+        if why_not is not None:
+            log.warning("knn moments of %s: %s; computing them again",
+                        shard_name(shard, num_shards), why_not)
+            moments_marker(run, shard, num_shards).unlink(missing_ok=True)
+    t0 = time.perf_counter()
+    rows = shard_range(n, shard, num_shards)
+    total, gram = store_sums(store)
+    write_moments_part(run.root, shard, rows.start,
+                       row_moments(store, rows, total, gram, principal_axes(gram)))
+    seconds = time.perf_counter() - t0
+    kill_point("knn.moments_written")  # part in place, marker not yet
+    write_json(moments_marker(run, shard, num_shards),
+               {"first": rows.start, "stop": rows.stop, "rows": len(rows), "n_nodes": n,
+                "rank": min(RANK, provenance["dim"]), "provenance": provenance,
+                "seconds": round(seconds, 3)})
+    log.info("knn moments of %s: %d rows in %.1fs", shard_name(shard, num_shards), len(rows),
+             seconds)
+    return seconds
+
+
+def finalize_moments(run: RunDir, num_shards: int, provenance: dict,
+                     n: int) -> tuple[list[int], float]:
+    """Under the run's lock: write _moments/_meta.json when every shard's marker vouches for
+    its part (and it differs), else remove it. Returns the shards whose moments are not done
+    and the seconds the done ones took."""
+    done = {}
+    for s in range(num_shards):
+        stats, why_not = vouched_moments(run, s, num_shards, provenance, n)
+        if stats is not None:
+            done[s] = stats
+        elif why_not is not None:
+            log.warning("knn moments of %s: %s; its rerun computes them again",
+                        shard_name(s, num_shards), why_not)
+    missing = [s for s in range(num_shards) if s not in done]
+    seconds = sum(st.get("seconds", 0.0) for st in done.values())
+    path = moments_meta_path(run.root)
+    if missing:
+        path.unlink(missing_ok=True)
+        return missing, seconds
+    parts = [{"file": moments_part_path(run.root, s).name, "first": st["first"],
+              "stop": st["stop"]} for s, st in sorted(done.items())]
+    meta = moments_meta(n, min(RANK, provenance["dim"]), provenance, parts)
+    if read_json(path) != meta:
+        write_json(path, meta)
+        kill_point("knn.moments_meta_written")
+    return missing, seconds
