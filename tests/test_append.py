@@ -224,8 +224,39 @@ def test_a_stale_graph_after_append_is_refused_until_knn(world, tmp_path):
     out = copy_run(world["old"][1], tmp_path / "a")
     append(out, world["rows"])
     stale = cli("validate", out)
-    assert stale.returncode == 1 and "stale" in stale.stdout, stale.stdout + stale.stderr
+    assert stale.returncode == 1 and "the run was appended to since" in stale.stdout, stale.stdout
+    assert "appended to since" in one_error(cli("stats", out))
+    status = cli("status", out)
+    assert "the graph covers the first 300 nodes of an appended run" in status.stdout
     knn_all(out, 1)
     r = cli("validate", out)
     nodes = unique_texts(range(1, 341))
     assert r.returncode == 0 and f"on {nodes} nodes" in r.stdout, r.stdout + r.stderr
+    stats = cli("stats", out, "--json")
+    assert stats.returncode == 0 and '"nodes": 340' in stats.stdout.replace(" ", " ")
+    status = cli("status", out, "--json")
+    assert '"complete": true' in status.stdout and "graph_covers" not in status.stdout
+
+
+def test_the_trainer_sees_the_new_samples(world, tmp_path):
+    """WithNodes joins appended ids to their nodes, and exact and graph targets cover them."""
+    import torch
+
+    from graphbuild.xclr import Graph, SoftTargets, WithNodes
+
+    out = copy_run(world["old"][1], tmp_path / "a")
+    append(out, world["rows"])
+    knn_all(out, 1)
+    rows = COCO.read_text(encoding="utf-8").splitlines()
+    ids = [rows[i].split("\t")[0] for i in (*OLD, *NEW)]  # the run's ids are strings
+    data = WithNodes(list(range(len(ids))), run=out, ids=ids, with_node=True)
+    _, sample, node = data[len(ids) - 1]
+    assert sample == len(ids) - 1 and node >= world["rows"]
+    batch = torch.tensor([0, len(ids) - 2, len(ids) - 1])
+    for mode in ("exact", "graph"):
+        t = SoftTargets.from_run(out, mode=mode, tau_s=0.1)(batch)
+        assert t.shape == (3, 3) and torch.allclose(t.sum(1), torch.ones(3))
+    graph = Graph(out)
+    assert graph.n_nodes == unique_texts(range(1, 341))
+    indptr, indices, _ = graph.csr
+    assert indptr[-1] - indptr[-2] == K and indices[indptr[-2]:].max() < graph.n_nodes

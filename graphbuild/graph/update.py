@@ -71,9 +71,10 @@ def plan_update(run: RunDir, params: dict, attrs: dict, overwrite: bool) -> int 
         if (not meta or overwrite or meta.get("n_nodes") not in attrs.get(APPENDED_AT, [])
                 or _unusable(meta, params, attrs) or _broken_part(run.graph, meta)):
             return None
+        shutil.rmtree(run.state("knn"), ignore_errors=True)  # they vouch for the base
+        kill_point("knn.base_markers_removed")  # _meta.json still vouches for the base
         run.graph.rename(run.graph_base)
         kill_point("knn.base_set_aside")
-        shutil.rmtree(run.state("knn"), ignore_errors=True)  # they vouch for the base
         log.info("updating the exact graph of %d nodes with the %d rows appended after them "
                  "(the finished graph is kept in %s until the new one is whole)",
                  meta["n_nodes"], attrs["n_nodes"] - meta["n_nodes"], run.graph_base)
