@@ -3,4 +3,5 @@
   models.py  the sentence-transformers model, offline, its weights checked by sha256
   encode.py  length-sorted batches under a token budget; bf16 / fp16 / fp32
   stage.py   embed_shard(): a shard's chunks encoded, checked, written and marked
+  append.py  embed --append: its refusals, then the tables appended and the store grown
 """

@@ -12,7 +12,9 @@ in run.json what they depend on: the reading settings and the class list
 (`Dataset.reading`), and per source file its name, format, size, mtime_ns and sha256. Every
 later prepare (each array task, each rerun) compares, and refuses in one line a changed
 setting, class list, file set or file content. Not compared: templates (the store's
-provenance is), examples, the manifest's path.
+provenance is), examples, the manifest's path. With `append` (embedding/append.py), source
+files after the recorded ones are appended instead: the store grows, only new chunks (and
+the one chunk that gains rows) are encoded.
 
 A file's content follows git's rule: when its size and mtime_ns equal the record's, the
 recorded hash is trusted and the file is not read; otherwise it is hashed again, outside the

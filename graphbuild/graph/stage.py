@@ -12,6 +12,10 @@ _state/knn/params.json and each shard marker. A request that differs from any of
 method, shard layout, recall target, or the store's provenance: a stale graph) is refused,
 whichever of them are missing; --overwrite replaces the graph.
 
+After `embed --append`, a whole exact graph of the same k over the store's first rows is
+updated rather than rebuilt (update.py: set aside as graph-base, old lists merged with the
+new rows; the same bytes as a rebuild); any other graph from before the append is stale.
+
 Methods: exact (exact.py; the same bytes for any shard count) or approximate (ann.py; IVF
 with nprobe tuned to a recall target: its own lists on a CPU, a faiss index for IVF-PQ or
 on faiss's GPUs). auto picks one from N, d, k and free memory.
