@@ -260,3 +260,16 @@ def test_the_trainer_sees_the_new_samples(world, tmp_path):
     assert graph.n_nodes == unique_texts(range(1, 341))
     indptr, indices, _ = graph.csr
     assert indptr[-1] - indptr[-2] == K and indices[indptr[-2]:].max() < graph.n_nodes
+
+
+def test_an_approximate_graph_after_append_is_rebuilt_on_request(world, tmp_path):
+    """Only exact graphs are updated: an approximate one from before the append is refused
+    as stale, naming --overwrite, and --overwrite rebuilds it with its recall measured."""
+    out = copy_run(world["old"][1], tmp_path / "a")
+    graphbuild.knn(out, K, method="approximate", overwrite=True, recall_target=0.9)
+    append(out, world["rows"])
+    line = one_error(cli("knn", out, "--k", str(K), "--recall-target", "0.9", "-q"))
+    assert "n_nodes=300" in line and "--overwrite" in line
+    r = graphbuild.knn(out, K, method="approximate", overwrite=True, recall_target=0.9)
+    meta = graphbuild.rundir.graph.read_meta(out)
+    assert r.complete and meta["n_nodes"] == 340 and meta["recall"] == r.recall >= 0.9
