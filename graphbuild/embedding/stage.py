@@ -240,19 +240,28 @@ def embed_shard(ds: Dataset, out: str | Path, shard: int = 0, num_shards: int = 
 
 def _encode_chunks(run: RunDir, arr, todo: list[int], encoder, templates: list[str],
                    reporter: Reporter) -> int:
-    """Encode and store each chunk of `todo`, marking each done once its data is in place.
-    A chunk is encoded from its own texts alone, in segments split where an append began
-    (APPENDED_AT), so a chunk an append grew holds its old rows' bits unchanged."""
+    """Encode and store each chunk of `todo`, marking each done once its data is in place;
+    return the texts encoded. A chunk is encoded from its own texts alone, in segments split
+    where an append began (APPENDED_AT), so a chunk an append grew keeps its old rows' bits;
+    a segment its file holds already (`_encoded`) is kept, not encoded again."""
     rows_per_chunk, n_nodes = arr.chunks[0], arr.shape[0]
     starts = arr.attrs.get(APPENDED_AT, [])
-    total = sum(min(rows_per_chunk, n_nodes - c * rows_per_chunk) for c in todo) * len(templates)
+    plan = {}  # chunk -> its segments, and its rows as stored where an append split it
+    for c in todo:
+        lo, hi = c * rows_per_chunk, min((c + 1) * rows_per_chunk, n_nodes)
+        cuts = [0, *(s - lo for s in starts if lo < s < hi), hi - lo]
+        plan[c] = list(itertools.pairwise(cuts)), _stored_rows(run, c) if len(cuts) > 2 else None
+    total = sum(b - a for segments, stored in plan.values() for a, b in segments
+                if not _encoded(stored, a, b)) * len(templates)
     reporter.start(total, "texts")
     for c in todo:
         lo, hi = c * rows_per_chunk, min((c + 1) * rows_per_chunk, n_nodes)
         texts = read_node_texts(run.root, lo, hi)
-        cuts = [0, *(s - lo for s in starts if lo < s < hi), hi - lo]
-        emb = np.concatenate([_embed_rows(encoder, texts[a:b], templates, reporter.advance)
-                              for a, b in itertools.pairwise(cuts)]).astype(np.float16)
+        segments, stored = plan.pop(c)
+        emb = np.concatenate([
+            stored[a:b] if _encoded(stored, a, b) else
+            _embed_rows(encoder, texts[a:b], templates, reporter.advance).astype(np.float16)
+            for a, b in segments])
         _check_rows(run, emb, c, lo, texts)
         kill_point("embed.chunk_encoded")
         _remove_partial_writes(run.embeddings / "c" / str(c))
@@ -262,6 +271,22 @@ def _encode_chunks(run: RunDir, arr, todo: list[int], encoder, templates: list[s
         return_freed_memory()  # the encoder threads' arenas: RSS stays flat over chunks
     reporter.stop()
     return total
+
+
+def _stored_rows(run: RunDir, c: int) -> np.ndarray | None:
+    """Chunk c's rows as its file holds them (crc32c checked), or None if it does not read."""
+    try:
+        return StoredRows(run.embeddings).chunk(c)
+    except StoreError:
+        return None
+
+
+def _encoded(stored: np.ndarray | None, a: int, b: int) -> bool:
+    """Rows a..b-1 of a chunk an append grew are in its file already: every one of unit norm.
+    The file is the chunk as last written whole (zarr replaces a chunk file at once), so its
+    rows are each an encoding of its segment or the zero fill past the rows of that time;
+    a segment encoded again gives the same bits, so this only saves the work."""
+    return stored is not None and not len(unit_norm_misses(stored[a:b])[1])
 
 
 def grow_store(run: RunDir, n_nodes: int) -> None:

@@ -6,11 +6,12 @@ of the grown store is then, per row:
 
 - a new row (>= B): searched against all rows, as any exact search (exact.blocked_topk over
   the shard's new rows, other rows plain columns);
-- an old row (< B): its top-k among old rows is its base list, unchanged; its top-k among the
-  new rows comes from a blocked search of the old rows against only the new columns
-  (`top_among`: half-precision products, then an exact re-rank of every candidate the error
-  bound cannot rule out, as exact.py does); the two merge by sim descending, ties by the
-  smaller id, and the first k are its row.
+- an old row (< B): its top-k among old rows is its base list, unchanged. A new row can
+  enter it only by an exact sim above the list's k-th (at an equal sim the old, smaller id
+  wins), so the old rows are multiplied in half precision with the new columns alone, and
+  every pair whose score could reach the k-th sim within the error bound (exact.ErrorBound)
+  is scored exactly (`new_candidates`); the base list and those merge by sim descending,
+  ties by the smaller id, and the first k are its row.
 
 Exact sims are the exact dot products of the stored fp16 rows rounded once to fp32
 (exact.py), so a pair's sim is the same whichever search found it, and the merge gives the
@@ -155,57 +156,62 @@ def merge_lists(ids_a: np.ndarray, sims_a: np.ndarray, ids_b: np.ndarray, sims_b
     return np.take_along_axis(ids, order, 1), np.take_along_axis(sims, order, 1)
 
 
-def top_among(x16: np.ndarray, rows: range, cols: range, k: int, bound, device: str,
-              block_rows: int) -> tuple[np.ndarray, np.ndarray]:
-    """Exact top-min(k, len(cols)) of each of `rows` among the columns `cols` alone (disjoint
-    from rows): (ids int64, sims float32), by sim descending then id ascending.
+SCORES_PER_BLOCK = 1 << 26  # half-precision scores held at once by new_candidates (128 MiB)
 
-    Half-precision products keep each row's `capacity` best scores; every one whose exact
-    value could reach the exact kk-th best (bound.keep_threshold of the approximate kk-th
-    best) is scored exactly. A row whose capacity-th score still passes (near-ties) has all
-    its passing columns gathered in a second pass, so the result stays exact."""
+
+def new_candidates(x16: np.ndarray, rows: range, cols: range, floor: np.ndarray, bound,
+                   device: str, block_rows: int) -> tuple[np.ndarray, np.ndarray]:
+    """(row positions in `rows`, column ids) of every pair whose exact score could reach the
+    row's `floor` (its base list's k-th sim), among the columns `cols` alone.
+
+    Per block of rows, one half-precision product with all of `cols` (the appended rows; the
+    block shrinks so it holds at most SCORES_PER_BLOCK scores). A computed score v stands for
+    an exact score of at most v + b(v) (exact.ErrorBound), so a pair is kept when that reaches
+    the floor; the comparison is made in the compute type against the threshold rounded down
+    by more than its rounding error. A new column scoring below a row's floor cannot enter
+    its list (at an equal score the old, smaller id wins), so nothing else can matter."""
     import torch
 
-    from graphbuild.graph.exact import _exact_dots_of_rows, default_capacity, half_dtype, pick_half
+    from graphbuild.graph.exact import THRESHOLD_SLACK, half_dtype, pick_half
 
-    kk = min(k, len(cols))
-    capacity = min(default_capacity(kk), len(cols))
     dtype, dev = half_dtype(pick_half(device)), torch.device(device)
 
     def half(lo: int, hi: int):
         return torch.from_numpy(x16[lo:hi]).to(dev).float().to(dtype)
 
-    q = half(rows.start, rows.stop)
-    best = torch.full((len(rows), 0), -torch.inf)
-    best_ids = torch.empty((len(rows), 0), dtype=torch.int64)
-    for clo in range(cols.start, cols.stop, block_rows):
-        chi = min(clo + block_rows, cols.stop)
-        s = (q @ half(clo, chi).T).float().cpu()
-        both = torch.cat([best, s], 1)
-        both_ids = torch.cat([best_ids, torch.arange(clo, chi).expand(len(rows), -1)], 1)
-        best, at = torch.topk(both, min(capacity, both.shape[1]), dim=1)
-        best_ids = torch.gather(both_ids, 1, at)
-    thr = bound.keep_threshold(best[:, kk - 1].double()).float()
-    keep = best >= thr[:, None]
-    over = (keep[:, -1] & (capacity < len(cols))).numpy()
-    rr, cc = (t.numpy() for t in keep.nonzero(as_tuple=True))
-    pair_rows, pair_cols = rr[~over[rr]], best_ids.numpy()[rr, cc][~over[rr]]
-    for r in np.flatnonzero(over):  # near-ties beyond the capacity: every passing column
-        s = (q[r:r + 1] @ half(cols.start, cols.stop).T).float().cpu()[0]
-        hit = np.flatnonzero((s >= thr[r]).numpy()) + cols.start
-        pair_rows = np.concatenate([pair_rows, np.full(len(hit), r)])
-        pair_cols = np.concatenate([pair_cols, hit])
-    row_ids = np.arange(rows.start, rows.stop)
-    sims = _exact_dots_of_rows(x16, row_ids, pair_rows, pair_cols)
-    order = np.lexsort((pair_cols, -sims, pair_rows))
-    pair_rows, pair_cols, sims = pair_rows[order], pair_cols[order], sims[order]
-    first = np.searchsorted(pair_rows, np.arange(len(rows)))
-    rank = np.arange(len(pair_rows)) - first[pair_rows]
-    take = rank < kk
-    if np.bincount(pair_rows[take], minlength=len(rows)).min() < kk:
-        raise AssertionError("a row kept fewer candidates than k; the error bound is broken")
-    return (pair_cols[take].reshape(len(rows), kk).astype(np.int64),
-            sims[take].reshape(len(rows), kk))
+    low = np.asarray(floor, np.float64) - bound.absolute
+    thr = np.where(low >= 0, low / (1 + bound.relative), low / (1 - bound.relative))
+    # below thr by more than a half-precision rounding of values of magnitude <= 2
+    thr = torch.from_numpy(thr - THRESHOLD_SLACK - 2.0 ** -7).to(dev).to(dtype)
+    xc = half(cols.start, cols.stop)
+    step = max(1, min(block_rows, SCORES_PER_BLOCK // len(cols)))
+    found_rows, found_cols = [], []
+    for lo in range(rows.start, rows.stop, step):
+        hi = min(lo + step, rows.stop)
+        s = half(lo, hi) @ xc.T
+        rr, cc = (s >= thr[lo - rows.start:hi - rows.start, None]).nonzero(as_tuple=True)
+        found_rows.append(rr.cpu().numpy() + (lo - rows.start))
+        found_cols.append(cc.cpu().numpy() + cols.start)
+    return np.concatenate(found_rows), np.concatenate(found_cols)
+
+
+def merged_with_new(x16: np.ndarray, rows: range, base_ids: np.ndarray, base_sims: np.ndarray,
+                    pair_rows: np.ndarray, pair_cols: np.ndarray,
+                    k: int) -> tuple[np.ndarray, np.ndarray]:
+    """The rows' base lists merged with their new candidates scored exactly: per row the
+    first k by sim descending, then id ascending."""
+    from graphbuild.graph.exact import _exact_dots_of_rows
+
+    sims = _exact_dots_of_rows(x16, np.arange(rows.start, rows.stop), pair_rows, pair_cols)
+    per_row = np.bincount(pair_rows, minlength=len(rows))
+    width = int(per_row.max()) if len(pair_rows) else 0
+    ids = np.full((len(rows), width), np.iinfo(np.int64).max, np.int64)
+    new_sims = np.full((len(rows), width), -np.inf, np.float32)
+    order = np.argsort(pair_rows, kind="stable")
+    slot = np.arange(len(order)) - np.repeat(np.cumsum(per_row) - per_row, per_row)
+    ids[pair_rows[order], slot] = pair_cols[order]
+    new_sims[pair_rows[order], slot] = sims[order]
+    return merge_lists(base_ids, base_sims, ids, new_sims, k)
 
 
 def update_blocks(run: RunDir, x16: np.ndarray, k: int, rows: range, base_n: int,
@@ -220,13 +226,14 @@ def update_blocks(run: RunDir, x16: np.ndarray, k: int, rows: range, base_n: int
                                                                rows.stop)
     if len(old):
         bound = error_bound(x16, pick_half(device))
-        ids0, sims0 = base_lists(run, old.start, old.stop, k)
+        base_ids, base_sims = base_lists(run, old.start, old.stop, k)
         for lo in range(old.start, old.stop, block_rows):
             hi = min(lo + block_rows, old.stop)
-            ids1, sims1 = top_among(x16, range(lo, hi), range(base_n, n), k, bound, device,
-                                    block_rows)
-            ids, sims = merge_lists(ids0[lo - old.start:hi - old.start],
-                                    sims0[lo - old.start:hi - old.start], ids1, sims1, k)
+            at = slice(lo - old.start, hi - old.start)
+            pairs = new_candidates(x16, range(lo, hi), range(base_n, n), base_sims[at, -1],
+                                   bound, device, block_rows)
+            ids, sims = merged_with_new(x16, range(lo, hi), base_ids[at], base_sims[at],
+                                        *pairs, k)
             reporter.advance(hi - lo)
             kill_point("knn.update_block_merged")
             yield lo, ids, sims
