@@ -46,9 +46,15 @@ def embed(manifest: str | Path | Dataset, out: str | Path, *, source: str | None
           token_budget: int | None = None, chunk_rows: int = options.CHUNK_ROWS,
           skip_bad_rows: bool = False, trust_remote_code: bool = False,
           engine: str = "local", scheduler: str | None = None, progress: bool = False,
-          on_shard: OnShard | None = None) -> ShardResult | list[ShardResult]:
+          on_shard: OnShard | None = None, append: bool = False,
+          ) -> ShardResult | list[ShardResult]:
     """Embed a dataset's unique texts into `out`/embeddings.zarr (fp16, unit norm). Resumable:
     a rerun redoes only the chunks not done.
+
+    `append`: source files the run was not built from are appended to it (new texts become
+    nodes after the old ones, only they are embedded; prepare/append.py says what is refused);
+    without it they are refused. An append runs in one process (engine="local"); the new
+    chunks can then be embedded by shards as usual.
 
     `manifest` is a manifest's path or a Dataset from `load_manifest(path, source)`; `source`
     replaces the manifest's source.path. The options are `graphbuild embed`'s (README). With
@@ -60,7 +66,11 @@ def embed(manifest: str | Path | Dataset, out: str | Path, *, source: str | None
     """
     config = _embed_config(model, device, precision, token_budget, chunk_rows, skip_bad_rows,
                            trust_remote_code)
+    config.append = append
     on_dask = _on_dask(engine, scheduler, shard, num_shards)
+    if append and on_dask:
+        raise GraphbuildError("--append: an append runs in one process; append with "
+                              "--engine local, then embed the new chunks on dask")
     ds = _dataset(manifest, source)
     if on_dask:
         from graphbuild.scale.engine import dask_client

@@ -81,6 +81,9 @@ def embed(
     engine: Engine = "local",
     scheduler: Scheduler = None,
     quiet: Quiet = False,
+    append: Annotated[bool, typer.Option(
+        "--append", help="Append source files the run was not built from: only their new "
+                         "texts are embedded; then `graphbuild knn` updates the graph.")] = False,
 ) -> None:
     """Embed a dataset's unique texts into OUT/embeddings.zarr (fp16, unit norm). Resumable."""
     _logging(quiet)
@@ -88,7 +91,7 @@ def embed(
         manifest, out, source=source, shard=shard, num_shards=num_shards, model=model,
         device=device, precision=precision, token_budget=token_budget, chunk_rows=chunk_rows,
         skip_bad_rows=skip_bad_rows, trust_remote_code=trust_remote_code, engine=engine,
-        scheduler=scheduler, progress=not quiet, on_shard=_echo_shard)
+        scheduler=scheduler, progress=not quiet, on_shard=_echo_shard, append=append)
     _dask_summary("embed", results)
 
 

@@ -4,4 +4,5 @@
   encode.py  length-sorted batches under a token budget; bf16 / fp16 / fp32
   tokens.py  a call's texts tokenized once, on the process's threads, into padded batches
   stage.py   embed_shard(): a shard's chunks encoded, checked, written and marked
+  append.py  embed --append: its refusals, then the tables appended and the store grown
 """

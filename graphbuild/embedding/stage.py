@@ -12,7 +12,9 @@ in run.json what they depend on: the reading settings and the class list
 (`Dataset.reading`), and per source file its name, format, size, mtime_ns and sha256. Every
 later prepare (each array task, each rerun) compares, and refuses in one line a changed
 setting, class list, file set or file content. Not compared: templates (the store's
-provenance is), examples, the manifest's path.
+provenance is), examples, the manifest's path. With `append` (embedding/append.py), source
+files after the recorded ones are appended instead: the store grows, only new chunks (and
+the one chunk that gains rows) are encoded.
 
 A file's content follows git's rule: when its size and mtime_ns equal the record's, the
 recorded hash is trusted and the file is not read; otherwise it is hashed again, outside the
@@ -42,6 +44,7 @@ read, are rebuilt: the recorded inputs are unchanged, so they are the same table
 
 from __future__ import annotations
 
+import itertools
 import logging
 import time
 from dataclasses import asdict, dataclass, field
@@ -57,13 +60,13 @@ from graphbuild.prepare.manifest import Dataset
 from graphbuild.prepare.stage import _apply_refresh, _prepare
 from graphbuild.prepare.texts import read_node_texts
 from graphbuild.progress import Reporter
-from graphbuild.rundir.files import is_done, mark_done, marker, read_json
+from graphbuild.rundir.files import is_done, mark_done, marker, read_json, write_json
 from graphbuild.rundir.paths import PROVENANCE_KEYS, RunDir
 from graphbuild.rundir.store import StoredRows, StoreError, unit_norm_misses
 from graphbuild.shards import shard_name, shard_range
 
 log = logging.getLogger(__name__)
-
+APPENDED_AT = "appended_at"  # store attribute: the first row of each append, in order
 
 
 @dataclass
@@ -76,6 +79,7 @@ class EmbedConfig:
     chunk_rows: int = options.CHUNK_ROWS
     skip_bad_rows: bool = False
     trust_remote_code: bool = False
+    append: bool = False  # new source files are appended (prepare/append.py), not refused
 
 
 @dataclass
@@ -181,16 +185,19 @@ def embed_shard(ds: Dataset, out: str | Path, shard: int = 0, num_shards: int = 
                           config.device)
     reporter = reporter or Reporter()
     run = RunDir(out)
-    figures, refreshed = _prepare(ds, run, config.skip_bad_rows)
-    n_nodes = figures["nodes"]
-
     device = pick_device(config.device)
     precision = pick_precision(config.precision, device)
     ref = resolve_model(config.model)
     # What we know without loading the model (dim and max_seq_length need it).
     known = {"model": ref.name, "model_revision": ref.revision, "normalized": True,
-             "precision": precision, "templates": ds.manifest.templates, "dtype": "float16",
-             "n_nodes": n_nodes}
+             "precision": precision, "templates": ds.manifest.templates, "dtype": "float16"}
+    if config.append:
+        from graphbuild.embedding.append import append_to_run
+
+        append_to_run(ds, run, known, config.skip_bad_rows)
+    figures, refreshed = _prepare(ds, run, config.skip_bad_rows)
+    n_nodes = known["n_nodes"] = figures["nodes"]
+    grow_store(run, n_nodes)  # after an append, also one cut short before the store grew
     # A duplicate of this array task waits here, then finds the work done.
     with run.shard_lock("embed", shard_name(shard, num_shards)):
         arr = _existing_store(run)
@@ -233,14 +240,28 @@ def embed_shard(ds: Dataset, out: str | Path, shard: int = 0, num_shards: int = 
 
 def _encode_chunks(run: RunDir, arr, todo: list[int], encoder, templates: list[str],
                    reporter: Reporter) -> int:
-    """Encode and store each chunk of `todo`, marking each done once its data is in place."""
+    """Encode and store each chunk of `todo`, marking each done once its data is in place;
+    return the texts encoded. A chunk is encoded from its own texts alone, in segments split
+    where an append began (APPENDED_AT), so a chunk an append grew keeps its old rows' bits;
+    a segment its file holds already (`_encoded`) is kept, not encoded again."""
     rows_per_chunk, n_nodes = arr.chunks[0], arr.shape[0]
-    total = sum(min(rows_per_chunk, n_nodes - c * rows_per_chunk) for c in todo) * len(templates)
+    starts = arr.attrs.get(APPENDED_AT, [])
+    plan = {}  # chunk -> its segments, and its rows as stored where an append split it
+    for c in todo:
+        lo, hi = c * rows_per_chunk, min((c + 1) * rows_per_chunk, n_nodes)
+        cuts = [0, *(s - lo for s in starts if lo < s < hi), hi - lo]
+        plan[c] = list(itertools.pairwise(cuts)), _stored_rows(run, c) if len(cuts) > 2 else None
+    total = sum(b - a for segments, stored in plan.values() for a, b in segments
+                if not _encoded(stored, a, b)) * len(templates)
     reporter.start(total, "texts")
     for c in todo:
         lo, hi = c * rows_per_chunk, min((c + 1) * rows_per_chunk, n_nodes)
         texts = read_node_texts(run.root, lo, hi)
-        emb = _embed_rows(encoder, texts, templates, reporter.advance).astype(np.float16)
+        segments, stored = plan.pop(c)
+        emb = np.concatenate([
+            stored[a:b] if _encoded(stored, a, b) else
+            _embed_rows(encoder, texts[a:b], templates, reporter.advance).astype(np.float16)
+            for a, b in segments])
         _check_rows(run, emb, c, lo, texts)
         kill_point("embed.chunk_encoded")
         _remove_partial_writes(run.embeddings / "c" / str(c))
@@ -250,6 +271,53 @@ def _encode_chunks(run: RunDir, arr, todo: list[int], encoder, templates: list[s
         return_freed_memory()  # the encoder threads' arenas: RSS stays flat over chunks
     reporter.stop()
     return total
+
+
+def _stored_rows(run: RunDir, c: int) -> np.ndarray | None:
+    """Chunk c's rows as its file holds them (crc32c checked), or None if it does not read."""
+    try:
+        return StoredRows(run.embeddings).chunk(c)
+    except StoreError:
+        return None
+
+
+def _encoded(stored: np.ndarray | None, a: int, b: int) -> bool:
+    """Rows a..b-1 of a chunk an append grew are in its file already: every one of unit norm.
+    The file is the chunk as last written whole (zarr replaces a chunk file at once), so its
+    rows are each an encoding of its segment or the zero fill past the rows of that time;
+    a segment encoded again gives the same bits, so this only saves the work."""
+    return stored is not None and not len(unit_norm_misses(stored[a:b])[1])
+
+
+def grow_store(run: RunDir, n_nodes: int) -> None:
+    """Grow the store to `n_nodes` rows after an append to the tables: when it holds fewer rows
+    and run.json records an append that began at its row count. The chunk that gains rows
+    loses its marker first (its new rows are to encode), then zarr.json gets the new shape,
+    n_nodes and the append's first row (APPENDED_AT) in one atomic write. Anything else is
+    left for the provenance check to refuse."""
+    from graphbuild.prepare.append import APPENDS
+    from graphbuild.rundir.paths import store_attrs
+    from graphbuild.rundir.store import read_zarr_json
+
+    with run.lock():
+        attrs = store_attrs(run.root)
+        have = None if attrs is None else attrs.get("n_nodes")
+        appends = (run.read_run().get("dataset") or {}).get(APPENDS, [])
+        if have is None or have >= n_nodes or have not in [a["nodes_before"] for a in appends]:
+            return
+        meta = read_zarr_json(run.embeddings)
+        rows_per_chunk = meta["chunk_grid"]["configuration"]["chunk_shape"][0]
+        if have % rows_per_chunk:
+            marker(run.state("embed") / "chunks", f"{have // rows_per_chunk:06d}").unlink(
+                missing_ok=True)
+            kill_point("append.chunk_unmarked")
+        meta["shape"][0] = n_nodes
+        meta["attributes"].update(n_nodes=n_nodes,
+                                  **{APPENDED_AT: [*attrs.get(APPENDED_AT, []), have]})
+        write_json(run.embeddings / "zarr.json", meta)
+        kill_point("append.store_grown")
+        log.info("%s: grown from %d to %d rows; the new rows are to embed", run.embeddings,
+                 have, n_nodes)
 
 
 def _check_rows(run: RunDir, rows: np.ndarray, c: int, lo: int, texts: list[str]) -> None:

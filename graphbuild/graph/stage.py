@@ -17,6 +17,10 @@ _state/knn/params.json and each shard marker. A request that differs from any of
 method, shard layout, recall target, or the store's provenance: a stale graph) is refused,
 whichever of them are missing; --overwrite replaces the graph.
 
+After `embed --append`, a whole exact graph of the same k over the store's first rows is
+updated rather than rebuilt (update.py: set aside as graph-base, old lists merged with the
+new rows; the same bytes as a rebuild); any other graph from before the append is stale.
+
 Methods: exact (exact.py; the same bytes for any shard count) or approximate (ann.py; IVF
 with nprobe tuned to a recall target: its own lists on a CPU, a faiss index for IVF-PQ or
 on faiss's GPUs). auto picks one from N, d, k and free memory: the host's and a CPU's rate,
@@ -330,6 +334,11 @@ def knn_shard(out: str | Path, k: int = options.K, method: str = "auto", shard: 
         _check_approximate(n, d, k, budget, device)
     log.info("knn %s: %s", shard_name(shard, num_shards), reason)
     params = _params(k, method, num_shards, recall_target, attrs)
+    from graphbuild.graph.update import plan_update
+
+    base_n = plan_update(run, params, attrs, overwrite)
+    if base_n is not None:
+        params["updates"] = base_n  # the exact graph of the first base_n rows, in graph-base
     _claim(run, params, overwrite)
     kill_point("knn.claimed")
 
@@ -414,7 +423,11 @@ def _search_shard(run: RunDir, arr, attrs: dict, params: dict, result: KnnResult
               "memory")
     try:
         with cuda_oom_as_error(f"knn {name} ({method})", remedy):
-            if method == "exact":
+            if method == "exact" and "updates" in params:
+                result.edges = _update_part(run, arr, k, rows, shard, params["updates"],
+                                            block_rows, device, reporter)
+                result.recall = 1.0
+            elif method == "exact":
                 result.edges = _exact_part(out, arr, k, rows, shard, block_rows, device,
                                            reporter)
                 result.recall = 1.0
@@ -455,6 +468,18 @@ def _exact_part(out: Path, arr, k: int, rows: range, shard: int, block_rows: int
     blocks = ((rows.start + lo, ids[lo:lo + block_rows], sims[lo:lo + block_rows])
               for lo in range(0, len(rows), block_rows))
     return write_part(out, shard, rows, n, blocks)
+
+
+def _update_part(run: RunDir, arr, k: int, rows: range, shard: int, base_n: int,
+                 block_rows: int, device: str | None, reporter: Reporter) -> int:
+    """The shard's rows of the exact graph updated from the base graph (graph/update.py)."""
+    from graphbuild.graph.update import update_blocks
+
+    x16 = load_rows(arr, block_rows)
+    log.info("exact update: rows %d..%d, %d of them new", rows.start, rows.stop,
+             max(0, rows.stop - max(rows.start, base_n)))
+    return write_part(run.root, shard, rows, len(x16),
+                      update_blocks(run, x16, k, rows, base_n, block_rows, device, reporter))
 
 
 def _index(run: RunDir, arr, attrs: dict, k: int, recall_target: float, block_rows: int,
@@ -591,6 +616,8 @@ def _finalize(run: RunDir, attrs: dict, params: dict, n: int, result: KnnResult)
             if read_json(path) != meta:
                 write_json(path, meta)
                 kill_point("knn.meta_written")
+            if run.graph_base.exists():  # an update's base: the new graph is whole
+                shutil.rmtree(run.graph_base)
         elif path.exists():
             log.warning("%s: removed: shards %s are not done", path, id_ranges(parts_missing))
             path.unlink()
@@ -608,6 +635,8 @@ def _finalize(run: RunDir, attrs: dict, params: dict, n: int, result: KnnResult)
             "shards_done": len(stats), "num_shards": num_shards,
             "moments_seconds": round(moments_seconds, 2),
         }
+        if "updates" in params:  # the graph was updated after an append, not rebuilt
+            info["stages"]["knn"]["updated_from_nodes"] = params["updates"]
 
     run.update_run(change)
 

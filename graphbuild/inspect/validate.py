@@ -324,7 +324,10 @@ def _provenance(v: Validation, run: RunDir, info: dict | None, attrs: dict,
             key = diff[0]
             v.fail("provenance", path, f"{_recorded(prov, key)} but {where} has "
                    f"{_recorded(attrs, key)}" + (f" (and {len(diff) - 1} more keys differ)"
-                                                 if len(diff) > 1 else ""))
+                                                 if len(diff) > 1 else "")
+                   + ("; the run was appended to since: `graphbuild knn` updates the graph"
+                      if diff == ["n_nodes"] and prov.get(key) in attrs.get("appended_at", [])
+                      else ""))
     if params and (params.get("k"), params.get("method")) != (meta.get("k"), meta.get("method")):
         v.fail("provenance", params_path, f"k={params.get('k')} method={params.get('method')}, "
                f"_meta.json says k={meta.get('k')} method={meta.get('method')}")

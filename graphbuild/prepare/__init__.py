@@ -5,4 +5,5 @@
   dedup.py     texts deduplicated through hash partitions on disk, never all in memory
   texts.py     rows cleaned, checked and numbered: nodes.parquet and samples.parquet
   stage.py     prepare(): build the tables once, refuse a rerun whose inputs changed
+  append.py    new source files appended to a run's tables (embed --append), old ones unchanged
 """

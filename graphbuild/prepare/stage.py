@@ -50,8 +50,8 @@ def _prepare(ds: Dataset, run: RunDir, skip_bad_rows: bool) -> tuple[dict, dict]
         if files is None or _changed_since(ds, files):
             files = ds.source_records(have["source_files"])
         _check_inputs(ds, run, have, files, skip_bad_rows)
-        if not _tables_readable(run, have["figures"]):
-            _rebuild(ds, run, have, files, skip_bad_rows)
+        if not tables_readable(run, have["figures"]):
+            rebuild(ds, run, have, files, skip_bad_rows)
         return have["figures"], _refreshed(ds, have, files)
 
 
@@ -103,6 +103,17 @@ def _check_unchanged(ds: Dataset, files: list[dict]) -> None:
 
 def _check_inputs(ds: Dataset, run: RunDir, have: dict, files: list[dict], skip: bool) -> None:
     """Refuse inputs other than those the run's tables were built from, naming the first."""
+    check_reading(ds, run, have)
+    _check_files(run, have["source_files"], files)
+    figures = have["figures"]
+    skipped = figures.get("skipped_empty", 0) + figures.get("skipped_duplicate_ids", 0)
+    if skipped and not skip:
+        raise GraphbuildError(f"{run.root}: its tables dropped {skipped} bad rows under "
+                              "--skip-bad-rows; give --skip-bad-rows again or choose another --out")
+
+
+def check_reading(ds: Dataset, run: RunDir, have: dict) -> None:
+    """Refuse reading settings or a class list other than the run's tables were built with."""
     reading, before = ds.reading(), have["reading"]
     if (before.get("classes"), before.get("classes_sha256")) != (
             reading.get("classes"), reading.get("classes_sha256")):
@@ -118,12 +129,6 @@ def _check_inputs(ds: Dataset, run: RunDir, have: dict, files: list[dict], skip:
             raise GraphbuildError(f"{run.root}: its tables were built with {key}="
                                   f"{before.get(key)!r}, the manifest now gives {key}="
                                   f"{reading.get(key)!r}; choose another --out")
-    _check_files(run, have["source_files"], files)
-    figures = have["figures"]
-    skipped = figures.get("skipped_empty", 0) + figures.get("skipped_duplicate_ids", 0)
-    if skipped and not skip:
-        raise GraphbuildError(f"{run.root}: its tables dropped {skipped} bad rows under "
-                              "--skip-bad-rows; give --skip-bad-rows again or choose another --out")
 
 
 def _check_files(run: RunDir, before: list[dict], now: list[dict]) -> None:
@@ -131,7 +136,7 @@ def _check_files(run: RunDir, before: list[dict], now: list[dict]) -> None:
     for r in now:
         if r["name"] not in names_before:
             raise GraphbuildError(f"{r['path']}: a source file this run was not built from; "
-                                  "choose another --out")
+                                  "pass --append to add it, or choose another --out")
     for r in before:
         if r["name"] not in names_now:
             raise GraphbuildError(f"{run.root}: was built from source file {r['path']}, which "
@@ -150,7 +155,7 @@ def _check_files(run: RunDir, before: list[dict], now: list[dict]) -> None:
                                   f"tables read it as {old['format']}; choose another --out")
 
 
-def _tables_readable(run: RunDir, figures: dict) -> bool:
+def tables_readable(run: RunDir, figures: dict) -> bool:
     """Both tables present, their Parquet footers readable, with the recorded row counts."""
     import pyarrow as pa
     import pyarrow.parquet as pq
@@ -166,7 +171,7 @@ def _tables_readable(run: RunDir, figures: dict) -> bool:
     return True
 
 
-def _rebuild(ds: Dataset, run: RunDir, have: dict, files: list[dict], skip: bool) -> None:
+def rebuild(ds: Dataset, run: RunDir, have: dict, files: list[dict], skip: bool) -> None:
     """Tables missing or unreadable: build them again from the inputs just checked unchanged."""
     log.warning("%s: nodes.parquet or samples.parquet is missing or unreadable; rebuilding "
                 "them from the recorded (unchanged) inputs", run.root)
@@ -203,7 +208,7 @@ def _adopt(ds: Dataset, run: RunDir, info: dict, skip: bool) -> dict:
     changed at the same size. Rebuild the tables aside from the current inputs; equal row for
     row, the run is recorded with these inputs' hashes; otherwise it is refused."""
     have = info["dataset"]
-    if not _tables_readable(run, have["figures"]):
+    if not tables_readable(run, have["figures"]):
         raise GraphbuildError(f"{run.root}: recorded before graphbuild kept its sources' "
                               "content hashes, and its tables are missing or unreadable, so "
                               "nothing shows what its embeddings hold; choose another --out")
@@ -227,11 +232,17 @@ def _adopt(ds: Dataset, run: RunDir, info: dict, skip: bool) -> dict:
     return figures
 
 
-def _same_rows(a: Path, b: Path, window: int = 1 << 20) -> bool:
+def _same_rows(a: Path, b: Path) -> bool:
     """Two Parquet tables hold the same rows in the same order, read a window at a time."""
     import polars as pl
 
-    left, right = pl.scan_parquet(a), pl.scan_parquet(b)
+    return same_rows(pl.scan_parquet(a), pl.scan_parquet(b))
+
+
+def same_rows(left, right, window: int = 1 << 20) -> bool:
+    """Two lazy frames hold the same rows in the same order, read a window at a time."""
+    import polars as pl
+
     n = left.select(pl.len()).collect().item()
     if n != right.select(pl.len()).collect().item():
         return False

@@ -8,12 +8,15 @@ google-crc32c only (never zarr, polars or torch), so the trainer imports it.
   RUN/samples.parquet       sample int64 (0..S-1), sample_id, node int64
   RUN/embeddings.zarr/      (n_nodes, dim) float16, unit norm, row chunks, each chunk file its
                             raw little-endian rows + crc32c; attributes carry the provenance
-                            (paths.PROVENANCE_KEYS)
+                            (paths.PROVENANCE_KEYS) and, after appends, `appended_at`: the
+                            first row of each (a chunk is encoded in segments split there)
   RUN/graph/part-NNNNN.parquet  node int64, neighbors list<int32>, sims list<float32>, sorted
                             by node, page checksums; graph/_meta.json vouches for all parts
   RUN/graph/_moments/       per node: principal coordinates and residual cosine sums, which
                             graph-mode targets fill unheld pairs from; one part per knn shard
                             and a _meta.json of their own (moments.py)
+  RUN/graph-base/           only while an exact graph is updated after an append: the graph
+                            of the rows before it, removed once graph/_meta.json is written
   RUN/_state/STAGE/         completion markers (with stats), written after their data
 
   paths.py    RunDir, PROVENANCE_KEYS, the store's attributes

@@ -170,6 +170,11 @@ def check_current(out: str | Path, meta: dict) -> None:
         if key not in attrs:
             raise GraphbuildError(f"{store}: provenance incomplete, attrs lack {key}; embed "
                                   "again into a new --out")
+        if key == "n_nodes" and have[key] in attrs.get("appended_at", []):
+            raise GraphbuildError(
+                f"{path}: built over the first {have[key]} of the {attrs[key]} rows of "
+                f"{store}, which was appended to since; update the graph with `graphbuild "
+                "knn RUN` (same k)")
         if have[key] != attrs[key]:
             raise GraphbuildError(
                 f"{path}: built from embeddings with {key}={have[key]!r}, but {store} now has "

@@ -44,6 +44,11 @@ class RunDir:
     def graph(self) -> Path:
         return self.root / "graph"
 
+    @property
+    def graph_base(self) -> Path:
+        """The graph being updated after an append, set aside until the new one is whole."""
+        return self.root / "graph-base"
+
     def state(self, stage: str) -> Path:
         """Markers and per-shard stats of a stage live here, apart from the data."""
         return self.root / "_state" / stage

@@ -85,7 +85,9 @@ def unfinished_knn_shards(out: str | Path, num_shards: int) -> list[int]:
         except GraphbuildError:
             stats = {}
         recorded = [stats.get(key) for key in ("first", "stop", "edges")]
+        of_nodes = (stats.get("provenance") or {}).get("n_nodes")
         if (layout is None or not all(isinstance(v, int) for v in recorded)
+                or of_nodes not in (None, layout["n_nodes"])  # a graph from before an append
                 or part_problem(part_path(out, s), *recorded, layout["n_nodes"])
                 or not _moments_done(run, s, num_shards)):
             todo.append(s)
@@ -248,8 +250,16 @@ def run_status(out: str | Path) -> dict:
                            sum(m[2] for m in marks), "queries")
     knn_info = info.get("stages", {}).get("knn", {})
     stages["knn"]["k"], stages["knn"]["method"] = knn_info.get("k"), knn_info.get("method")
-    stages["knn"]["complete"] = all((run.graph / name).exists()
-                                    for name in ("_meta.json", "_moments/_meta.json"))
+    meta = read_json(run.graph / "_meta.json")
+    covers = meta.get("n_nodes")
+    short = layout is not None and covers is not None and covers != layout["n_nodes"]
+    stages["knn"]["complete"] = (bool(meta) and not short
+                                 and (run.graph / "_moments" / "_meta.json").exists())
+    # after an append: the graph covers the first rows only, or its update is under way
+    base = read_json(run.graph_base / "_meta.json") or (meta if short else {})
+    if base and layout:
+        stages["knn"]["graph_covers"] = base.get("n_nodes")
+        stages["knn"]["updating"] = run.graph_base.exists()
     return {"run": str(run.root), "dataset": ds.get("name"), "nodes": n_nodes,
             "samples": ds.get("figures", {}).get("samples"),
             "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "stages": stages}
@@ -287,6 +297,11 @@ def format_status(st: dict) -> str:
                      f"{len(s['running']):>8} {len(s['failed']):>6}  {progress:>22}  "
                      f"{_rate(s['rate'], s['unit']):>16}  "
                      f"{_rate(s['rate_per_task'], s['unit']):>16}  {eta}")
+    knn = st["stages"].get("knn", {})
+    if knn.get("graph_covers") is not None:
+        lines.append(f"knn: the graph covers the first {knn['graph_covers']:,} nodes of an "
+                     "appended run; " + ("its update is under way" if knn["updating"]
+                                         else "`graphbuild knn` updates it"))
     for name, s in st["stages"].items():
         for f in s["failed"]:
             lines.append(f"failed: {name} shard {f['shard']}: {f['reason']}  ({f['log']})")

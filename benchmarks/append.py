@@ -1,0 +1,119 @@
+"""Append benchmark: 5% new captions appended to ~86k real ones, against a rebuild in the same run.
+
+The ~91k captions of COCO val2017 + Flickr8k + CC3M-val + a LAION-style sample (knn.py's
+set), shuffled with a fixed seed, split into src/a.tsv (the first 1/1.05) and src/b.tsv (the
+rest: 5% of a.tsv's rows). The old run (a.tsv: embed, exact knn) is built once into
+--workdir and reused. Each run of this script then, on a copy of it:
+
+1. `embed --append` with b.tsv: seconds and texts encoded, against the old run's embed;
+2. `knn` (the exact update), timed;
+3. the same appended store's graph rebuilt from scratch (graph and knn state removed), timed;
+   the two graphs compared byte for byte.
+
+Prints seconds and ratios; asserts nothing about timings.
+
+    python benchmarks/append.py [--workdir /tmp/graphbuild-append] [--data DIR] [--k 32]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import shutil
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "benchmarks"))
+SOURCES = [("coco_val2017_captions.tsv", "coco"), ("Flickr8k.token.txt", "flickr"),
+           ("cc3m_Validation_GCC-1.1.0-Validation.tsv", "cc3m"),
+           ("img2dataset_laion_style_10000.tsv", "laion")]
+
+
+def split_sources(data: Path, src: Path, seed: int = 0) -> tuple[int, int]:
+    """src/a.tsv and src/b.tsv (written once: their mtimes are in the run's record)."""
+    from knn import _caption_lines
+
+    if (src / "b.tsv").exists():
+        return (sum(1 for _ in open(src / "a.tsv")) - 1, sum(1 for _ in open(src / "b.tsv")) - 1)
+    texts = [t for name, kind in SOURCES for t in _caption_lines(data / name, kind)]
+    random.Random(seed).shuffle(texts)
+    n_old = round(len(texts) / 1.05)
+    src.mkdir(parents=True, exist_ok=True)
+    for name, part in (("a.tsv", texts[:n_old]), ("b.tsv", texts[n_old:])):
+        tmp = src / f".{name}.tmp"
+        tmp.write_text("caption\n" + "".join(t + "\n" for t in part), encoding="utf-8")
+        tmp.replace(src / name)
+    return n_old, len(texts) - n_old
+
+
+def timed(f, *args, **kw) -> tuple[float, object]:
+    t0 = time.perf_counter()
+    r = f(*args, **kw)
+    return time.perf_counter() - t0, r
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--workdir", type=Path, default=Path("/tmp/graphbuild-append"))
+    p.add_argument("--data", type=Path, default=REPO.parent / "shared" / "data" / "captions")
+    p.add_argument("--k", type=int, default=32)
+    a = p.parse_args()
+    import torch
+
+    import graphbuild
+
+    w = a.workdir
+    old_rows, new_rows = split_sources(a.data, w / "base" / "src")
+    (w / "base" / "m.yaml").write_text(
+        "name: append-bench\nsource: {path: src/*.tsv, format: tsv, has_header: true}\n"
+        "text_column: caption\n")
+    new_file = w / "base" / "src" / "b.tsv"
+    held = w / "b.tsv.held"  # the old run is built without b.tsv
+    if new_file.exists():
+        new_file.replace(held)
+    base = w / "base" / "run"
+    if not (base / "graph" / "_meta.json").exists():
+        shutil.rmtree(base, ignore_errors=True)
+        graphbuild.embed(w / "base" / "m.yaml", base)
+        graphbuild.knn(base, a.k, method="exact")
+    held.replace(new_file)
+    info = json.loads((base / "run.json").read_text())
+    emb = info["stages"]["embed"]
+    print(f"threads: torch {torch.get_num_threads()}; k={a.k}; machine shared with other "
+          "work (timings are indicative)")
+    print(f"old run: {old_rows:,} caption rows, {emb['nodes']:,} nodes; embed "
+          f"{emb['texts_encoded']:,} texts in {emb['seconds']:.1f}s "
+          f"({emb['texts_per_s']:.0f} texts/s); exact knn "
+          f"{info['stages']['knn']['seconds']:.1f}s")
+
+    app = w / "append"
+    shutil.rmtree(app, ignore_errors=True)
+    shutil.copytree(w / "base", app)
+    new_file.replace(w / "b.tsv.held")  # the old run's folder again without b.tsv
+    run = app / "run"
+    seconds, r = timed(graphbuild.embed, app / "m.yaml", run, append=True)
+    nodes = json.loads((run / "run.json").read_text())["dataset"]["figures"]["nodes"]
+    print(f"embed --append: {new_rows:,} new caption rows, {nodes - emb['nodes']:,} new nodes; "
+          f"{r.texts_encoded:,} texts encoded in {r.seconds:.1f}s ({r.texts_per_s:.0f} "
+          f"texts/s), {seconds:.1f}s in all (prepare reads all {old_rows + new_rows:,} rows); "
+          f"{r.texts_encoded / emb['texts_encoded']:.3f} of the old run's texts, "
+          f"{r.seconds / emb['seconds']:.3f} of its encoding time")
+    update, _ = timed(graphbuild.knn, run, a.k, method="exact")
+    scratch = w / "rebuild"
+    shutil.rmtree(scratch, ignore_errors=True)
+    shutil.copytree(run, scratch)
+    shutil.rmtree(scratch / "graph")
+    shutil.rmtree(scratch / "_state" / "knn")
+    rebuild, _ = timed(graphbuild.knn, scratch, a.k, method="exact")
+    same = all((run / "graph" / f.name).read_bytes() == f.read_bytes()
+               for f in (scratch / "graph").iterdir() if f.is_file())
+    print(f"exact knn over {nodes:,} nodes: update {update:.1f}s, rebuild {rebuild:.1f}s: "
+          f"update/rebuild {update / rebuild:.3f} (goal <= 0.15); graphs byte-identical: {same}")
+    (w / "b.tsv.held").replace(new_file)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,244 @@
+"""The exact graph updated after an append, instead of rebuilt: same bytes, a fraction of the work.
+
+After `graphbuild embed --append`, the store holds the old rows unchanged, then new rows
+from row B (the base graph's node count, one of the store's `appended_at`). The exact top-k
+of the grown store is then, per row:
+
+- a new row (>= B): searched against all rows, as any exact search (exact.blocked_topk over
+  the shard's new rows, other rows plain columns);
+- an old row (< B): its top-k among old rows is its base list, unchanged. A new row can
+  enter it only by an exact sim above the list's k-th (at an equal sim the old, smaller id
+  wins), so the old rows are multiplied in half precision with the new columns alone, and
+  every pair whose score could reach the k-th sim within the error bound (exact.ErrorBound)
+  is scored exactly (`new_candidates`); the base list and those merge by sim descending,
+  ties by the smaller id, and the first k are its row.
+
+Exact sims are the exact dot products of the stored fp16 rows rounded once to fp32
+(exact.py), so a pair's sim is the same whichever search found it, and the merge gives the
+bytes a from-scratch exact search gives. Work: old x new products (one direction) plus new x
+all, against N x N / 2 for a rebuild.
+
+The base graph is set aside as RUN/graph-base (rundir.paths.RunDir.graph_base) by the first
+shard that starts the update, after checking it is whole (every part's footer holds the rows
+and edges its _meta.json gives); the old shard markers and parameters go. New parts are
+written to graph/ with the new layout and marked as any shard is (their markers record the
+grown store's provenance, so none vouches for the base or a half-merged part); graph/_meta.json
+comes only once every shard is done, then graph-base is removed.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+
+from graphbuild.errors import GraphbuildError
+from graphbuild.faults import kill_point
+from graphbuild.rundir.files import read_json
+from graphbuild.rundir.graph import part_problem, read_footer, read_row_group
+from graphbuild.rundir.paths import RunDir
+
+log = logging.getLogger(__name__)
+
+
+def plan_update(run: RunDir, params: dict, attrs: dict, overwrite: bool) -> int | None:
+    """The node count of the base graph this knn updates, or None for a build as usual.
+
+    Under the run lock: a finished update's leftover base is removed; an update under way is
+    resumed (other settings are refused, --overwrite drops it); a whole exact graph of the
+    same k over the first rows of an appended store is set aside as the base."""
+    from graphbuild.embedding.stage import APPENDED_AT
+
+    with run.lock():
+        meta = read_json(run.graph / "_meta.json")
+        if meta and meta.get("provenance") == params["provenance"]:
+            if run.graph_base.exists():
+                shutil.rmtree(run.graph_base)  # the update finished; its base outlived it
+            return None
+        base = read_json(run.graph_base / "_meta.json")
+        if base:
+            if overwrite:
+                shutil.rmtree(run.graph_base)
+                return None
+            problem = _unusable(base, params, attrs)
+            if problem:
+                raise GraphbuildError(f"{run.graph_base}: an update of the graph after an "
+                                      f"append is under way, but {problem}; rerun knn with its "
+                                      "settings, or pass --overwrite to rebuild the graph")
+            return base["n_nodes"]
+        if (not meta or overwrite or meta.get("n_nodes") not in attrs.get(APPENDED_AT, [])
+                or _unusable(meta, params, attrs) or _broken_part(run.graph, meta)):
+            return None
+        shutil.rmtree(run.state("knn"), ignore_errors=True)  # they vouch for the base
+        kill_point("knn.base_markers_removed")  # _meta.json still vouches for the base
+        run.graph.rename(run.graph_base)
+        kill_point("knn.base_set_aside")
+        log.info("updating the exact graph of %d nodes with the %d rows appended after them "
+                 "(the finished graph is kept in %s until the new one is whole)",
+                 meta["n_nodes"], attrs["n_nodes"] - meta["n_nodes"], run.graph_base)
+        return meta["n_nodes"]
+
+
+def _unusable(base: dict, params: dict, attrs: dict) -> str | None:
+    """Why the base graph cannot be updated into the graph asked for, or None."""
+    from graphbuild.embedding.stage import APPENDED_AT
+
+    if base.get("method") != "exact" or params["method"] != "exact":
+        return (f"only exact graphs are updated (the base is {base.get('method')}, "
+                f"{params['method']} is asked for)")
+    if base.get("k") != params["k"]:
+        return f"the base has k={base.get('k')}, k={params['k']} is asked for"
+    if base.get("n_nodes") not in attrs.get(APPENDED_AT, []):
+        return f"its {base.get('n_nodes')} nodes are not where an append began"
+    then = {**(base.get("provenance") or {}), "n_nodes": params["provenance"]["n_nodes"]}
+    if then != params["provenance"]:
+        return "it was built from embeddings of another provenance"
+    return None
+
+
+def _broken_part(folder: Path, meta: dict) -> str | None:
+    for p in meta.get("parts", []):
+        problem = part_problem(folder / p["file"], p["first"], p["stop"], p["edges"],
+                               meta["n_nodes"])
+        if problem:
+            return f"{folder / p['file']}: {problem}"
+    return None
+
+
+def base_lists(run: RunDir, lo: int, hi: int, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """(ids int64, sims float32), shape (hi - lo, k): rows lo..hi-1 of the base graph, read
+    from the parts that hold them (page checksums verified, nodes and lengths checked)."""
+    meta = read_json(run.graph_base / "_meta.json")
+    problem = _broken_part(run.graph_base, meta)
+    if problem:
+        raise GraphbuildError(f"{problem}; the base graph of this update is damaged: pass "
+                              "--overwrite to rebuild the graph")
+    ids = np.empty((hi - lo, k), np.int64)
+    sims = np.empty((hi - lo, k), np.float32)
+    for part in meta["parts"]:
+        if part["stop"] <= lo or part["first"] >= hi:
+            continue
+        path = run.graph_base / part["file"]
+        row = part["first"]
+        for g in range(read_footer(path).num_row_groups):
+            t = read_row_group(path, g)
+            count = t.num_rows
+            a, b = max(row, lo), min(row + count, hi)
+            if a < b:
+                _copy_rows(path, t, row, a, b, k, ids[a - lo:b - lo], sims[a - lo:b - lo])
+            row += count
+    return ids, sims
+
+
+def _copy_rows(path: Path, t, row: int, a: int, b: int, k: int, ids: np.ndarray,
+               sims: np.ndarray) -> None:
+    """Rows a..b-1 of a row group starting at `row` into ids and sims, checked."""
+    nodes = t.column("node").to_numpy()[a - row:b - row]
+    nb = t.column("neighbors").combine_chunks().slice(a - row, b - a)
+    sm = t.column("sims").combine_chunks().slice(a - row, b - a)
+    lengths = np.diff(nb.offsets.to_numpy())
+    if not np.array_equal(nodes, np.arange(a, b)) or (lengths != k).any():
+        raise GraphbuildError(f"{path}: rows {a}..{b - 1} are not those nodes with {k} "
+                              "neighbours each; pass --overwrite to rebuild the graph")
+    ids[:] = nb.flatten().to_numpy().reshape(b - a, k)
+    sims[:] = sm.flatten().to_numpy().reshape(b - a, k)
+
+
+def merge_lists(ids_a: np.ndarray, sims_a: np.ndarray, ids_b: np.ndarray, sims_b: np.ndarray,
+                k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Per row, the first k of both lists by sim descending, then id ascending."""
+    ids = np.concatenate([ids_a.astype(np.int64), ids_b.astype(np.int64)], axis=1)
+    sims = np.concatenate([sims_a, sims_b], axis=1)
+    order = np.lexsort((ids, -sims), axis=1)[:, :k]
+    return np.take_along_axis(ids, order, 1), np.take_along_axis(sims, order, 1)
+
+
+SCORES_PER_BLOCK = 1 << 26  # half-precision scores held at once by new_candidates (128 MiB)
+
+
+def new_candidates(x16: np.ndarray, rows: range, cols: range, floor: np.ndarray, bound,
+                   device: str, block_rows: int) -> tuple[np.ndarray, np.ndarray]:
+    """(row positions in `rows`, column ids) of every pair whose exact score could reach the
+    row's `floor` (its base list's k-th sim), among the columns `cols` alone.
+
+    Per block of rows, one half-precision product with all of `cols` (the appended rows; the
+    block shrinks so it holds at most SCORES_PER_BLOCK scores). A computed score v stands for
+    an exact score of at most v + b(v) (exact.ErrorBound), so a pair is kept when that reaches
+    the floor; the comparison is made in the compute type against the threshold rounded down
+    by more than its rounding error. A new column scoring below a row's floor cannot enter
+    its list (at an equal score the old, smaller id wins), so nothing else can matter."""
+    import torch
+
+    from graphbuild.graph.exact import THRESHOLD_SLACK, half_dtype, pick_half
+
+    dtype, dev = half_dtype(pick_half(device)), torch.device(device)
+
+    def half(lo: int, hi: int):
+        return torch.from_numpy(x16[lo:hi]).to(dev).float().to(dtype)
+
+    low = np.asarray(floor, np.float64) - bound.absolute
+    thr = np.where(low >= 0, low / (1 + bound.relative), low / (1 - bound.relative))
+    # below thr by more than a half-precision rounding of values of magnitude <= 2
+    thr = torch.from_numpy(thr - THRESHOLD_SLACK - 2.0 ** -7).to(dev).to(dtype)
+    xc = half(cols.start, cols.stop)
+    step = max(1, min(block_rows, SCORES_PER_BLOCK // len(cols)))
+    found_rows, found_cols = [], []
+    for lo in range(rows.start, rows.stop, step):
+        hi = min(lo + step, rows.stop)
+        s = half(lo, hi) @ xc.T
+        rr, cc = (s >= thr[lo - rows.start:hi - rows.start, None]).nonzero(as_tuple=True)
+        found_rows.append(rr.cpu().numpy() + (lo - rows.start))
+        found_cols.append(cc.cpu().numpy() + cols.start)
+    return np.concatenate(found_rows), np.concatenate(found_cols)
+
+
+def merged_with_new(x16: np.ndarray, rows: range, base_ids: np.ndarray, base_sims: np.ndarray,
+                    pair_rows: np.ndarray, pair_cols: np.ndarray,
+                    k: int) -> tuple[np.ndarray, np.ndarray]:
+    """The rows' base lists merged with their new candidates scored exactly: per row the
+    first k by sim descending, then id ascending."""
+    from graphbuild.graph.exact import _exact_dots_of_rows
+
+    sims = _exact_dots_of_rows(x16, np.arange(rows.start, rows.stop), pair_rows, pair_cols)
+    per_row = np.bincount(pair_rows, minlength=len(rows))
+    width = int(per_row.max()) if len(pair_rows) else 0
+    ids = np.full((len(rows), width), np.iinfo(np.int64).max, np.int64)
+    new_sims = np.full((len(rows), width), -np.inf, np.float32)
+    order = np.argsort(pair_rows, kind="stable")
+    slot = np.arange(len(order)) - np.repeat(np.cumsum(per_row) - per_row, per_row)
+    ids[pair_rows[order], slot] = pair_cols[order]
+    new_sims[pair_rows[order], slot] = sims[order]
+    return merge_lists(base_ids, base_sims, ids, new_sims, k)
+
+
+def update_blocks(run: RunDir, x16: np.ndarray, k: int, rows: range, base_n: int,
+                  block_rows: int, device: str | None,
+                  reporter) -> Iterator[tuple[int, np.ndarray, np.ndarray]]:
+    """The shard's rows of the updated graph, (first row, ids, sims) in row order."""
+    from graphbuild.graph.exact import blocked_topk, default_device, error_bound, pick_half
+
+    device = device or default_device()
+    n = len(x16)
+    old, new = range(rows.start, min(rows.stop, base_n)), range(max(rows.start, base_n),
+                                                               rows.stop)
+    if len(old):
+        bound = error_bound(x16, pick_half(device))
+        base_ids, base_sims = base_lists(run, old.start, old.stop, k)
+        for lo in range(old.start, old.stop, block_rows):
+            hi = min(lo + block_rows, old.stop)
+            at = slice(lo - old.start, hi - old.start)
+            pairs = new_candidates(x16, range(lo, hi), range(base_n, n), base_sims[at, -1],
+                                   bound, device, block_rows)
+            ids, sims = merged_with_new(x16, range(lo, hi), base_ids[at], base_sims[at],
+                                        *pairs, k)
+            reporter.advance(hi - lo)
+            kill_point("knn.update_block_merged")
+            yield lo, ids, sims
+    if len(new):
+        ids, sims = blocked_topk(x16, k, new, block_rows=block_rows, device=device,
+                                 on_progress=reporter.advance)
+        for lo in range(0, len(new), block_rows):
+            yield new.start + lo, ids[lo:lo + block_rows], sims[lo:lo + block_rows]
