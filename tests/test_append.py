@@ -84,7 +84,10 @@ def chunk_files(out: Path) -> dict[str, bytes]:
 
 
 def graph_files(out: Path) -> dict[str, bytes]:
-    return {p.name: p.read_bytes() for p in (out / "graph").glob("*") if p.is_file()}
+    """The graph's parts and _meta.json, and its row moments' (graph/_moments)."""
+    graph = out / "graph"
+    return {p.relative_to(graph).as_posix(): p.read_bytes()
+            for p in (*graph.glob("*"), *(graph / "_moments").glob("*")) if p.is_file()}
 
 
 @pytest.mark.parametrize("old_shards,new_shards", [(1, 1), (3, 3), (1, 3)])
@@ -97,7 +100,7 @@ def test_append_gives_the_from_scratch_run(world, tmp_path, old_shards, new_shar
         assert (out / table).read_bytes() == (ref / table).read_bytes(), table
     assert chunk_files(out) == chunk_files(ref)
     got, want = graph_files(out), graph_files(ref)
-    assert sorted(got) == sorted(want) and len(got) == new_shards + 1
+    assert sorted(got) == sorted(want) and len(got) == 2 * (new_shards + 1)
     assert [name for name in want if got[name] != want[name]] == []
     assert not (out / "graph-base").exists()
     info = graphbuild.rundir.paths.RunDir(out).read_run()
