@@ -94,7 +94,12 @@ def race(trees: dict[str, Path], workdir: Path, reps: int) -> dict[tuple[str, st
         for name, (args, reset) in commands(manifest, run, workdir / label.replace(" ", "_")
                                             ).items():
             reset()
-            cli(tree, args)  # warm-up: numba's kernel cache in this tree, the page cache
+            # Warm-up (numba's kernel cache in this tree, the page cache), which also tells
+            # what the command imports: unlike its time, that does not depend on the load.
+            p = cli(tree, args, ["-X", "importtime"])
+            modules = p.stderr.count("import time:") - 1
+            heavy = ", ".join(pkg for pkg, _ in import_breakdown(p.stderr))
+            print(f"  {label:40s} {name:22s} imports {modules:5d} modules; of the heavy: {heavy}")
             cases[(label, name)] = ([sys.executable, "-m", "graphbuild", *args], reset, env)
     best = {key: float("inf") for key in cases}
     for _ in range(reps):
