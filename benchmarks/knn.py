@@ -163,14 +163,14 @@ def derived_vectors(x16: np.ndarray, nn_sim: np.ndarray, n_out: int, frac: float
 def write_store(run: Path, x16: np.ndarray, attrs: dict) -> None:
     """An embeddings.zarr as the embed stage leaves it (its own store format, chunks marked
     done)."""
-    from graphbuild.embedding.stage import _open_store
+    from graphbuild.embedding.stage import _open_for_writing
     from graphbuild.rundir.files import mark_done
     from graphbuild.rundir.paths import RunDir
 
     if run.exists():
         shutil.rmtree(run)
     chunk = 8192
-    arr = _open_store(RunDir(run), {**attrs, "n_nodes": len(x16)}, chunk)
+    arr = _open_for_writing(RunDir(run), {**attrs, "n_nodes": len(x16)}, chunk)
     for lo in range(0, len(x16), chunk * 8):
         arr[lo:lo + chunk * 8] = x16[lo:lo + chunk * 8]
     for c in range(-(-len(x16) // chunk)):

@@ -49,6 +49,7 @@ import logging
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -56,14 +57,14 @@ from graphbuild import options
 from graphbuild.errors import GraphbuildError
 from graphbuild.faults import kill_point
 from graphbuild.memory import return_freed_memory
-from graphbuild.prepare.manifest import Dataset
-from graphbuild.prepare.stage import _apply_refresh, _prepare
-from graphbuild.prepare.texts import read_node_texts
 from graphbuild.progress import Reporter
 from graphbuild.rundir.files import is_done, mark_done, marker, read_json, write_json
 from graphbuild.rundir.paths import PROVENANCE_KEYS, RunDir
 from graphbuild.rundir.store import StoredRows, StoreError, unit_norm_misses
 from graphbuild.shards import shard_name, shard_range
+
+if TYPE_CHECKING:
+    from graphbuild.prepare.manifest import Dataset
 
 log = logging.getLogger(__name__)
 APPENDED_AT = "appended_at"  # store attribute: the first row of each append, in order
@@ -177,8 +178,11 @@ def _embed_rows(encoder, texts: list[str], templates: list[str], on_batch) -> np
 def embed_shard(ds: Dataset, out: str | Path, shard: int = 0, num_shards: int = 1,
                 config: EmbedConfig | None = None, reporter: Reporter | None = None) -> ShardResult:
     """Embed the chunks that shard `shard` of `num_shards` owns. Safe to rerun."""
+    # prepare (polars) is imported here, not at the top: knn imports this module for
+    # embeddings_status and reads no tables.
     from graphbuild.embedding.encode import TextEncoder, pick_device, pick_precision
     from graphbuild.embedding.models import load_sentence_transformer, resolve_model
+    from graphbuild.prepare.stage import _prepare
 
     config = config or EmbedConfig()
     options.embed_options(config.chunk_rows, config.token_budget, config.precision,
@@ -244,6 +248,8 @@ def _encode_chunks(run: RunDir, arr, todo: list[int], encoder, templates: list[s
     return the texts encoded. A chunk is encoded from its own texts alone, in segments split
     where an append began (APPENDED_AT), so a chunk an append grew keeps its old rows' bits;
     a segment its file holds already (`_encoded`) is kept, not encoded again."""
+    from graphbuild.prepare.texts import read_node_texts
+
     rows_per_chunk, n_nodes = arr.chunks[0], arr.shape[0]
     starts = arr.attrs.get(APPENDED_AT, [])
     plan = {}  # chunk -> its segments, and its rows as stored where an append split it
@@ -344,6 +350,8 @@ def _record_stage(run: RunDir, figures: dict, provenance: dict, result: ShardRes
                   refreshed: dict) -> None:
     """Fold this shard into run.json (with the dataset record's refreshed entries, see
     _prepare); the stage is 'done' once every chunk is."""
+    from graphbuild.prepare.stage import _apply_refresh
+
     shard_stats = [read_json(p) for p in sorted(run.state("embed").glob("shard-*.done"))]
     seconds = sum(s.get("seconds", 0.0) for s in shard_stats)
     encoded = sum(s.get("texts_encoded", 0) for s in shard_stats)

@@ -1,0 +1,405 @@
+"""kNN-graph race: graphbuild's exact and approximate knn against the peers a user would pick.
+
+Every method builds the top-32 graph of every row (self excluded) with 2 threads, in a child
+process of its own (so its peak RSS, VmHWM, is its own):
+
+  faiss IndexFlatIP        exact, the brute-force baseline (fp32)
+  graphbuild exact         knn_shard(method="exact"), as `graphbuild knn` runs it
+  graphbuild approximate   knn_shard(method="approximate"): its own IVF lists, tuned to 0.95
+  hnswlib, usearch, faiss HNSW   HNSW graphs: one build, then efSearch swept upwards
+  faiss IVF                IndexIVFFlat, faiss's per-query search, nprobe swept upwards
+  faiss big_batch_search   the same IVF index, queries grouped by list (faiss.contrib)
+  pynndescent              NN-descent's own kNN graph; n_neighbors swept (a build each)
+
+Recall@32 of every method is measured on all rows against graphbuild exact's graph (whose ids
+equal brute force). For an approximate peer the sweep stops at the first setting reaching
+recall 0.95 and the cheapest such setting (build + search) is reported. Build settings are
+the libraries' usual ones (HNSW M=16, ef_construction 100; IVF 4*sqrt(N) lists, rounded to a
+power of two). pynndescent is warmed up first on 2,000 rows (it compiles itself in each
+process); graphbuild's kernels come from numba's on-disk cache. Asserts nothing about timings.
+
+Data: the ~90k real captions of benchmarks/knn.py (its --workdir store, embedded once), or
+--derived N rows made from them by knn.derived_vectors (real rows plus noise at half the
+nearest-neighbour distance).
+
+    python benchmarks/peers.py [--source /tmp/graphbuild-bench] [--workdir /tmp/gb-peers]
+                               [--derived 250000] [--only hnswlib,usearch]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+K = 32
+THREADS = 2
+TARGET = 0.95
+EF_SWEEP = [40, 64, 96, 128, 192, 256, 384, 512, 768]
+NPROBE_SWEEP = [8, 16, 24, 32, 48, 64, 96, 128, 192, 256]
+NNDESCENT_SWEEP = [33, 48, 64, 96]
+
+
+def peak_gib() -> float:
+    """VmHWM: this process's own peak (ru_maxrss would carry the parent's over fork/exec)."""
+    with open("/proc/self/status") as f:
+        kib = next(int(line.split()[1]) for line in f if line.startswith("VmHWM"))
+    return kib / 2**20
+
+
+def recall(found: np.ndarray, exact: np.ndarray) -> float:
+    """Mean over rows of |found ∩ exact| / K (rows hold distinct ids)."""
+    hits = 0
+    for lo in range(0, len(exact), 8192):
+        f, e = found[lo:lo + 8192], exact[lo:lo + 8192]
+        hits += int((f[:, :, None] == e[:, None, :]).any(axis=2).sum())
+    return hits / exact.size
+
+
+def drop_self(ids: np.ndarray) -> np.ndarray:
+    """K+1 neighbours a row (the row itself among them, usually first) to K, self removed."""
+    rows = np.arange(len(ids))[:, None]
+    keep = ids != rows
+    keep[keep.sum(axis=1) > K, -1] = False  # self not found: drop the last instead
+    return ids[keep].reshape(len(ids), K)
+
+
+# ---- children: each runs one method and prints one JSON line -------------------------------
+
+def _faiss():
+    sys.path.insert(0, str(REPO))
+    from graphbuild.graph.faiss_loader import load_faiss  # sets OPENBLAS_CORETYPE first
+
+    faiss = load_faiss()
+    faiss.omp_set_num_threads(THREADS)
+    return faiss
+
+
+def _sweep(search, settings, exact):
+    """Search every row at each setting, upwards, until recall reaches TARGET."""
+    out = []
+    for s in settings:
+        t0 = time.perf_counter()
+        ids = search(s)
+        seconds = time.perf_counter() - t0
+        out.append({"setting": s, "search_s": seconds, "recall": recall(drop_self(ids), exact)})
+        print(json.dumps({"progress": out[-1]}), file=sys.stderr, flush=True)
+        if out[-1]["recall"] >= TARGET:
+            break
+    return out
+
+
+def child_faiss_flat(x, exact, _):
+    faiss = _faiss()
+    t0 = time.perf_counter()
+    index = faiss.IndexFlatIP(x.shape[1])
+    index.add(x)
+    build = time.perf_counter() - t0
+    return {"build_s": build, "sweep": _sweep(lambda s: index.search(x, K + 1)[1],
+                                              ["-"], exact)}
+
+
+def child_hnswlib(x, exact, params):
+    import hnswlib
+
+    t0 = time.perf_counter()
+    index = hnswlib.Index(space="ip", dim=x.shape[1])
+    index.init_index(max_elements=len(x), M=params["M"], ef_construction=params["efc"])
+    index.add_items(x, np.arange(len(x)), num_threads=THREADS)
+    build = time.perf_counter() - t0
+
+    def search(ef):
+        index.set_ef(ef)
+        return index.knn_query(x, k=K + 1, num_threads=THREADS)[0].astype(np.int64)
+    return {"build_s": build, "sweep": _sweep(search, EF_SWEEP, exact)}
+
+
+def child_usearch(x, exact, params):
+    from usearch.index import Index
+
+    t0 = time.perf_counter()
+    index = Index(ndim=x.shape[1], metric="ip", dtype="f32", connectivity=params["M"],
+                  expansion_add=params["efc"])
+    index.add(np.arange(len(x)), x, threads=THREADS)
+    build = time.perf_counter() - t0
+
+    def search(ef):
+        index.expansion_search = ef
+        return index.search(x, K + 1, threads=THREADS).keys.astype(np.int64)
+    return {"build_s": build, "sweep": _sweep(search, EF_SWEEP, exact)}
+
+
+def child_faiss_hnsw(x, exact, params):
+    faiss = _faiss()
+    t0 = time.perf_counter()
+    index = faiss.IndexHNSWFlat(x.shape[1], params["M"], faiss.METRIC_INNER_PRODUCT)
+    index.hnsw.efConstruction = params["efc"]
+    index.add(x)
+    build = time.perf_counter() - t0
+
+    def search(ef):
+        index.hnsw.efSearch = ef
+        return index.search(x, K + 1)[1]
+    return {"build_s": build, "sweep": _sweep(search, EF_SWEEP, exact)}
+
+
+def _ivf(faiss, x, nlist):
+    quantizer = faiss.IndexFlatIP(x.shape[1])
+    index = faiss.IndexIVFFlat(quantizer, x.shape[1], nlist, faiss.METRIC_INNER_PRODUCT)
+    index.train(x)
+    index.add(x)
+    return index
+
+
+def child_faiss_ivf(x, exact, params):
+    faiss = _faiss()
+    t0 = time.perf_counter()
+    index = _ivf(faiss, x, params["nlist"])
+    build = time.perf_counter() - t0
+
+    def search(nprobe):
+        index.nprobe = nprobe
+        return index.search(x, K + 1)[1]
+    return {"build_s": build, "sweep": _sweep(search, NPROBE_SWEEP, exact)}
+
+
+def child_faiss_bbs(x, exact, params):
+    from faiss.contrib.big_batch_search import big_batch_search
+
+    faiss = _faiss()
+    t0 = time.perf_counter()
+    index = _ivf(faiss, x, params["nlist"])
+    build = time.perf_counter() - t0
+
+    def search(nprobe):
+        index.nprobe = nprobe
+        return big_batch_search(index, x, K + 1, threaded=0)[1]
+    return {"build_s": build, "sweep": _sweep(search, NPROBE_SWEEP, exact)}
+
+
+def child_pynndescent(x, exact, params):
+    """One setting a child: NN-descent's graph is its build; there is no separate search."""
+    from pynndescent import NNDescent
+
+    # pynndescent compiles much of itself when first called in a process: warm it up on a few
+    # rows, untimed, so the figure is its steady-state cost.
+    warm = NNDescent(x[:2000], metric="dot", n_neighbors=params["n_neighbors"],
+                     n_jobs=THREADS, random_state=0, low_memory=True, compressed=True)
+    warm.neighbor_graph  # noqa: B018  (built by the constructor; read like the timed run)
+    t0 = time.perf_counter()
+    nnd = NNDescent(x, metric="dot", n_neighbors=params["n_neighbors"], n_jobs=THREADS,
+                    random_state=0, low_memory=True, compressed=True)
+    ids, _ = nnd.neighbor_graph
+    build = time.perf_counter() - t0
+    ids = drop_self(ids[:, :K + 1].astype(np.int64))
+    return {"build_s": build, "sweep": [{"setting": params["n_neighbors"], "search_s": 0.0,
+                                         "recall": recall(ids, exact)}]}
+
+
+def child_graphbuild(run: Path, exact_path: Path, method: str):
+    import logging
+
+    sys.path.insert(0, str(REPO))
+    import torch
+
+    torch.set_num_threads(THREADS)
+    from graphbuild.graph.stage import knn_shard
+
+    seen = []
+
+    class Builds(logging.Handler):  # the index build's own log line: "(train Xs, add|assign Ys)"
+        def emit(self, record):
+            msg = record.getMessage()
+            if msg.startswith("built ") and "(train " in msg:
+                parts = msg.rsplit("(", 1)[1].rstrip(")").split(",")
+                seen.append(sum(float(p.split()[-1].rstrip("s")) for p in parts))
+
+    logging.getLogger("graphbuild").addHandler(Builds())
+    logging.getLogger("graphbuild").setLevel(logging.INFO)
+    shutil.rmtree(run / "graph", ignore_errors=True)
+    shutil.rmtree(run / "_state" / "knn", ignore_errors=True)
+    t0 = time.perf_counter()
+    r = knn_shard(run, K, method=method, overwrite=True)
+    total = time.perf_counter() - t0
+    from graphbuild.rundir.graph import read_graph_csr
+
+    indptr, ind, _ = read_graph_csr(run)
+    ids = ind.reshape(len(indptr) - 1, -1).astype(np.int64)
+    if method == "exact" and not exact_path.exists():
+        np.save(exact_path, ids)
+    build = sum(seen)
+    setting = "-" if r.nprobe is None else f"nprobe {r.nprobe}"
+    return {"build_s": build, "sweep": [{"setting": setting, "search_s": total - build,
+                                         "recall": recall(ids, np.load(exact_path))}]}
+
+
+CHILDREN = {"faiss IndexFlatIP": child_faiss_flat, "hnswlib": child_hnswlib,
+            "usearch": child_usearch, "faiss HNSW": child_faiss_hnsw,
+            "faiss IVF": child_faiss_ivf, "faiss big_batch_search": child_faiss_bbs,
+            "pynndescent": child_pynndescent}
+
+
+def child_main(method: str, workdir: Path, params: dict) -> None:
+    os.environ.setdefault("NUMBA_NUM_THREADS", str(THREADS))
+    if method.startswith("graphbuild"):
+        out = child_graphbuild(workdir / "run", workdir / "exact_ids.npy", method.split()[1])
+    else:
+        x = np.load(workdir / "x32.npy")
+        out = CHILDREN[method](x, np.load(workdir / "exact_ids.npy"), params)
+    print(json.dumps({**out, "peak_gib": peak_gib()}))
+
+
+# ---- parent ---------------------------------------------------------------------------------
+
+def run_child(method: str, workdir: Path, params: dict | None = None) -> dict:
+    env = {**os.environ, "OMP_NUM_THREADS": str(THREADS), "NUMBA_NUM_THREADS": str(THREADS),
+           "PYTHONPATH": str(REPO)}
+    p = subprocess.run([sys.executable, __file__, "--child", method, "--workdir", str(workdir),
+                        "--params", json.dumps(params or {}),
+                        "--sweep-from", str(min(EF_SWEEP + NPROBE_SWEEP + NNDESCENT_SWEEP))], capture_output=True, text=True,
+                       env=env, check=False, cwd=REPO)
+    if p.returncode:
+        print(f"  {method} {params}: child failed ({p.returncode}):\n{p.stderr[-2000:]}")
+        return {}
+    return json.loads(p.stdout.strip().splitlines()[-1])
+
+
+def prepare(source: Path, workdir: Path, derived: int | None, limit: int | None) -> int:
+    """workdir/run: a copy of the source run's store (or a derived one); x32.npy beside it."""
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    sys.path.insert(0, str(REPO))
+    import knn as knn_bench
+
+    workdir.mkdir(parents=True, exist_ok=True)
+    real = knn_bench.embedded_run(source)
+    run = workdir / "run"
+    if derived:
+        x16 = knn_bench.load_x16(real)
+        nn_sim = np.load(workdir.parent / "real_nn_sim.npy")
+        x = knn_bench.derived_vectors(x16, nn_sim, derived, 0.5)
+        attrs = json.loads((real / "embeddings.zarr" / "zarr.json").read_text())["attributes"]
+        knn_bench.write_store(run, x, attrs)
+    elif limit:  # a smoke test of this script on the first rows
+        x = knn_bench.load_x16(real)[:limit]
+        attrs = json.loads((real / "embeddings.zarr" / "zarr.json").read_text())["attributes"]
+        knn_bench.write_store(run, x, attrs)
+    else:
+        if run.exists():
+            shutil.rmtree(run)
+        shutil.copytree(real, run, ignore=shutil.ignore_patterns("graph", "knn", ".lock"))
+        x = knn_bench.load_x16(run)
+    np.save(workdir / "x32.npy", x.astype(np.float32))
+    return len(x)
+
+
+def settings(method: str, n: int) -> list[dict]:
+    nlist = 1 << round(float(np.log2(4 * np.sqrt(n))))
+    if method in ("hnswlib", "usearch", "faiss HNSW"):
+        return [{"M": 16, "efc": 100}]
+    if method in ("faiss IVF", "faiss big_batch_search"):
+        return [{"nlist": nlist}]
+    if method == "pynndescent":
+        return [{"n_neighbors": m} for m in NNDESCENT_SWEEP]
+    return [{}]
+
+
+def describe(method: str, params: dict, setting) -> str:
+    if method in ("hnswlib", "usearch", "faiss HNSW"):
+        return f"M={params['M']} ef_construction={params['efc']} ef={setting}"
+    if method in ("faiss IVF", "faiss big_batch_search"):
+        return f"nlist={params['nlist']} nprobe={setting}"
+    if method == "pynndescent":
+        return f"n_neighbors={setting}"
+    return str(setting)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--child")
+    ap.add_argument("--params", default="{}")
+    ap.add_argument("--source", type=Path, default=Path("/tmp/graphbuild-bench"),
+                    help="benchmarks/knn.py's --workdir: the embedded real captions")
+    ap.add_argument("--workdir", type=Path, default=Path("/tmp/gb-peers"))
+    ap.add_argument("--derived", type=int, help="rows derived from the real ones")
+    ap.add_argument("--limit", type=int, help="only the first rows of the real set (a smoke "
+                    "test of this script)")
+    ap.add_argument("--only", help="comma-separated methods (graphbuild exact runs too, "
+                    "unless --resume finds its graph)")
+    ap.add_argument("--resume", action="store_true",
+                    help="reuse the workdir's data and exact graph from an earlier run")
+    ap.add_argument("--sweep-from", type=float, default=0,
+                    help="start the swept parameter (ef, nprobe, n_neighbors) at this value")
+    args = ap.parse_args()
+    for sweep in (EF_SWEEP, NPROBE_SWEEP, NNDESCENT_SWEEP):
+        sweep[:] = [v for v in sweep if v >= args.sweep_from]
+    if args.child:
+        return child_main(args.child, args.workdir, json.loads(args.params))
+
+    work = args.workdir / (f"derived-{args.derived}" if args.derived else "real")
+    if args.resume and (work / "exact_ids.npy").exists():
+        n = len(np.load(work / "exact_ids.npy", mmap_mode="r"))
+    else:
+        if work.exists():
+            shutil.rmtree(work)
+        n = prepare(args.source, work, args.derived, args.limit)
+    what = (f"derived set (real rows + noise at half the nearest-neighbour distance), N={n:,}"
+            if args.derived else f"real captions, N={n:,}")
+    print(f"== {what}; k={K}, {THREADS} threads; load average {os.getloadavg()[0]:.1f} "
+          f"on {os.cpu_count()} cores (shared host)")
+    methods = ["graphbuild exact", "graphbuild approximate", *CHILDREN]
+    if args.only:
+        methods = ["graphbuild exact", *[m for m in methods if m in args.only.split(",")]]
+    if args.resume and (work / "exact_ids.npy").exists():
+        methods.remove("graphbuild exact")
+    rows = []
+    for method in methods:
+        best = None
+        for params in settings(method, n):
+            out = run_child(method, work, params)
+            if not out:
+                continue
+            for s in out["sweep"]:
+                total = out["build_s"] + s["search_s"]
+                print(f"  {method:24s} {describe(method, params, s['setting']):40s} build "
+                      f"{out['build_s']:7.1f}s search {s['search_s']:7.1f}s recall@{K} "
+                      f"{s['recall']:.4f} peak RSS {out['peak_gib']:.2f} GiB", flush=True)
+                row = (method, describe(method, params, s["setting"]), out["build_s"],
+                       s["search_s"], total, s["recall"], out["peak_gib"])
+                if s["recall"] >= TARGET and (best is None or total < best[4]):
+                    best = row
+            if best is not None and method == "pynndescent":
+                break  # the sweep goes upwards in cost: the first that reaches is the cheapest
+        if method == "graphbuild exact" and not args.derived and not args.limit:
+            x16 = np.load(work / "x32.npy")
+            ids = np.load(work / "exact_ids.npy")
+            sims = np.einsum("ij,ij->i", x16, x16[ids[:, 0]])
+            np.save(args.workdir / "real_nn_sim.npy", sims)  # for --derived runs
+        rows.append(best or (method, "recall 0.95 not reached", *[float("nan")] * 5))
+    print(f"\n| method | parameters | build s | search s | total s | recall@{K} | peak RSS GiB |")
+    print("|---|---|---:|---:|---:|---:|---:|")
+    for m, p, b, s, t, r, g in rows:
+        print(f"| {m} | {p} | {b:.1f} | {s:.1f} | {t:.1f} | {r:.4f} | {g:.2f} |")
+    fastest_peer = min((r for r in rows if not r[0].startswith("graphbuild")
+                        and r[0] != "faiss IndexFlatIP" and r[4] == r[4]),
+                       key=lambda r: r[4], default=None)
+    by = {r[0]: r for r in rows if r[4] == r[4]}  # rows that reached the target
+    if fastest_peer and "graphbuild approximate" in by:
+        ours = by["graphbuild approximate"][4]
+        print(f"graphbuild approximate vs the fastest approximate peer ({fastest_peer[0]}): "
+              f"{fastest_peer[4] / ours:.2f}x")
+    if "faiss IndexFlatIP" in by and "graphbuild exact" in by:
+        print(f"graphbuild exact vs faiss IndexFlatIP: "
+              f"{by['faiss IndexFlatIP'][4] / by['graphbuild exact'][4]:.2f}x")
+    print(f"load average {os.getloadavg()[0]:.1f} at the end")
+
+
+if __name__ == "__main__":
+    main()
