@@ -96,26 +96,27 @@ def write_part(out: str | Path, shard: int, rows: range, n_nodes: int,
     return edges
 
 
-def _first_line(e: BaseException) -> str:
+def first_line(e: BaseException) -> str:
     return (str(e).strip().splitlines() or [type(e).__name__])[0]
 
 
-def part_problem(path: Path, first: int, stop: int, edges: int, n_nodes: int) -> str | None:
-    """What is wrong with a part that should hold rows first..stop-1 and `edges` edges, or
-    None. Reads only the footer: the schema, the row count, each row group's node range (its
-    min and max statistics) and the neighbour count, so checking a shard costs no data reads."""
+def footer_problem(path: Path, want: pa.Schema, what: str, first: int,
+                   stop: int) -> tuple[str | None, pq.FileMetaData | None]:
+    """(what is wrong, None) with a Parquet part that should hold nodes first..stop-1 sorted,
+    in `want`'s schema, or (None, its footer). Reads only the footer: the schema, the row
+    count and each row group's node range (the first column's min and max statistics)."""
     if not path.is_file():
-        return "missing"
+        return "missing", None
     try:
         md = pq.ParquetFile(path).metadata
-        have_schema = md.schema.to_arrow_schema()
+        have = md.schema.to_arrow_schema()
     except (OSError, pa.ArrowException) as e:
-        return f"unreadable ({_first_line(e)})"
-    if not have_schema.equals(schema(n_nodes)):
-        return f"schema {have_schema.to_string(show_schema_metadata=False)!r} is not a graph part's"
+        return f"unreadable ({first_line(e)})", None
+    if not have.equals(want):
+        return f"schema {have.to_string(show_schema_metadata=False)!r} is not {what}", None
     if md.num_rows != stop - first:
-        return f"holds {md.num_rows} rows, not the {stop - first} of nodes {first}..{stop - 1}"
-    row, values = first, 0
+        return f"holds {md.num_rows} rows, not the {stop - first} of nodes {first}..{stop - 1}", None
+    row = first
     for g in range(md.num_row_groups):
         group = md.row_group(g)
         stats = group.column(0).statistics
@@ -123,10 +124,20 @@ def part_problem(path: Path, first: int, stop: int, edges: int, n_nodes: int) ->
         if rows and (stats is None or not stats.has_min_max
                      or (stats.min, stats.max) != (row, row + rows - 1)):
             got = "no statistics" if stats is None or not stats.has_min_max else (
-                f"nodes {stats.min}..{stats.max}")
-            return f"row group {g} holds {got}, not nodes {row}..{row + rows - 1}"
+                f"it holds {stats.min}..{stats.max}")
+            return f"row group {g} does not hold nodes {row}..{row + rows - 1} ({got})", None
         row += rows
-        values += group.column(1).num_values
+    return None, md
+
+
+def part_problem(path: Path, first: int, stop: int, edges: int, n_nodes: int) -> str | None:
+    """What is wrong with a graph part that should hold rows first..stop-1 and `edges` edges,
+    or None. Reads only the footer (footer_problem, then the neighbour count), so checking a
+    shard costs no data reads."""
+    problem, md = footer_problem(path, schema(n_nodes), "a graph part's", first, stop)
+    if problem is not None:
+        return problem
+    values = sum(md.row_group(g).column(1).num_values for g in range(md.num_row_groups))
     if values != edges:
         return f"holds {values} neighbours, not {edges}"
     return None
@@ -191,7 +202,7 @@ def _check_node_count(out: str | Path, meta: dict) -> None:
     try:
         n = pq.ParquetFile(nodes).metadata.num_rows
     except (OSError, pa.ArrowException) as e:
-        raise GraphbuildError(f"{nodes}: cannot read nodes table: {_first_line(e)}") from None
+        raise GraphbuildError(f"{nodes}: cannot read nodes table: {first_line(e)}") from None
     if n != meta.get("n_nodes"):
         raise GraphbuildError(f"{meta_path(out)}: built over {meta.get('n_nodes')} nodes, "
                               f"{nodes} holds {n}; rebuild the graph")
@@ -244,7 +255,7 @@ def read_footer(path: Path) -> pq.FileMetaData:
     try:
         return pq.ParquetFile(path).metadata
     except (OSError, pa.ArrowException) as e:
-        raise GraphbuildError(f"{path}: cannot read graph part: {_first_line(e)}") from None
+        raise GraphbuildError(f"{path}: cannot read graph part: {first_line(e)}") from None
 
 
 def row_group_count(path: Path) -> int:
@@ -257,7 +268,7 @@ def read_row_group(path: Path, g: int) -> pa.Table:
         return pq.ParquetFile(path, **PAGE_CHECKS).read_row_group(
             g, columns=["node", "neighbors", "sims"])
     except (OSError, pa.ArrowException, KeyError) as e:
-        raise GraphbuildError(f"{path}: cannot read graph part: {_first_line(e)}") from None
+        raise GraphbuildError(f"{path}: cannot read graph part: {first_line(e)}") from None
 
 
 def read_node_row(out: str | Path, meta: dict, node: int) -> tuple[np.ndarray, np.ndarray]:

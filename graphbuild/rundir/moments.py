@@ -34,7 +34,14 @@ import pyarrow.parquet as pq
 from graphbuild.errors import GraphbuildError
 from graphbuild.faults import kill_point
 from graphbuild.rundir.files import ParquetRows, atomic_path, read_json
-from graphbuild.rundir.graph import PAGE_CHECKS, ROW_GROUP, meta_path, read_meta
+from graphbuild.rundir.graph import (
+    PAGE_CHECKS,
+    ROW_GROUP,
+    first_line,
+    footer_problem,
+    meta_path,
+    read_meta,
+)
 from graphbuild.rundir.paths import RunDir
 
 FORMAT_VERSION = 1
@@ -85,31 +92,8 @@ def write_moments_part(out: str | Path, shard: int, first: int, rows: RowMoments
 
 def moments_part_problem(path: Path, first: int, stop: int, rank: int) -> str | None:
     """What is wrong with a part that should hold nodes first..stop-1 at `rank`, or None.
-    Reads the footer only: the schema, the row count and each row group's node range."""
-    if not path.is_file():
-        return "missing"
-    try:
-        md = pq.ParquetFile(path).metadata
-        have = md.schema.to_arrow_schema()
-    except (OSError, pa.ArrowException) as e:
-        return f"unreadable ({_first_line(e)})"
-    if not have.equals(schema(rank)):
-        return f"schema is not a moments part's of rank {rank}"
-    if md.num_rows != stop - first:
-        return f"holds {md.num_rows} rows, not the {stop - first} of nodes {first}..{stop - 1}"
-    row = first
-    for g in range(md.num_row_groups):
-        rows = md.row_group(g).num_rows
-        stats = md.row_group(g).column(0).statistics
-        if rows and (stats is None or not stats.has_min_max
-                     or (stats.min, stats.max) != (row, row + rows - 1)):
-            return f"row group {g} does not hold nodes {row}..{row + rows - 1}"
-        row += rows
-    return None
-
-
-def _first_line(e: BaseException) -> str:
-    return (str(e).strip().splitlines() or [type(e).__name__])[0]
+    Reads the footer only (rundir.graph.footer_problem)."""
+    return footer_problem(path, schema(rank), f"a moments part's of rank {rank}", first, stop)[0]
 
 
 def moments_meta(n_nodes: int, rank: int, provenance: dict, parts: list[dict]) -> dict:
@@ -185,7 +169,7 @@ def _read_part(path: Path, rank: int) -> pa.Table:
     try:
         table = pq.read_table(path, **PAGE_CHECKS)
     except (OSError, pa.ArrowException) as e:
-        raise GraphbuildError(f"{path}: cannot read row moments: {_first_line(e)}; "
+        raise GraphbuildError(f"{path}: cannot read row moments: {first_line(e)}; "
                               f"{REDO}") from None
     if not table.schema.equals(schema(rank)):
         raise GraphbuildError(f"{path}: not a moments part of rank {rank} (schema); {REDO}")
