@@ -19,7 +19,7 @@ from graphbuild.scale.slurm import SbatchOptions, array_spec, plan, render
 from tests import scaleout
 from tests.conftest import graphbuild, write
 from tests.slurm_cluster import SlurmCluster, why_not_available
-from tests.test_status import write_chunk_file, write_graph_part
+from tests.test_status import write_chunk_file, write_graph_part, write_moments_part
 
 COMMAND = f"{sys.executable} -m graphbuild"
 
@@ -75,6 +75,7 @@ def test_resubmission_lists_only_unfinished_shards(tmp_path):
     write_graph_part(out, 1, range(200, 400), n_nodes=600, k=4)
     write_json(out / "_state" / "knn" / "shard-00001-of-00003.done",
                {"first": 200, "stop": 400, "edges": 800})
+    write_moments_part(out, 1, range(200, 400), num_shards=3)  # knn's shard 1 is whole
     jobs = plan(m, out, SbatchOptions(), 3, 3, [], [])
     assert [(j.stage, j.shards, j.command[2]) for j in jobs] == [
         ("embed", [1], "--array=1"), ("knn", [0, 2], "--array=0,2")]

@@ -40,16 +40,18 @@ def write_graph_part(root: Path, shard: int, rows: range, n_nodes: int, k: int) 
                [(rows.start, ids.astype(np.int32), np.zeros(ids.shape, np.float32))])
 
 
-def write_moments_part(root: Path, shard: int, rows: range, rank: int = 16) -> None:
+def write_moments_part(root: Path, shard: int, rows: range, rank: int = 16,
+                       num_shards: int = 2) -> None:
     """A row moments part and its marker as knn writes them (the values do not matter)."""
     import numpy as np
 
     from graphbuild.rundir.moments import RowMoments, write_moments_part
+    from graphbuild.shards import shard_name
 
     n = len(rows)
     write_moments_part(root, shard, rows.start,
                        RowMoments(np.zeros((n, rank)), np.zeros(n), np.zeros(n)))
-    _touch(root / "_state" / "knn" / f"moments-shard-0000{shard}-of-00002.done",
+    _touch(root / "_state" / "knn" / f"moments-{shard_name(shard, num_shards)}.done",
            {"first": rows.start, "stop": rows.stop, "rank": rank})
 
 
