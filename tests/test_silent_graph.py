@@ -188,7 +188,7 @@ def test_the_trainers_graph_readers_refuse_a_damaged_part(coco3k, tmp_path, dama
     with pytest.raises(GraphbuildError, match="cannot read graph part"):
         list(GraphRows(run, rank=0, world_size=1))
     with pytest.raises(GraphbuildError, match="cannot read graph part"):
-        Graph(run).csr
+        _ = Graph(run).csr
 
 
 # ------------------------------------------------------------------ 9: a stale graph

@@ -21,9 +21,8 @@ from pathlib import Path
 
 import numpy as np
 
-from graphbuild.errors import GraphbuildError
 from graphbuild.faults import kill_point
-from graphbuild.rundir.files import marker, read_json, write_json
+from graphbuild.rundir.files import marker, read_json, read_marker, write_json
 from graphbuild.rundir.moments import (
     RANK,
     RowMoments,
@@ -92,12 +91,9 @@ def vouched_moments(run: RunDir, shard: int, num_shards: int, provenance: dict,
     records the store's provenance and the shard's rows, and the part's footer holds those
     rows. Otherwise (None, why not); why not is None when there is no marker."""
     path = moments_marker(run, shard, num_shards)
-    if not path.exists():
-        return None, None
-    try:
-        stats = read_json(path)
-    except GraphbuildError as e:
-        return None, str(e)
+    stats, why_not = read_marker(path)
+    if stats is None:
+        return None, why_not
     rows = shard_range(n, shard, num_shards)
     rank = min(RANK, provenance["dim"])
     want = {"first": rows.start, "stop": rows.stop, "n_nodes": n, "rank": rank,

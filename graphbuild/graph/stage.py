@@ -46,7 +46,14 @@ from graphbuild.faults import kill_point
 from graphbuild.graph.exact import default_capacity
 from graphbuild.graph.moments import finalize_moments, moments_shard
 from graphbuild.progress import Reporter
-from graphbuild.rundir.files import atomic_path, mark_done, marker, read_json, write_json
+from graphbuild.rundir.files import (
+    atomic_path,
+    mark_done,
+    marker,
+    read_json,
+    read_marker,
+    write_json,
+)
 from graphbuild.rundir.graph import FORMAT_VERSION, meta_path, part_path, part_problem, write_part
 from graphbuild.rundir.paths import RunDir
 from graphbuild.rundir.store import StoredRows, unit_norm_misses
@@ -369,12 +376,9 @@ def _vouched(run: RunDir, shard: int, params: dict, n: int) -> tuple[dict | None
     there is no marker at all."""
     num_shards = params["num_shards"]
     path = marker(run.state("knn"), shard_name(shard, num_shards))
-    if not path.exists():
-        return None, None
-    try:
-        stats = read_json(path)
-    except GraphbuildError as e:
-        return None, str(e)
+    stats, why_not = read_marker(path)
+    if stats is None:
+        return None, why_not
     rows = shard_range(n, shard, num_shards)
     want = {key: params[key] for key in ("k", "method", "provenance", "recall_target")
             if key in params}

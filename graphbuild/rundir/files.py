@@ -86,6 +86,17 @@ def marker(directory: Path, name: str) -> Path:
     return directory / f"{name}.done"
 
 
+def read_marker(path: Path) -> tuple[dict | None, str | None]:
+    """A marker's record: (record, None); (None, None) when there is no marker; (None, why)
+    when it does not read."""
+    if not path.exists():
+        return None, None
+    try:
+        return read_json(path), None
+    except GraphbuildError as e:
+        return None, str(e)
+
+
 def is_done(directory: Path, name: str) -> bool:
     return marker(directory, name).exists()
 
