@@ -297,3 +297,61 @@ def test_old_lists_merged_with_new_rows_equal_a_full_search_with_ties():
     want_ids, want_sims = blocked_topk(x16, k, range(base), block_rows=128, device="cpu")
     assert np.array_equal(ids, want_ids) and np.array_equal(sims, want_sims)
     assert (ids >= base).any()  # the new rows did enter lists
+
+
+def test_an_append_larger_than_a_shard_gives_the_exact_graph(tmp_path):
+    """New rows in two of three shards: the middle shard's old rows take their pairs with its
+    own new rows from that search's products, and with the last shard's new rows from their
+    own products; every shard's rows equal a from-scratch exact search of the same store."""
+    out = built(tmp_path / "a", [range(1, 121)], 64, 3)
+    tsv(out.parent / "src" / "b.tsv", range(121, 341))
+    graphbuild.embed(out.parent / "m.yaml", out, chunk_rows=64, append=True)
+    from graphbuild.shards import shard_range
+
+    n = graphbuild.rundir.store.StoredRows(out / "embeddings.zarr").shape[0]
+    base = unique_texts(range(1, 121))
+    middle = shard_range(n, 1, 3)
+    assert middle.start < base < middle.stop  # old and new rows; shard 2 holds new rows only
+    knn_all(out, 3)
+    assert graphbuild.rundir.paths.RunDir(out).read_run()["stages"]["knn"][
+        "updated_from_nodes"] == base
+    scratch = copy_run(out, tmp_path / "b")
+    shutil.rmtree(scratch / "graph")
+    shutil.rmtree(scratch / "_state" / "knn")
+    knn_all(scratch, 3)
+    assert graph_files(out) == graph_files(scratch)
+
+
+@pytest.mark.parametrize("old_rows,searched", [(range(500), range(500, 600)),
+                                               (range(200, 500), range(500, 550))])
+def test_old_rows_pairs_from_the_new_rows_search_give_exact_lists(old_rows, searched):
+    """OldRowPairs reads, from the products of the new rows' search (blocked_topk's
+    on_plain_block), every pair of an old row with a searched new row that can enter its list
+    (repeated vectors make exact ties across the boundary); new rows searched elsewhere come
+    from new_candidates. The merged lists equal a full exact search's."""
+    from graphbuild.graph.exact import blocked_topk, error_bound
+    from graphbuild.graph.update import OldRowPairs, merged_with_new, new_candidates
+
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((600, 48)).astype(np.float32)
+    x[500:540] = x[100:140]
+    x[560:580] = x[300:320]  # ties with new rows the search of 500..550 does not hold
+    x16 = (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float16)
+    base, k, bound = 500, 10, error_bound(x16)
+    base_ids, base_sims = blocked_topk(x16[:base], k, old_rows, block_rows=64, device="cpu")
+    pairs = OldRowPairs(old_rows, base_sims[:, -1], bound, "bf16", "cpu")
+    blocked_topk(x16, k, searched, block_rows=64, device="cpu", bound=bound,
+                 on_plain_block=pairs)
+    rows, cols = pairs.by_row()
+    assert set(cols) <= set(searched) and len(rows)
+    rest = range(searched.stop, 600)
+    if len(rest):
+        more = new_candidates(x16, old_rows, rest, base_sims[:, -1], bound, "cpu", 64)
+        rows, cols = np.concatenate([rows - old_rows.start, more[0]]), np.concatenate(
+            [cols, more[1]])
+    else:
+        rows = rows - old_rows.start
+    ids, sims = merged_with_new(x16, old_rows, base_ids, base_sims, rows, cols, k)
+    want_ids, want_sims = blocked_topk(x16, k, old_rows, block_rows=64, device="cpu")
+    assert np.array_equal(ids, want_ids) and np.array_equal(sims, want_sims)
+    assert (ids >= base).any() and (np.isin(ids, list(rest)).any() if len(rest) else True)

@@ -52,6 +52,12 @@ from graphbuild.memory import return_freed_memory
 
 log = logging.getLogger(__name__)
 
+# Sees a product of query rows with plain columns (blocked_topk's on_plain_block): the
+# half-precision scores, rows padded to whole groups of GROUP (padding rows score -inf);
+# their group maxima as int16 bit patterns, (groups, columns); the rows' ids (padding rows
+# carry no real id); the first column's id and the stop.
+PlainBlockObserver = Callable[[Any, Any, Any, int, int], None]
+
 F32_UNIT_ROUNDOFF = 2.0 ** -24
 # The accumulation's unit roundoff in the bound, by device type. cuBLAS promises only "at
 # least 32-bit" accumulation for half-precision products with fp32 compute, not round to
@@ -72,6 +78,10 @@ COMPILED_ON_CPU = True  # CPU searches use the compiled candidate buffers (tests
 # RESIDENT_ON_CPU to run the CUDA path on a CPU.
 RESIDENT_HEADROOM = 1 << 30
 RESIDENT_ON_CPU = False
+# Query rows whose products with other shards' rows (plain columns) are made together: each
+# block of plain columns is converted (and uploaded) once per group of query blocks, whose
+# threshold-sorted copies in the compute type hold at most this many bytes.
+OTHER_ROWS_GROUP_BYTES = 256 << 20
 
 
 def default_capacity(k: int) -> int:
@@ -314,12 +324,12 @@ class _Candidates:
             self.dropped[at] = torch.maximum(self.dropped[at], top_v[:, self.capacity])
         self._refresh(at)
 
-    def offer_block(self, s, rows, row_ids, cols, col_rows: int | None = None) -> None:
+    def offer_block(self, s, rows, row_ids, cols, col_rows: int | None = None):
         """Offer a block of half-precision scores s, shape (groups * GROUP, c), to its rows:
         row r's scores to buffer row rows[r] (padding rows score -inf and point at the
         sentinel), against the column ids `cols`. With `col_rows`, the columns are query rows
         too: column j's scores go to buffer row col_rows + j as well, against the row ids
-        `row_ids`."""
+        `row_ids`. Returns the block's group maxima, (groups, c) int16 bit patterns."""
         import torch
 
         g = GROUP
@@ -333,7 +343,7 @@ class _Candidates:
             hit.logical_or_(gmax >= self.key[col_rows:col_rows + bj])
         gi, j = hit.nonzero(as_tuple=True)
         if len(gi) == 0:
-            return
+            return gmax
         v = s3[gi, :, j].float()                                   # (hits, g)
         f = (v >= thr_i[gi]).view(-1).nonzero()[:, 0]
         h = f // g
@@ -342,6 +352,7 @@ class _Candidates:
             f = (v >= thr_j[j][:, None]).view(-1).nonzero()[:, 0]
             h = f // g
             self.add(j[h] + col_rows, row_ids[gi[h] * g + f % g], v.view(-1)[f])
+        return gmax
 
     def finish(self, lo: int, hi: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(ids, which to re-rank, which rows overflowed) for rows lo..hi."""
@@ -389,17 +400,18 @@ class _CompiledCandidates:
 
         offer_dense(_bits(scores), lo, cols.numpy(), *self._state())
 
-    def offer_block(self, s, rows, row_ids, cols, col_rows: int | None = None) -> None:
-        """As _Candidates.offer_block."""
+    def offer_block(self, s, rows, row_ids, cols, col_rows: int | None = None):
+        """As _Candidates.offer_block (returns the group maxima)."""
         import torch
 
         from graphbuild.graph.kernels import offer_to_columns, offer_to_rows
 
         gmax = s.view(s.shape[0] // GROUP, GROUP, s.shape[1]).view(torch.int16).amax(dim=1)
-        bits, gmax = _bits(s), gmax.numpy()
-        offer_to_rows(bits, gmax, rows.numpy(), cols.numpy(), *self._state())
+        bits = _bits(s)
+        offer_to_rows(bits, gmax.numpy(), rows.numpy(), cols.numpy(), *self._state())
         if col_rows is not None:
-            offer_to_columns(bits, gmax, col_rows, row_ids.numpy(), *self._state())
+            offer_to_columns(bits, gmax.numpy(), col_rows, row_ids.numpy(), *self._state())
+        return gmax
 
     def finish(self, lo: int, hi: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """As _Candidates.finish, with the threshold from the k-th best as there (fp32)."""
@@ -463,6 +475,7 @@ def blocked_topk(x16: np.ndarray, k: int, rows: range | None = None,
                  device: str | None = None, bound: ErrorBound | None = None,
                  on_progress: Callable[[int], None] | None = None,
                  reload: Callable[[], np.ndarray] | None = None,
+                 on_plain_block: PlainBlockObserver | None = None,
                  ) -> tuple[np.ndarray, np.ndarray]:
     """Exact top-k neighbours (cosine = dot product of unit rows) of `rows` among all rows
     of x16 (fp16, shape (n, d)), the row itself excluded.
@@ -474,6 +487,9 @@ def blocked_topk(x16: np.ndarray, k: int, rows: range | None = None,
     while it multiplies (the half-precision copy serves) and reloads it to re-rank, so the
     two copies never coexist (768 MB less at the peak for 1M rows of 384). The caller must
     then hold no other reference to x16.
+    `on_plain_block` sees each product of query rows with rows outside `rows` (the one
+    direction search makes): the graph's update after an append reads from the new rows'
+    products with the old rows which old rows they can enter (graph/update.py).
     """
     n = x16.shape[0]
     rows = range(n) if rows is None else rows
@@ -487,7 +503,7 @@ def blocked_topk(x16: np.ndarray, k: int, rows: range | None = None,
     capacity = min(capacity or default_capacity(k), n - 1)
     if capacity < k:
         raise ValueError(f"capacity must be at least k={k}, got {capacity}")
-    search = _Search(x16, k, block_rows, device, half, bound)
+    search = _Search(x16, k, block_rows, device, half, bound, on_plain_block)
     del x16  # search.x16 is now this function's only reference: the search may let it go
     with _exact_cuda_matmul():
         return search.run(_Plan(rows, n, block_rows), capacity, _Progress(on_progress, n),
@@ -501,12 +517,18 @@ class _Plan:
     that shards stay independent."""
 
     def __init__(self, rows: range, n: int, block_rows: int):
-        self.rows = rows
+        self.rows, self.block_rows = rows, block_rows
         self.own = _blocks(0, len(rows), block_rows)
         self.other = _blocks(0, rows.start, block_rows) + _blocks(rows.stop, n, block_rows)
         if self.other and self.own:
             log.info("rows %d..%d of %d: symmetric products among these rows, plain products "
                      "against the other %d rows", rows.start, rows.stop, n, n - len(rows))
+
+    def own_groups(self, row_bytes: int) -> list[list[tuple[int, int]]]:
+        """The own blocks in groups whose rows in the compute type (`row_bytes` a row) hold
+        at most OTHER_ROWS_GROUP_BYTES (at least one block a group)."""
+        per = max(1, OTHER_ROWS_GROUP_BYTES // max(1, row_bytes * self.block_rows))
+        return [self.own[i:i + per] for i in range(0, len(self.own), per)]
 
     def pairs_by_distance(self) -> Iterator[tuple[tuple[int, int], tuple[int, int]]]:
         """Each pair (I, J), I < J, of own blocks, by distance J - I: in locality order,
@@ -522,10 +544,11 @@ class _Search:
     (`plain`) share."""
 
     def __init__(self, x16: np.ndarray, k: int, block_rows: int, device: str, half: str,
-                 bound: ErrorBound):
+                 bound: ErrorBound, on_plain_block: PlainBlockObserver | None = None):
         import torch
 
         self.x16, self.k, self.block_rows = x16, k, block_rows
+        self.on_plain_block = on_plain_block
         self.device, self.dtype, self.bound = torch.device(device), half_dtype(half), bound
         small = x16.shape[0] < 2 ** 31
         self.id_dtype, self.id_np = (torch.int32, np.int32) if small else (torch.int64, np.int64)
@@ -552,12 +575,15 @@ class _Search:
         sims = np.empty((len(plan.rows), self.k), np.float32)
         if plan.other:
             self.hold_all_rows()
-        for lo, hi in plan.own:
+        for group in plan.own_groups(self.x16.shape[1] * 2):
             if plan.other:
-                self.offer_other_rows(cands, queries.sorted_block(cands, lo, hi), plan, progress)
-            at = queries.ids_np[lo:hi]  # row ids: row r goes to the results at r - rows.start
-            ids[at - plan.rows.start], sims[at - plan.rows.start] = self.exact_top(
-                cands, lo, hi, at, capacity)
+                blocks = [queries.sorted_block(cands, lo, hi) for lo, hi in group]
+                self.offer_other_rows(cands, blocks, plan, progress)
+                del blocks
+            for lo, hi in group:
+                at = queries.ids_np[lo:hi]  # row r goes to the results at r - rows.start
+                ids[at - plan.rows.start], sims[at - plan.rows.start] = self.exact_top(
+                    cands, lo, hi, at, capacity)
         return ids, sims
 
     def candidates(self, m: int, capacity: int) -> _Candidates | _CompiledCandidates:
@@ -591,16 +617,21 @@ class _Search:
             cands.offer_block(s, block.rows, block.ids, queries.ids[clo:chi], col_rows=clo)
             progress.add(2 * (hi - lo) * (chi - clo))
 
-    def offer_other_rows(self, cands, block: _QueryBlock, plan: _Plan,
+    def offer_other_rows(self, cands, blocks: list[_QueryBlock], plan: _Plan,
                          progress: _Progress) -> None:
-        """The rows outside the query rows, offered to a block of query rows."""
+        """The rows outside the query rows, offered to blocks of query rows: each block of
+        them converted once, multiplied with every query block, and the products shown to
+        `on_plain_block`."""
         import torch
 
         for clo, chi in plan.other:
-            s = block.scores(self, self.columns(clo, chi))
-            cands.offer_block(s, block.rows, block.ids,
-                              torch.arange(clo, chi, device=self.device))
-            progress.add(block.count * (chi - clo))
+            xj, col_ids = self.columns(clo, chi), torch.arange(clo, chi, device=self.device)
+            for block in blocks:
+                s = block.scores(self, xj)
+                gmax = cands.offer_block(s, block.rows, block.ids, col_ids)
+                if self.on_plain_block is not None:
+                    self.on_plain_block(s, gmax, block.ids, clo, chi)
+                progress.add(block.count * (chi - clo))
 
     def exact_top(self, cands, lo: int, hi: int, ids: np.ndarray,
                   capacity: int) -> tuple[np.ndarray, np.ndarray]:

@@ -159,30 +159,38 @@ def merge_lists(ids_a: np.ndarray, sims_a: np.ndarray, ids_b: np.ndarray, sims_b
 SCORES_PER_BLOCK = 1 << 26  # half-precision scores held at once by new_candidates (128 MiB)
 
 
+def floor_threshold(floor: np.ndarray, bound) -> np.ndarray:
+    """Per row, the lowest computed score (float64) whose pair can still enter the row's list:
+    a computed score v stands for an exact score of at most v + b(v) (exact.ErrorBound), so a
+    pair matters only when that reaches the row's `floor` (its base list's k-th sim). A new
+    column scoring below the floor cannot enter the list (at an equal score the old, smaller
+    id wins)."""
+    from graphbuild.graph.exact import THRESHOLD_SLACK
+
+    low = np.asarray(floor, np.float64) - bound.absolute
+    thr = np.where(low >= 0, low / (1 + bound.relative), low / (1 - bound.relative))
+    return thr - THRESHOLD_SLACK
+
+
 def new_candidates(x16: np.ndarray, rows: range, cols: range, floor: np.ndarray, bound,
                    device: str, block_rows: int) -> tuple[np.ndarray, np.ndarray]:
     """(row positions in `rows`, column ids) of every pair whose exact score could reach the
-    row's `floor` (its base list's k-th sim), among the columns `cols` alone.
+    row's `floor` (floor_threshold), among the columns `cols` alone.
 
-    Per block of rows, one half-precision product with all of `cols` (the appended rows; the
-    block shrinks so it holds at most SCORES_PER_BLOCK scores). A computed score v stands for
-    an exact score of at most v + b(v) (exact.ErrorBound), so a pair is kept when that reaches
-    the floor; the comparison is made in the compute type against the threshold rounded down
-    by more than its rounding error. A new column scoring below a row's floor cannot enter
-    its list (at an equal score the old, smaller id wins), so nothing else can matter."""
+    Per block of rows, one half-precision product with all of `cols` (appended rows; the
+    block shrinks so it holds at most SCORES_PER_BLOCK scores), compared in the compute type
+    against the threshold lowered by more than its rounding there."""
     import torch
 
-    from graphbuild.graph.exact import THRESHOLD_SLACK, half_dtype, pick_half
+    from graphbuild.graph.exact import half_dtype, pick_half
 
     dtype, dev = half_dtype(pick_half(device)), torch.device(device)
 
     def half(lo: int, hi: int):
         return torch.from_numpy(x16[lo:hi]).to(dev).float().to(dtype)
 
-    low = np.asarray(floor, np.float64) - bound.absolute
-    thr = np.where(low >= 0, low / (1 + bound.relative), low / (1 - bound.relative))
-    # below thr by more than a half-precision rounding of values of magnitude <= 2
-    thr = torch.from_numpy(thr - THRESHOLD_SLACK - 2.0 ** -7).to(dev).to(dtype)
+    # below the threshold by more than a half-precision rounding of values of magnitude <= 2
+    thr = torch.from_numpy(floor_threshold(floor, bound) - 2.0 ** -7).to(dev).to(dtype)
     xc = half(cols.start, cols.stop)
     step = max(1, min(block_rows, SCORES_PER_BLOCK // len(cols)))
     found_rows, found_cols = [], []
@@ -193,6 +201,48 @@ def new_candidates(x16: np.ndarray, rows: range, cols: range, floor: np.ndarray,
         found_rows.append(rr.cpu().numpy() + (lo - rows.start))
         found_cols.append(cc.cpu().numpy() + cols.start)
     return np.concatenate(found_rows), np.concatenate(found_cols)
+
+
+class OldRowPairs:
+    """The same pairs as new_candidates, for the old rows `old` and the new rows a search
+    has as its query rows, read from that search's own products (exact.blocked_topk's
+    on_plain_block: the new rows against the old, plain, columns), so no product is made
+    twice. Per block, the group maxima (int16 bit patterns) say which (group, old row) can
+    hold a pair; only those groups' scores are compared, in fp32, with the threshold."""
+
+    def __init__(self, old: range, floor: np.ndarray, bound, half: str, device: str):
+        import torch
+
+        from graphbuild.graph.exact import _int16_key, half_dtype
+
+        self.old = old
+        self.thr = torch.from_numpy(floor_threshold(floor, bound)).float().to(device)
+        self.key = _int16_key(self.thr, half_dtype(half))
+        self.rows: list[np.ndarray] = []
+        self.cols: list[np.ndarray] = []
+
+    def __call__(self, s, gmax, row_ids, clo: int, chi: int) -> None:
+        from graphbuild.graph.exact import GROUP
+
+        a, b = max(clo, self.old.start), min(chi, self.old.stop)
+        if a >= b:
+            return
+        at = slice(a - self.old.start, b - self.old.start)
+        gi, j = (gmax[:, a - clo:b - clo] >= self.key[at]).nonzero(as_tuple=True)
+        if len(gi) == 0:
+            return
+        v = s.view(-1, GROUP, s.shape[1])[gi, :, j + (a - clo)].float()   # (hits, GROUP)
+        f = (v >= self.thr[at][j][:, None]).view(-1).nonzero()[:, 0]
+        h = f // GROUP
+        self.rows.append((j[h] + a).cpu().numpy())
+        self.cols.append(row_ids[gi[h] * GROUP + f % GROUP].cpu().numpy())
+
+    def by_row(self) -> tuple[np.ndarray, np.ndarray]:
+        """(old row ids, new row ids), sorted by old row."""
+        rows = np.concatenate(self.rows) if self.rows else np.empty(0, np.int64)
+        cols = np.concatenate(self.cols) if self.cols else np.empty(0, np.int64)
+        order = np.argsort(rows, kind="stable")
+        return rows[order].astype(np.int64), cols[order].astype(np.int64)
 
 
 def merged_with_new(x16: np.ndarray, rows: range, base_ids: np.ndarray, base_sims: np.ndarray,
@@ -217,28 +267,43 @@ def merged_with_new(x16: np.ndarray, rows: range, base_ids: np.ndarray, base_sim
 def update_blocks(run: RunDir, x16: np.ndarray, k: int, rows: range, base_n: int,
                   block_rows: int, device: str | None,
                   reporter) -> Iterator[tuple[int, np.ndarray, np.ndarray]]:
-    """The shard's rows of the updated graph, (first row, ids, sims) in row order."""
+    """The shard's rows of the updated graph, (first row, ids, sims) in row order.
+
+    The shard's new rows are searched first (exact.blocked_topk, every other row a plain
+    column); their products with the shard's old rows also give those old rows' pairs with
+    them (OldRowPairs). Old rows are multiplied only with the new rows other shards search
+    (new_candidates); then each block of old rows is merged with its pairs."""
     from graphbuild.graph.exact import blocked_topk, default_device, error_bound, pick_half
 
     device = device or default_device()
     n = len(x16)
     old, new = range(rows.start, min(rows.stop, base_n)), range(max(rows.start, base_n),
                                                                rows.stop)
+    others_new = range(max(rows.stop, base_n), n)
+    bound = error_bound(x16, pick_half(device), device=device)
     if len(old):
-        bound = error_bound(x16, pick_half(device))
         base_ids, base_sims = base_lists(run, old.start, old.stop, k)
-        for lo in range(old.start, old.stop, block_rows):
-            hi = min(lo + block_rows, old.stop)
-            at = slice(lo - old.start, hi - old.start)
-            pairs = new_candidates(x16, range(lo, hi), range(base_n, n), base_sims[at, -1],
-                                   bound, device, block_rows)
-            ids, sims = merged_with_new(x16, range(lo, hi), base_ids[at], base_sims[at],
-                                        *pairs, k)
-            reporter.advance(hi - lo)
-            kill_point("knn.update_block_merged")
-            yield lo, ids, sims
+    pairs = (OldRowPairs(old, base_sims[:, -1], bound, pick_half(device), device)
+             if len(old) and len(new) else None)
     if len(new):
-        ids, sims = blocked_topk(x16, k, new, block_rows=block_rows, device=device,
-                                 on_progress=reporter.advance)
-        for lo in range(0, len(new), block_rows):
-            yield new.start + lo, ids[lo:lo + block_rows], sims[lo:lo + block_rows]
+        new_ids, new_sims = blocked_topk(x16, k, new, block_rows=block_rows, device=device,
+                                         bound=bound, on_progress=reporter.advance,
+                                         on_plain_block=pairs)
+    pair_rows, pair_cols = pairs.by_row() if pairs else (np.empty(0, np.int64),) * 2
+    for lo in range(old.start, old.stop, block_rows):
+        hi = min(lo + block_rows, old.stop)
+        at = slice(lo - old.start, hi - old.start)
+        a, b = np.searchsorted(pair_rows, [lo, hi])
+        found_rows, found_cols = [pair_rows[a:b] - lo], [pair_cols[a:b]]
+        if len(others_new):
+            more = new_candidates(x16, range(lo, hi), others_new, base_sims[at, -1], bound,
+                                  device, block_rows)
+            found_rows.append(more[0])
+            found_cols.append(more[1])
+        ids, sims = merged_with_new(x16, range(lo, hi), base_ids[at], base_sims[at],
+                                    np.concatenate(found_rows), np.concatenate(found_cols), k)
+        reporter.advance(hi - lo)
+        kill_point("knn.update_block_merged")
+        yield lo, ids, sims
+    for lo in range(0, len(new), block_rows):
+        yield new.start + lo, new_ids[lo:lo + block_rows], new_sims[lo:lo + block_rows]
