@@ -53,8 +53,10 @@ def test_moments_equal_a_brute_force(run):
     signs = np.sign((want["proj"] * got.proj).sum(0))  # an eigenvector's sign is arbitrary
     assert np.all(signs != 0)
     assert np.allclose(got.proj, want["proj"] * signs, rtol=0, atol=1e-6)
-    assert np.allclose(got.sum, want["sum"], rtol=1e-9, atol=1e-9)
-    assert np.allclose(got.sum_sq, want["sum_sq"], rtol=1e-9, atol=1e-9)
+    # the d x d products run in float32 (graph/moments.py): measured here, 1.9e-6 absolute
+    # on the sums and 3.7e-7 relative on the sums of squares; the bounds allow ten times that
+    assert np.allclose(got.sum, want["sum"], rtol=0, atol=2e-5)
+    assert np.allclose(got.sum_sq, want["sum_sq"], rtol=4e-6, atol=0)
     # the first axes carry much of every row's cosines: the residual is smaller than the whole
     assert np.abs(got.sum).mean() < np.abs(want["sims"].sum(1) - 1).mean()
 
