@@ -14,7 +14,8 @@ values are computed with its whole chunk, so the bytes do not depend on the shar
 The d x d work runs in float32 (two to four times float64's speed on CPUs, where it is most of
 an exact update's fixed cost): a chunk's X^T X in float32 (the products of fp16 values are
 exact there; a chunk's sums round to about 1e-7 relative), summed over chunks in float64; the
-quadratic form y_i^T (Q G Q) y_i in float32. Every other step, and every sum, is float64.
+quadratic form y_i^T (Q G Q) y_i in float32. Every other step, and every sum, is float64, all
+in torch.
 """
 
 from __future__ import annotations
@@ -49,22 +50,30 @@ def store_sums(store: StoredRows) -> tuple[np.ndarray, np.ndarray]:
     import torch
 
     d = store.shape[1]
-    total, gram = np.zeros(d), np.zeros((d, d))
+    total, gram = torch.zeros(d, dtype=torch.float64), torch.zeros((d, d), dtype=torch.float64)
     for c in range(store.n_chunks):
-        x = store.chunk(c)
-        total += x.sum(axis=0, dtype=np.float64)
-        x32 = torch.from_numpy(x).float()
-        gram += (x32.T @ x32).double().numpy()
-    return total, gram
+        x = torch.from_numpy(store.chunk(c)).float()
+        total += x.sum(dim=0, dtype=torch.float64)
+        gram += (x.T @ x).double()
+    return total.numpy(), gram.numpy()
 
 
 def principal_axes(gram: np.ndarray, rank: int = RANK) -> np.ndarray:
     """G's top `rank` eigenvectors (d, r), by eigenvalue, each signed so that its largest
-    entry is positive (the same axes for the same G)."""
-    _, vectors = np.linalg.eigh(gram)
-    axes = vectors[:, ::-1][:, :min(rank, len(gram))]
+    entry is positive (the same axes for the same G). On one thread: a d x d eigh takes
+    milliseconds there, while its threads waiting on each other on a busy machine took
+    seconds."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        _, vectors = torch.linalg.eigh(torch.from_numpy(gram))
+    finally:
+        torch.set_num_threads(threads)
+    axes = vectors.numpy()[:, ::-1][:, :min(rank, len(gram))]
     signs = np.sign(axes[np.abs(axes).argmax(axis=0), np.arange(axes.shape[1])])
-    return axes * signs
+    return np.ascontiguousarray(axes * signs)
 
 
 def row_moments(store: StoredRows, rows: range, total: np.ndarray, gram: np.ndarray,
@@ -73,24 +82,25 @@ def row_moments(store: StoredRows, rows: range, total: np.ndarray, gram: np.ndar
     residual cosines to every other node."""
     import torch
 
-    resid = np.eye(len(gram)) - axes @ axes.T  # Q
-    q_total = resid @ total
-    q_gram = torch.from_numpy(resid @ gram @ resid).float()
+    u = torch.from_numpy(axes)
+    resid = torch.eye(len(gram), dtype=torch.float64) - u @ u.T  # Q
+    q_total = resid @ torch.from_numpy(total)
+    q_gram = (resid @ torch.from_numpy(gram) @ resid).float()
     proj = np.empty((len(rows), axes.shape[1]))
     sums, sum_sqs = np.empty(len(rows)), np.empty(len(rows))
     size = store.chunk_rows
     for c in range(rows.start // size, -(-rows.stop // size)):
-        x = store.chunk(c).astype(np.float64)
-        p = x @ axes
-        y = x - p @ axes.T  # Q x, without a d x d product per row
-        own = np.einsum("ij,ij->i", y, y)  # e_ii
+        x = torch.from_numpy(store.chunk(c)).double()
+        p = x @ u
+        y = x - p @ u.T  # Q x, without a d x d product per row
+        own = (y * y).sum(dim=1)  # e_ii
+        y32 = y.float()
+        quad = ((y32 @ q_gram) * y32).sum(dim=1).double()
         lo, hi = max(rows.start, c * size), min(rows.stop, c * size + len(x))
         at, to = slice(lo - c * size, hi - c * size), slice(lo - rows.start, hi - rows.start)
-        proj[to] = p[at]
-        sums[to] = (y @ q_total - own)[at]
-        y32 = torch.from_numpy(y).float()
-        quad = ((y32 @ q_gram) * y32).sum(dim=1).double().numpy()
-        sum_sqs[to] = (quad - own * own)[at]
+        proj[to] = p[at].numpy()
+        sums[to] = (y @ q_total - own)[at].numpy()
+        sum_sqs[to] = (quad - own * own)[at].numpy()
     return RowMoments(proj, sums, sum_sqs)
 
 
