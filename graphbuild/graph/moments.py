@@ -79,7 +79,9 @@ def principal_axes(gram: np.ndarray, rank: int = RANK) -> np.ndarray:
 def row_moments(store: StoredRows, rows: range, total: np.ndarray, gram: np.ndarray,
                 axes: np.ndarray) -> RowMoments:
     """Each node of `rows`: its coordinates on `axes`, and the sum and sum of squares of its
-    residual cosines to every other node."""
+    residual cosines to every other node. Q is symmetric and idempotent and U^T U = I, so
+    y_i . (Q t) = x_i . (Q t), y_i . y_i = |x_i|^2 - |p_i|^2 and y_i^T (Q G Q) y_i =
+    x_i^T (Q G Q) x_i: no row's residual y_i is formed."""
     import torch
 
     u = torch.from_numpy(axes)
@@ -90,17 +92,17 @@ def row_moments(store: StoredRows, rows: range, total: np.ndarray, gram: np.ndar
     sums, sum_sqs = np.empty(len(rows)), np.empty(len(rows))
     size = store.chunk_rows
     for c in range(rows.start // size, -(-rows.stop // size)):
-        x = torch.from_numpy(store.chunk(c)).double()
+        lo, hi = max(rows.start, c * size), min(rows.stop, c * size + size)
+        x16 = torch.from_numpy(store.chunk(c)[lo - c * size:hi - c * size])
+        x = x16.double()
         p = x @ u
-        y = x - p @ u.T  # Q x, without a d x d product per row
-        own = (y * y).sum(dim=1)  # e_ii
-        y32 = y.float()
-        quad = ((y32 @ q_gram) * y32).sum(dim=1).double()
-        lo, hi = max(rows.start, c * size), min(rows.stop, c * size + len(x))
-        at, to = slice(lo - c * size, hi - c * size), slice(lo - rows.start, hi - rows.start)
-        proj[to] = p[at].numpy()
-        sums[to] = (y @ q_total - own)[at].numpy()
-        sum_sqs[to] = (quad - own * own)[at].numpy()
+        own = (x * x).sum(dim=1) - (p * p).sum(dim=1)  # e_ii = |y_i|^2
+        x32 = x16.float()
+        quad = ((x32 @ q_gram) * x32).sum(dim=1).double()
+        to = slice(lo - rows.start, hi - rows.start)
+        proj[to] = p.numpy()
+        sums[to] = (x @ q_total - own).numpy()
+        sum_sqs[to] = (quad - own * own).numpy()
     return RowMoments(proj, sums, sum_sqs)
 
 
