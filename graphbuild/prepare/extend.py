@@ -39,6 +39,7 @@ from pathlib import Path
 
 import numpy as np
 import polars as pl
+import pyarrow as pa
 
 from graphbuild.errors import GraphbuildError
 from graphbuild.prepare import dedup
@@ -115,11 +116,12 @@ def _extend_texts(ds: Dataset, run: RunDir, out: Path, tmp: Path, rows: Rows, ol
         rows, clean_text(pl.col("value")).alias("text"), empty_text(ds.manifest.text_column),
         texts, skip, tmp, layout, _old_ids_matching(run, old) if rows.id_col else None)
     with table_writer(out / "nodes.parquet", {"node": pl.Int64, "text": pl.Utf8}) as write:
-        hashes, known = texts.key_hashes(), []
-        for df in old_rows(run.nodes, "node", old["nodes"]):
-            write(df)
-            known.append(df.filter(_among(df["text"].hash(), hashes)).select("text", "node"))
-        del hashes
+        among, known = _HashSet(texts.key_hashes()), []
+        for t in old_rows(run.nodes, "node", old["nodes"]):
+            write(t)
+            df = pl.from_arrow(t).select("text", "node")
+            known.append(df.filter(among.holds(df["text"].hash())))
+        del among
         known = pl.concat(known) if known else pl.DataFrame(schema={"text": pl.Utf8,
                                                                      "node": pl.Int64})
         n_nodes, numbered = dedup.number_nodes(texts, dropped, tmp / "nodes", layout.window_rows,
@@ -170,23 +172,24 @@ def _copy_samples(run: RunDir, old: dict, rows: Rows, write: Callable[[pl.DataFr
     """The old samples to `write`; checks their nodes are the old nodes' (and, where ids are
     row numbers, that they precede the new rows'); `used` gets the classes they have."""
     n_nodes = old["nodes"] if used is None else len(used)
-    for df in old_rows(run.samples, "sample", old["samples"]):
-        node = df["node"].to_numpy()
+    for t in old_rows(run.samples, "sample", old["samples"]):
+        node = t.column("node").to_numpy()
         if node.min() < 0 or node.max() >= n_nodes:
             raise GraphbuildError(f"{run.samples}: a sample of node {node.max()} or "
                                   f"{node.min()}, outside the run's {n_nodes} nodes; the "
                                   "table is damaged: rebuild into another --out")
-        if rows.id_col is None and df["sample_id"].max() >= rows.first_row:
-            raise GraphbuildError(f"{run.samples}: sample id {df['sample_id'].max()}, not a row "
-                                  f"of the {rows.first_row} rows run.json's figures count; "
+        last_id = t.column("sample_id")[-1].as_py()  # row numbers: increasing
+        if rows.id_col is None and last_id >= rows.first_row:
+            raise GraphbuildError(f"{run.samples}: sample id {last_id}, not a row of the "
+                                  f"{rows.first_row} rows run.json's figures count; "
                                   "rebuild into another --out")
         if used is not None:
             used[node] = True
-        write(df)
+        write(t)
 
 
 def old_rows(path: Path, numbered: str, count: int,
-             columns: list[str] | None = None) -> Iterator[pl.DataFrame]:
+             columns: list[str] | None = None) -> Iterator[pa.Table]:
     """A run's table (`columns` of it) a row group at a time, checked: column `numbered` is
     0, 1, 2, ... in order, and there are `count` rows (run.json's figure)."""
     import pyarrow.parquet as pq
@@ -195,13 +198,13 @@ def old_rows(path: Path, numbered: str, count: int,
     f = pq.ParquetFile(path)
     try:
         for batch in f.iter_batches(batch_size=ROW_GROUP, columns=columns):
-            df = pl.from_arrow(batch)
-            if not np.array_equal(df[numbered].to_numpy(), np.arange(n, n + df.height)):
+            if not np.array_equal(batch.column(numbered).to_numpy(),
+                                  np.arange(n, n + batch.num_rows)):
                 raise GraphbuildError(f"{path}: column {numbered!r} is not the row number "
-                                      f"in rows {n} to {n + df.height - 1}; the table is "
+                                      f"in rows {n} to {n + batch.num_rows - 1}; the table is "
                                       "damaged: rebuild into another --out")
-            n += df.height
-            yield df
+            n += batch.num_rows
+            yield pa.Table.from_batches([batch])
     finally:
         f.close()
     if n != count:
@@ -212,18 +215,38 @@ def old_rows(path: Path, numbered: str, count: int,
 def _old_ids_matching(run: RunDir, old: dict) -> Callable[[np.ndarray], pl.Series | None]:
     """For read_checked: the old samples' ids whose hash is among the given sorted hashes."""
 
-    def matching(hashes: np.ndarray) -> pl.Series:
-        found = [df["sample_id"].filter(_among(df["sample_id"].hash(), hashes))
-                 for df in old_rows(run.samples, "sample", old["samples"], ["sample", "sample_id"])]
+    def matching(hashes: np.ndarray) -> pl.Series | None:
+        among = _HashSet(hashes)
+        found = []
+        for t in old_rows(run.samples, "sample", old["samples"], ["sample", "sample_id"]):
+            ids = pl.from_arrow(t.column("sample_id"))
+            found.append(ids.filter(among.holds(ids.hash())))
         return pl.concat(found) if found else None
 
     return matching
 
 
-def _among(hashes: pl.Series, sorted_hashes: np.ndarray) -> pl.Series:
-    """Whether each hash is one of `sorted_hashes` (sorted, distinct)."""
-    h = hashes.to_numpy()
-    if not len(sorted_hashes):
-        return pl.Series(np.zeros(len(h), dtype=bool))
-    at = np.minimum(np.searchsorted(sorted_hashes, h), len(sorted_hashes) - 1)
-    return pl.Series(sorted_hashes[at] == h)
+class _HashSet:
+    """Sorted distinct hashes, looked up a batch at a time: a bitmap of their low bits (one
+    to two bytes per hash) rules most other hashes out, a binary search settles the rest."""
+
+    def __init__(self, sorted_hashes: np.ndarray):
+        self.sorted = sorted_hashes
+        bits = max(16, (8 * len(sorted_hashes)).bit_length())  # 8 to 16 slots a hash
+        self.mask = np.uint64((1 << bits) - 1)
+        self.bitmap = np.zeros(1 << (bits - 3), dtype=np.uint8)
+        slot = sorted_hashes & self.mask
+        np.bitwise_or.at(self.bitmap, slot >> np.uint64(3),
+                         (1 << (slot & np.uint64(7))).astype(np.uint8))
+
+    def holds(self, hashes: pl.Series) -> pl.Series:
+        """Whether each hash is one of the set's."""
+        h = hashes.to_numpy()
+        slot = h & self.mask
+        maybe = np.flatnonzero((self.bitmap[slot >> np.uint64(3)] >> (slot & np.uint64(7))
+                                .astype(np.uint8)) & 1)
+        out = np.zeros(len(h), dtype=bool)
+        if len(maybe):
+            at = np.minimum(np.searchsorted(self.sorted, h[maybe]), len(self.sorted) - 1)
+            out[maybe] = self.sorted[at] == h[maybe]
+        return pl.Series(out)
