@@ -117,7 +117,7 @@ def _extend_texts(ds: Dataset, run: RunDir, out: Path, tmp: Path, rows: Rows, ol
         texts, skip, tmp, layout, _old_ids_matching(run, old) if rows.id_col else None)
     with table_writer(out / "nodes.parquet", {"node": pl.Int64, "text": pl.Utf8}) as write:
         among, known = _HashSet(texts.key_hashes()), []
-        for t in old_rows(run.nodes, "node", old["nodes"]):
+        for t in old_rows(run.nodes, "node", old["nodes"], ["node", "text"]):
             write(t)
             df = pl.from_arrow(t).select("text", "node")
             known.append(df.filter(among.holds(df["text"].hash())))
@@ -172,7 +172,7 @@ def _copy_samples(run: RunDir, old: dict, rows: Rows, write: Callable[[pl.DataFr
     """The old samples to `write`; checks their nodes are the old nodes' (and, where ids are
     row numbers, that they precede the new rows'); `used` gets the classes they have."""
     n_nodes = old["nodes"] if used is None else len(used)
-    for t in old_rows(run.samples, "sample", old["samples"]):
+    for t in old_rows(run.samples, "sample", old["samples"], ["sample", "sample_id", "node"]):
         node = t.column("node").to_numpy()
         if node.min() < 0 or node.max() >= n_nodes:
             raise GraphbuildError(f"{run.samples}: a sample of node {node.max()} or "

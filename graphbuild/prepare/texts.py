@@ -105,11 +105,6 @@ class Rows:
         self.block_rows = [array("q") for _ in self.files]  # rows per block of a text file
         self.first_row = self.count = first_row
 
-    @property
-    def rows_read(self) -> int:
-        """The rows read so far (of these files)."""
-        return self.count - self.first_row
-
     def __iter__(self) -> Iterator[pl.DataFrame]:
         for file, types, block_rows in zip(self.files, self.types, self.block_rows):
             self.starts.append(self.count)
