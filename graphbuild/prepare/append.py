@@ -83,8 +83,8 @@ def prepare_append(ds: Dataset, run: RunDir, skip_bad_rows: bool, before: Callab
     the run lock; `before()` runs the stage's own refusals once there is something to
     append. Returns the new files' records: empty when there is nothing to append, or no
     finished tables to append to (then the stage builds them as usual). `whole_source`
-    builds the tables over every file even where they could be extended (the tests and
-    benchmarks/append.py compare the two)."""
+    builds the tables over every file even where they could be extended (tests/test_extend.py
+    and benchmarks/append_prepare.py compare the two)."""
     with run.lock():
         info = run.read_run()
         have = info.get("dataset")

@@ -201,7 +201,7 @@ def clean_text(text: pl.Expr) -> pl.Expr:
 
 def read_checked(rows: Rows, value: pl.Expr, what: str, kept: dedup.Spill, skip: bool,
                  tmp: Path, layout: Layout,
-                 earlier_ids: Callable[[np.ndarray], pl.Series] | None = None,
+                 earlier_ids: Callable[[np.ndarray], pl.Series | None] | None = None,
                  ) -> tuple[int, int, np.ndarray]:
     """Stream the source into `kept` as (g, id, value). Bad rows: a row lacking the field or
     a sample id (missing), then a row whose `value` is null (`what`). Raise for the earliest
