@@ -6,4 +6,5 @@
   texts.py     rows cleaned, checked and numbered: nodes.parquet and samples.parquet
   stage.py     prepare(): build the tables once, refuse a rerun whose inputs changed
   append.py    new source files appended to a run's tables (embed --append), old ones unchanged
+  extend.py    an append's tables from the new files and the run's own tables, old files unread
 """

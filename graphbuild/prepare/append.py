@@ -10,12 +10,15 @@ exact: the appended run is the run a from-scratch build over all the files would
   from-scratch order is "old files, then new files": their new texts become nodes after
   the old ones, in first-seen order, and their rows samples after the old ones. A new file
   that sorts before an old one is refused by name.
-- The tables are built over all the files aside (`APPEND_DIR`), then checked to extend the
-  current ones row for row (old nodes and samples are an exact prefix), and only then moved
-  into place. A new row repeating an old sample id fails that build as any repeated id does
-  (one line naming the row; --skip-bad-rows drops it, as a from-scratch build would).
-- The reading of the sources is the whole source's (the cost of prepare, not of embedding);
-  only the new nodes are embedded (embedding/stage.py).
+- The tables are written aside (`APPEND_DIR`), then moved into place. They are built from
+  the new files and the run's own tables (extend.py): the old files are not read again,
+  so an append's prepare costs the new rows' reading plus a copy of the old tables' rows.
+  A new row repeating an old sample id is refused as any repeated id is (one line naming
+  the row; --skip-bad-rows drops it, as a from-scratch build would).
+- Where extend.py cannot derive them from the tables alone (CannotExtend: its docstring
+  lists when), they are built over all the files, with a log line saying why, and checked
+  to extend the current ones row for row (old nodes and samples an exact prefix).
+- Only the new nodes are embedded (embedding/stage.py).
 
 The caller holds the run lock and the append lock (`append_lock`: a second append at the same
 time is refused), and has refused other model, precision or templates and a half-done knn.
@@ -34,9 +37,10 @@ from pathlib import Path
 
 from graphbuild.errors import GraphbuildError
 from graphbuild.faults import kill_point
+from graphbuild.prepare.extend import CannotExtend, extend_tables
 from graphbuild.prepare.manifest import HASH, Dataset, settle_records
 from graphbuild.prepare.stage import check_reading, rebuild, tables_readable
-from graphbuild.prepare.texts import build_tables
+from graphbuild.prepare.texts import Layout, build_tables
 from graphbuild.rundir.files import write_json
 from graphbuild.rundir.locks import file_lock
 from graphbuild.rundir.paths import RunDir
@@ -73,12 +77,14 @@ class _Only(Dataset):
         return [f for f in super().source_files() if f.name in self._names]
 
 
-def prepare_append(ds: Dataset, run: RunDir, skip_bad_rows: bool,
-                   before: Callable[[], None]) -> list[dict]:
+def prepare_append(ds: Dataset, run: RunDir, skip_bad_rows: bool, before: Callable[[], None],
+                   layout: Layout | None = None, whole_source: bool = False) -> list[dict]:
     """Append the source's new files to the run's tables (the module docstring's rules), under
     the run lock; `before()` runs the stage's own refusals once there is something to
     append. Returns the new files' records: empty when there is nothing to append, or no
-    finished tables to append to (then the stage builds them as usual)."""
+    finished tables to append to (then the stage builds them as usual). `whole_source`
+    builds the tables over every file even where they could be extended (tests/test_extend.py
+    and benchmarks/append_prepare.py compare the two)."""
     with run.lock():
         info = run.read_run()
         have = info.get("dataset")
@@ -98,7 +104,7 @@ def prepare_append(ds: Dataset, run: RunDir, skip_bad_rows: bool,
         if not tables_readable(run, have["figures"]):  # a killed append moved one table
             old = _Only(ds, [r["name"] for r in have["source_files"]])
             rebuild(old, run, have, have["source_files"], skip_bad_rows)
-        append_tables(ds, run, info, added, skip_bad_rows)
+        append_tables(ds, run, info, added, skip_bad_rows, layout, whole_source)
     return added
 
 
@@ -131,18 +137,19 @@ def new_files(ds: Dataset, run: RunDir, have: dict) -> list[dict]:
 
 
 def append_tables(ds: Dataset, run: RunDir, info: dict, added: list[dict],
-                  skip_bad_rows: bool) -> dict:
-    """Build the tables over all files aside, check they extend the run's, move them into
-    place and record the append in run.json (written through `info`); the new figures."""
+                  skip_bad_rows: bool, layout: Layout | None = None,
+                  whole_source: bool = False) -> dict:
+    """Build the appended tables aside, move them into place and record the append in
+    run.json (written through `info`); the new figures."""
     have = info["dataset"]
     old = have["figures"]
     aside = run.root / APPEND_DIR
     shutil.rmtree(aside, ignore_errors=True)  # left by a killed append
     try:
         files = ds.source_records(have["source_files"])
-        figures = build_tables(ds, aside, skip_bad_rows).as_dict()
+        figures = _appended_tables(ds, run, aside, old, added, skip_bad_rows, layout,
+                                   whole_source)
         files = settle_records(files)
-        _check_extends(run, aside, old, figures)
         kill_point("append.tables_built")
         for table in (run.nodes, run.samples):  # nodes first: prepare rebuilds either
             os.replace(aside / table.name, table)
@@ -157,6 +164,22 @@ def append_tables(ds: Dataset, run: RunDir, info: dict, added: list[dict],
     log.info("%s: appended %d files: %d new samples, %d new nodes (after node %d)", run.root,
              len(added), figures["samples"] - old["samples"], figures["nodes"] - old["nodes"],
              old["nodes"])
+    return figures
+
+
+def _appended_tables(ds: Dataset, run: RunDir, aside: Path, old: dict, added: list[dict],
+                     skip: bool, layout: Layout | None, whole_source: bool) -> dict:
+    """The appended tables written into `aside`, from the new files and the run's tables
+    where extend.py can, else over every file; their figures."""
+    if not whole_source:
+        try:
+            return extend_tables(ds, run, aside, old, [Path(r["path"]) for r in added], skip,
+                                 layout).as_dict()
+        except CannotExtend as e:
+            log.info("%s: the tables cannot be extended from the new files alone: %s; "
+                     "building them over every source file", run.root, e)
+    figures = build_tables(ds, aside, skip, layout).as_dict()
+    _check_extends(run, aside, old, figures)
     return figures
 
 

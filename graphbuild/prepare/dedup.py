@@ -8,6 +8,8 @@ its first row among the first rows of all texts (first-seen order), so:
 3. `number_nodes`: per text partition, its texts' first rows, and each row's index into
    them; then the partitions' first rows, merged in windows of row numbers, get node ids
    in order (and are written out as the nodes); then per partition, each row's node id.
+   An append (extend.py) passes the old nodes that its texts repeat: those keep their
+   node, and only the other texts are numbered, after the old nodes.
 4. `in_row_order`: the partitions' rows, merged in windows of row numbers: the samples.
 
 Equal texts always land in the same partition, so a partition alone knows a text's first
@@ -22,6 +24,8 @@ from pathlib import Path
 
 import numpy as np
 import polars as pl
+
+from graphbuild.errors import GraphbuildError
 
 FLUSH_ROWS = 65_536  # rows a Spill holds before writing them to its parts
 MIN_BATCH_ROWS = 128  # rows of a segment read during a merge, at least
@@ -72,29 +76,45 @@ class Spill:
     `flush_rows` of them do, then each part's waiting rows become one segment of its file."""
 
     def __init__(self, folder: Path, parts: int, key: str | None, schema: dict,
-                 flush_rows: int = FLUSH_ROWS):
+                 flush_rows: int = FLUSH_ROWS, keep_hashes: bool = False):
         folder.mkdir(parents=True, exist_ok=True)
         self.folder, self.parts, self.key, self.schema = folder, parts, key, schema
         self.flush_rows = flush_rows
         self._waiting: list[list[pl.DataFrame]] = [[] for _ in range(parts)]
         self._rows = 0
+        # keep_hashes: every row's key hash, 8 bytes a row, for `key_hashes` (an append's
+        # lookup of the old rows its keys repeat)
+        self._hashes: list[np.ndarray] | None = [] if keep_hashes else None
 
     def path(self, p: int) -> Path:
         return self.folder / f"{p:05d}.arrow"
 
+    def part_of(self, keys: pl.Series) -> pl.Series:
+        """The partition of each key (polars hashes are fixed within a process; the files
+        do not outlive it)."""
+        return keys.hash() % self.parts
+
     def append(self, df: pl.DataFrame) -> None:
         if df.height == 0:
             return
+        if self._hashes is not None:
+            self._hashes.append(df[self.key].hash().to_numpy())
         if self.parts == 1:
             self._waiting[0].append(df)
-        else:  # polars hashes are fixed within a process; the files do not outlive it
-            part = (df[self.key].hash() % self.parts).alias("_part")
+        else:
+            part = self.part_of(df[self.key]).alias("_part")
             for (p,), piece in df.with_columns(part).partition_by(
                     "_part", as_dict=True, include_key=False, maintain_order=True).items():
                 self._waiting[p].append(piece)
         self._rows += df.height
         if self._rows >= self.flush_rows:
             self.flush()
+
+    def key_hashes(self) -> np.ndarray:
+        """The distinct hashes of the keys of the rows appended so far, sorted (keep_hashes);
+        a key hashed the same way (`pl.Series.hash`, same dtype) is among them if it equals
+        one of these keys."""
+        return np.unique(np.concatenate([np.empty(0, np.uint64), *self._hashes]))
 
     def flush(self) -> None:
         for p, pieces in enumerate(self._waiting):
@@ -115,12 +135,17 @@ def without(df: pl.DataFrame, dropped: np.ndarray) -> pl.DataFrame:
     return df.filter(~pl.col("g").is_in(pl.Series(dropped).implode())) if len(dropped) else df
 
 
-def repeated_rows(spill: Spill, key: str = "id") -> np.ndarray:
-    """Sorted row numbers of the rows whose `key` an earlier row had (the spill's key)."""
+def repeated_rows(spill: Spill, key: str = "id", seen: pl.Series | None = None) -> np.ndarray:
+    """Sorted row numbers of the rows whose `key` an earlier row had (the spill's key); with
+    `seen`, the keys of rows before all of the spill's (an append's old rows), also of the
+    rows whose key is among them."""
     found = [np.empty(0, dtype=np.int64)]
+    repeated = ~pl.col(key).is_first_distinct()
+    if seen is not None and len(seen):
+        repeated = repeated | pl.col(key).is_in(seen.implode())
     for p in range(spill.parts):
         df = spill.read(p)
-        found.append(df.filter(~pl.col(key).is_first_distinct())["g"].to_numpy())
+        found.append(df.filter(repeated)["g"].to_numpy())
         spill.remove(p)
     return np.sort(np.concatenate(found))
 
@@ -162,13 +187,18 @@ class _Sorted:
 
 
 def number_nodes(texts: Spill, dropped: np.ndarray, folder: Path, window: int,
-                 write_nodes: Callable[[pl.DataFrame], None]) -> tuple[int, list[Path]]:
+                 write_nodes: Callable[[pl.DataFrame], None], known: pl.DataFrame | None = None,
+                 first_node: int = 0) -> tuple[int, list[Path]]:
     """Give each distinct text of `texts` (columns g, id, text; rows `dropped` left out) a
     node id in first-seen order; write_nodes gets (node, text) frames in node order.
+    `known` (text, node): texts numbered before these rows (an append's old nodes, or more
+    of them); a text among them keeps its node, the others are numbered from `first_node`.
 
-    Returns the node count and per partition a file of (g, id, node), sorted by g."""
+    Returns the node count (first_node included) and per partition a file of (g, id, node),
+    sorted by g."""
     folder.mkdir(parents=True, exist_ok=True)
     batch = max(MIN_BATCH_ROWS, window // texts.parts)
+    known_in = _known_by_part(texts, known)
 
     def path(kind: str, p: int) -> Path:
         return folder / f"{kind}-{p:05d}.arrow"
@@ -178,11 +208,18 @@ def number_nodes(texts: Spill, dropped: np.ndarray, folder: Path, window: int,
         first = df.select("g", "text").unique(subset="text", keep="first", maintain_order=True)
         index = first.select("text", pl.int_range(pl.len(), dtype=pl.Int64).alias("local"))
         rows = df.join(index, on="text", how="left", maintain_order="left")
+        if known_in is not None:  # per first row its old node, -1 for a text to number
+            old = first.join(known_in.get(p, known.clear()), on="text", how="left",
+                             maintain_order="left")["node"]
+            if len(old) != first.height:
+                raise GraphbuildError("the old nodes given to number_nodes hold a text twice")
+            old.fill_null(-1).to_numpy().astype(np.int64).tofile(path("old", p))
+            first = first.filter(old.is_null())
         write_frame(path("first", p), first, batch)
         write_frame(path("rows", p), rows.select("g", "id", "local"), max(rows.height, 1))
         texts.remove(p)
 
-    n_nodes = 0  # all partitions' first rows, in row order, are the nodes in node order
+    n_nodes = first_node  # all partitions' first rows, in row order, are the nodes in node order
     for pieces in _in_windows([path("first", p) for p in range(texts.parts)], window):
         sizes = [0 if x is None else x.height for x in pieces]
         if not any(sizes):
@@ -207,13 +244,32 @@ def number_nodes(texts: Spill, dropped: np.ndarray, folder: Path, window: int,
     for p in range(texts.parts):  # each row's node, looked up by its local index
         rows = read_frame(path("rows", p), {"g": pl.Int64, "id": texts.schema["id"],
                                             "local": pl.Int64})
-        nodes = np.fromfile(path("node", p), dtype=np.int64) if rows.height else np.empty(0, np.int64)
+        nodes = _ids(path("node", p))  # the partition's numbered first rows, in order
+        if known_in is not None:
+            old = _ids(path("old", p))
+            old[old < 0] = nodes
+            nodes = old
         rows = rows.select("g", "id", pl.Series("node", nodes[rows["local"].to_numpy()]))
         write_frame(path("numbered", p), rows, batch)
-        path("rows", p).unlink(missing_ok=True)
-        path("node", p).unlink(missing_ok=True)
+        for kind in ("rows", "node", "old"):
+            path(kind, p).unlink(missing_ok=True)
         numbered.append(path("numbered", p))
     return n_nodes, numbered
+
+
+def _ids(path: Path) -> np.ndarray:
+    """The int64 node ids written to path; none if it was never written."""
+    return np.fromfile(path, dtype=np.int64) if path.exists() else np.empty(0, np.int64)
+
+
+def _known_by_part(texts: Spill, known: pl.DataFrame | None) -> dict[int, pl.DataFrame] | None:
+    """`known` (text, node) split by the partition of `texts` each text belongs to."""
+    if known is None:
+        return None
+    parts = known.with_columns(texts.part_of(known["text"]).alias("_part") if texts.parts > 1
+                               else pl.lit(0, dtype=pl.UInt64).alias("_part"))
+    return {p: df for (p,), df in parts.partition_by("_part", as_dict=True,
+                                                      include_key=False).items()}
 
 
 def in_row_order(paths: list[Path], window: int) -> Iterator[pl.DataFrame]:

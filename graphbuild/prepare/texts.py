@@ -77,26 +77,33 @@ class Layout:
         return int(min(self.max_partitions, max(1, -(-source_bytes // self.partition_bytes))))
 
 
-class _Rows:
+class Rows:
     """The source's rows in order, a batch at a time: g (the row number over all files), id
-    (the id column, or g without one) and value (the text or label column, as read)."""
+    (the id column, or g without one) and value (the text or label column, as read).
 
-    def __init__(self, ds: Dataset, value_col: str, layout: Layout):
+    An append (extend.py) reads only `files`, the new ones, numbered from `first_row`, with
+    `earlier_id_type` (the old rows' id type) in the files' common id type."""
+
+    def __init__(self, ds: Dataset, value_col: str, layout: Layout,
+                 files: list[Path] | None = None, first_row: int = 0,
+                 earlier_id_type: pl.DataType | None = None):
         m = ds.manifest
         self.ds, self.layout, self.value_col, self.id_col = ds, layout, value_col, m.id_column
-        self.files = ds.source_files()
+        self.files = ds.source_files() if files is None else files
         wanted = list(dict.fromkeys([value_col] + ([m.id_column] if m.id_column else [])))
         self.types = [sources.column_types(ds, f, wanted, layout.block_bytes) for f in self.files]
         self.id_type = pl.Int64
         if m.id_column:  # as a concatenation of the files would have it; integers or strings
-            frames = [pl.DataFrame(schema={"id": t[m.id_column]}) for t in self.types]
+            earlier = [] if earlier_id_type is None else [earlier_id_type]
+            frames = [pl.DataFrame(schema={"id": t}) for t in
+                      [*earlier, *(t[m.id_column] for t in self.types)]]
             self.id_type = pl.concat(frames, how="vertical_relaxed").schema["id"]
             if not self.id_type.is_integer():
                 self.id_type = pl.String
         self.source_bytes = sum(sources.data_bytes(ds, f) for f in self.files)
         self.starts: list[int] = []  # each file's first row number
         self.block_rows = [array("q") for _ in self.files]  # rows per block of a text file
-        self.count = 0
+        self.first_row = self.count = first_row
 
     def __iter__(self) -> Iterator[pl.DataFrame]:
         for file, types, block_rows in zip(self.files, self.types, self.block_rows):
@@ -133,7 +140,7 @@ class _BadRows:
             self.first = bad.row(0, named=True)
         self.count += bad.height
 
-    def check_or_skip(self, skip: bool, rows: _Rows) -> int:
+    def check_or_skip(self, skip: bool, rows: Rows) -> int:
         """Raise for the first bad row, or (skipping) say how many go; return that count."""
         if self.count == 0:
             return 0
@@ -145,7 +152,7 @@ class _BadRows:
         return self.count
 
 
-def _check_or_skip_all(checks: list[_BadRows], skip: bool, rows: _Rows) -> list[int]:
+def _check_or_skip_all(checks: list[_BadRows], skip: bool, rows: Rows) -> list[int]:
     """Raise for the earliest bad row of any check, or (skipping) each check's count."""
     found = [c for c in checks if c.count]
     if found and not skip:
@@ -166,10 +173,10 @@ def build_tables(ds: Dataset, out: str | Path, skip_bad_rows: bool = False,
         return _text_tables(ds, out, tmp, skip_bad_rows, layout or Layout())
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-        _release_memory()
+        release_memory()
 
 
-def _release_memory() -> None:
+def release_memory() -> None:
     """Hand what the steps freed back to the OS before the model loads: Arrow's pool keeps
     freed blocks, glibc keeps freed heap pages (polars' jemalloc returns them within 1 s)."""
     import pyarrow as pa
@@ -179,29 +186,34 @@ def _release_memory() -> None:
 
 
 @contextlib.contextmanager
-def _table(path: Path, schema: dict) -> Iterator[Callable[[pl.DataFrame], None]]:
+def table_writer(path: Path, schema: dict) -> Iterator[Callable[[pl.DataFrame], None]]:
     """A table written in row groups of ROW_GROUP rows through a temp file; then a kill point."""
     with atomic_path(path) as tmp, ParquetRows(tmp, schema, ROW_GROUP) as rows:
         yield rows.write
     kill_point("tables.table_written")
 
 
-def _clean(text: pl.Expr) -> pl.Expr:
+def clean_text(text: pl.Expr) -> pl.Expr:
     """Whitespace runs to one space, ends stripped; null for a text left empty."""
     text = text.cast(pl.Utf8).str.replace_all(r"\s+", " ").str.strip_chars()
     return pl.when(text != "").then(text)
 
 
-def _read_checked(rows: _Rows, value: pl.Expr, what: str, kept: dedup.Spill, skip: bool,
-                  tmp: Path, layout: Layout) -> tuple[int, int, np.ndarray]:
+def read_checked(rows: Rows, value: pl.Expr, what: str, kept: dedup.Spill, skip: bool,
+                 tmp: Path, layout: Layout,
+                 earlier_ids: Callable[[np.ndarray], pl.Series | None] | None = None,
+                 ) -> tuple[int, int, np.ndarray]:
     """Stream the source into `kept` as (g, id, value). Bad rows: a row lacking the field or
     a sample id (missing), then a row whose `value` is null (`what`). Raise for the earliest
     bad row, then for the first repeated sample id, unless skipping. Return the counts of
-    missing and of bad rows, and the sorted row numbers of repeated ids (dropped)."""
+    missing and of bad rows, and the sorted row numbers of repeated ids (dropped).
+    `earlier_ids` (an append): given the sorted hashes of these rows' ids, the ids of the
+    rows before them with such a hash; a row with one of those ids is a repeat too."""
     name = value.meta.output_name()
     ids = None if rows.id_col is None else dedup.Spill(
         tmp / "ids", layout.partitions_for(rows.source_bytes), "id",
-        {"g": pl.Int64, "id": rows.id_type}, layout.flush_rows)
+        {"g": pl.Int64, "id": rows.id_type}, layout.flush_rows,
+        keep_hashes=earlier_ids is not None)
     no_field = _BadRows(f"missing field {rows.value_col!r}")
     no_id = _BadRows(f"missing sample id in column {rows.id_col!r}")
     bad = _BadRows(what)
@@ -223,7 +235,8 @@ def _read_checked(rows: _Rows, value: pl.Expr, what: str, kept: dedup.Spill, ski
     if ids is None:
         return n_field + n_id, n_bad, np.empty(0, dtype=np.int64)
     ids.flush()
-    dropped = dedup.repeated_rows(ids)
+    seen = None if earlier_ids is None else earlier_ids(ids.key_hashes())
+    dropped = dedup.repeated_rows(ids, seen=seen)
     repeated = _BadRows(f"duplicate sample id in column {rows.id_col!r}")
     repeated.note(pl.DataFrame({"g": dropped}))
     repeated.check_or_skip(skip, rows)
@@ -232,17 +245,17 @@ def _read_checked(rows: _Rows, value: pl.Expr, what: str, kept: dedup.Spill, ski
 
 def _text_tables(ds: Dataset, out: Path, tmp: Path, skip: bool, layout: Layout) -> TextFigures:
     m = ds.manifest
-    rows = _Rows(ds, m.text_column, layout)
+    rows = Rows(ds, m.text_column, layout)
     texts = dedup.Spill(tmp / "texts", layout.partitions_for(rows.source_bytes), "text",
                         {"g": pl.Int64, "id": rows.id_type, "text": pl.Utf8}, layout.flush_rows)
-    n_missing, n_empty, dropped = _read_checked(
-        rows, _clean(pl.col("value")).alias("text"), f"empty text in column {m.text_column!r}",
-        texts, skip, tmp, layout)
+    n_missing, n_empty, dropped = read_checked(
+        rows, clean_text(pl.col("value")).alias("text"), empty_text(m.text_column), texts, skip,
+        tmp, layout)
     n_samples = rows.count - n_missing - n_empty - len(dropped)
     if n_samples == 0:
         raise GraphbuildError(f"{ds.path}: the source holds no rows")
 
-    with _table(out / "nodes.parquet", {"node": pl.Int64, "text": pl.Utf8}) as write:
+    with table_writer(out / "nodes.parquet", {"node": pl.Int64, "text": pl.Utf8}) as write:
         n_nodes, numbered = dedup.number_nodes(texts, dropped, tmp / "nodes", layout.window_rows,
                                                write)
     _write_samples(out, dedup.in_row_order(numbered, layout.window_rows), rows.id_type)
@@ -253,28 +266,39 @@ def _text_tables(ds: Dataset, out: Path, tmp: Path, skip: bool, layout: Layout) 
 
 def _write_samples(out: Path, frames: Iterator[pl.DataFrame], id_type) -> None:
     """samples.parquet from frames of (id, node) in row order."""
-    schema = {"sample": pl.Int64, "sample_id": id_type, "node": pl.Int64}
-    with _table(out / "samples.parquet", schema) as write:
-        n = 0
-        for df in frames:
-            write(df.select(pl.int_range(n, n + df.height, dtype=pl.Int64).alias("sample"),
-                            pl.col("id").alias("sample_id"), "node"))
-            n += df.height
+    with table_writer(out / "samples.parquet", samples_schema(id_type)) as write:
+        write_samples(write, frames)
 
 
-def _label_tables(ds: Dataset, out: Path, tmp: Path, skip: bool, layout: Layout) -> TextFigures:
+def samples_schema(id_type: pl.DataType) -> dict:
+    return {"sample": pl.Int64, "sample_id": id_type, "node": pl.Int64}
+
+
+def write_samples(write: Callable[[pl.DataFrame], None], frames: Iterator[pl.DataFrame],
+                  first_sample: int = 0) -> int:
+    """Frames of (id, node) in row order to `write` as samples numbered from first_sample;
+    returns how many."""
+    n = first_sample
+    for df in frames:
+        write(df.select(pl.int_range(n, n + df.height, dtype=pl.Int64).alias("sample"),
+                        pl.col("id").alias("sample_id"), "node"))
+        n += df.height
+    return n - first_sample
+
+
+def class_nodes(ds: Dataset) -> pl.DataFrame:
+    """A label dataset's nodes table: its classes, in list order."""
     entries = ds.class_entries()
-    nodes = pl.DataFrame({
+    return pl.DataFrame({
         "node": pl.Series(range(len(entries)), dtype=pl.Int64),
         "text": [" ".join(e.name.split()) for e in entries],
         "key": [e.key for e in entries],
     }, schema={"node": pl.Int64, "text": pl.Utf8, "key": pl.Utf8})
-    if ds.manifest.source is None:  # the classes themselves are the samples
-        samples = nodes.select(pl.coalesce("key", pl.col("node").cast(pl.Utf8)).alias("id"), "node")
-        with _table(out / "nodes.parquet", nodes.schema) as write:
-            write(nodes)
-        _write_samples(out, iter([samples]), pl.Utf8)
-        return TextFigures(samples=nodes.height, nodes=nodes.height, duplicates=0)
+
+
+def label_node(ds: Dataset) -> pl.Expr:
+    """A label (column "value") to its class's node, null for a label not in the list."""
+    entries = ds.class_entries()
     lookup: dict[str, int] = {}
     for i, e in enumerate(entries):  # index, then key, then name; first spelling wins
         lookup.setdefault(str(i), i)
@@ -283,20 +307,28 @@ def _label_tables(ds: Dataset, out: Path, tmp: Path, skip: bool, layout: Layout)
             lookup.setdefault(e.key, i)
     for i, e in enumerate(entries):
         lookup.setdefault(e.name, i)
+    return (pl.col("value").cast(pl.Utf8).str.strip_chars()
+            .replace_strict(lookup, default=None, return_dtype=pl.Int64).alias("node"))
 
+
+def _label_tables(ds: Dataset, out: Path, tmp: Path, skip: bool, layout: Layout) -> TextFigures:
+    nodes = class_nodes(ds)
+    if ds.manifest.source is None:  # the classes themselves are the samples
+        samples = nodes.select(pl.coalesce("key", pl.col("node").cast(pl.Utf8)).alias("id"), "node")
+        with table_writer(out / "nodes.parquet", nodes.schema) as write:
+            write(nodes)
+        _write_samples(out, iter([samples]), pl.Utf8)
+        return TextFigures(samples=nodes.height, nodes=nodes.height, duplicates=0)
     col = ds.manifest.label_column
-    rows = _Rows(ds, col, layout)
+    rows = Rows(ds, col, layout)
     kept = dedup.Spill(tmp / "kept", 1, None, {"g": pl.Int64, "id": rows.id_type, "node": pl.Int64},
                        layout.flush_rows)
-    node = (pl.col("value").cast(pl.Utf8).str.strip_chars()
-            .replace_strict(lookup, default=None, return_dtype=pl.Int64).alias("node"))
-    n_missing, n_bad, dropped = _read_checked(
-        rows, node, f"label {{value}} in column {col!r} is not in the class list", kept, skip,
-        tmp, layout)
+    n_missing, n_bad, dropped = read_checked(rows, label_node(ds), not_a_class(col), kept, skip,
+                                             tmp, layout)
 
-    with _table(out / "nodes.parquet", nodes.schema) as write:
+    with table_writer(out / "nodes.parquet", nodes.schema) as write:
         write(nodes)
-    used = np.zeros(len(entries), dtype=bool)
+    used = np.zeros(nodes.height, dtype=bool)
 
     def kept_rows() -> Iterator[pl.DataFrame]:
         for df in dedup.segments(kept.path(0)):
@@ -309,6 +341,16 @@ def _label_tables(ds: Dataset, out: Path, tmp: Path, skip: bool, layout: Layout)
     return TextFigures(samples=n_samples, nodes=nodes.height,
                        duplicates=n_samples - int(used.sum()), skipped_missing=n_missing,
                        skipped_empty=n_bad, skipped_duplicate_ids=len(dropped))
+
+
+def empty_text(col: str) -> str:
+    """What a bad row of a text dataset is."""
+    return f"empty text in column {col!r}"
+
+
+def not_a_class(col: str) -> str:
+    """What a bad row of a label dataset is ({value} is the label)."""
+    return f"label {{value}} in column {col!r} is not in the class list"
 
 
 def read_node_texts(run_dir: Path, start: int, stop: int) -> list[str]:

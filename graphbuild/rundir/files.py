@@ -133,8 +133,10 @@ class ParquetRows:
         self._rows = 0
 
     def write(self, df) -> None:
-        """Append a polars DataFrame's rows."""
-        self.write_table(df.to_arrow())
+        """Append a polars DataFrame's rows (or a pyarrow Table's)."""
+        import pyarrow as pa
+
+        self.write_table(df if isinstance(df, pa.Table) else df.to_arrow())
 
     def write_table(self, table) -> None:
         """Append a pyarrow Table's rows."""
