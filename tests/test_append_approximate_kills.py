@@ -105,3 +105,17 @@ def test_other_settings_mid_update_are_refused(world, tmp_path):
     line = one_error(run_cli("knn", out, "--k", "8", "--method", "exact", "-q"))
     assert "the base is approximate, exact is asked for" in line
     assert "graph" in one_error(run_cli("stats", out))
+
+
+def test_auto_resumes_an_approximate_update_set_aside(world, tmp_path):
+    """Killed once the base is set aside (no _meta.json or params.json left in the run's
+    graph), knn with --method auto still resumes the approximate update: the base's method."""
+    out = shutil.copytree(world["old"].parent, tmp_path / "a") / "run"
+    tsv(out.parent / "src" / "b.tsv", NEW)
+    assert cli(APPEND, manifest=out.parent / "coco.yaml", out=out).returncode == 0
+    assert cli([*KNN3, "0"], out=out, kill_at="knn.base_set_aside").returncode == -signal.SIGKILL
+    auto = [a for a in KNN3 if a not in ("--method", "approximate")]
+    for s in range(3):
+        r = cli([*auto, str(s)], out=out)
+        assert r.returncode == 0, r.stderr[-2000:]
+    assert tree_bytes(out) == world["ref"]

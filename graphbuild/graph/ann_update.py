@@ -152,11 +152,12 @@ def grow_index(run: RunDir, arr, attrs: dict, params: dict, base_n: int,
                  "recall": measured["recall"], "sample": measured["sample"], "curve": [],
                  "update": measured}
         write_json(folder / "index.json", {"index": index, "tuning": {tune_key(params): tuned}})
+        on_new = ("" if measured["recall_new"] is None else
+                  f"{measured['recall_new']:.4f} on the {measured['sample_new']} new among them; ")
         log.info("the %d rows appended joined the base's %d lists; the updated graph's "
-                 "recall@%d %.4f on %d sampled queries (%.4f on the %d new among them; target "
-                 "%.2f), at the base's nprobe %d", n - base_n, scan.nlist, params["k"],
-                 measured["recall"], measured["sample"], measured["recall_new"],
-                 measured["sample_new"], params["recall_target"], tuning["nprobe"])
+                 "recall@%d %.4f on %d sampled queries (%starget %.2f), at the base's nprobe %d",
+                 n - base_n, scan.nlist, params["k"], measured["recall"], measured["sample"],
+                 on_new, params["recall_target"], tuning["nprobe"])
         return True
 
 

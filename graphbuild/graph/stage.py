@@ -306,8 +306,10 @@ def _check_approximate(n: int, d: int, k: int, budget: int, device: str | None) 
 
 def resumed_method(out: str | Path, k: int) -> str | None:
     """The method of the graph on disk when it has this k (auto keeps it), from what vouches
-    for the graph: _meta.json, params.json, the shard markers."""
-    for _, have in _recorded(RunDir(out)):
+    for the graph: _meta.json, params.json, the shard markers, or the base graph of an update
+    after an append."""
+    run = RunDir(out)
+    for _, have in [*_recorded(run), (run.graph_base, read_json(run.graph_base / "_meta.json"))]:
         if have.get("k") == k and have.get("method") in options.METHODS[1:]:
             return have["method"]
     return None
