@@ -155,7 +155,8 @@ def test_a_recall_below_the_target_abandons_the_update(old, tmp_path, caplog, mo
     measured = ann_update.measure_recall
 
     def short(*args, **kw):
-        return {**measured(*args, **kw), "recall": TARGET - 0.01}
+        tuned = measured(*args, **kw)
+        return {**tuned, "update": {**tuned["update"], "recall": TARGET - 0.01}}
 
     monkeypatch.setattr(ann_update, "measure_recall", short)
     out = appended(old[1], tmp_path / "a")

@@ -7,20 +7,22 @@ new ones. When knn asks for the same approximate graph (k, recall target) again:
 
 - the lists keep their trained centroids; each new row joins its nearest one's list (as a
   build assigns rows), and the grown lists are saved once, under the run lock, in
-  graph/_index with the base's tuned nprobe and probe gap (`grow_index`);
+  graph/_index (`grow_index`);
 - a new row is searched against all rows, as a build searches (ann.search);
-- an old row probes the lists it probed before, but scores only their new members; those
-  and its base list merge by sim descending, then id ascending (update.merge_lists). Sims
-  are the same fp32 products of the stored rows either way (ivf_scan).
+- an old row probes lists as it did before, but scores only their new members; those and
+  its base list merge by sim descending, then id ascending (update.merge_lists). Sims are
+  the same fp32 products of the stored rows either way (ivf_scan).
 
-The graph's recall is then measured again before any shard searches: a seeded sample of
-queries over the grown store, each updated as above, against exact search
-(ann.ground_truth). It is recorded where a build records its tuning (graph/_index's
-index.json, then every shard marker and graph/_meta.json). Below the target, the update is
-abandoned and the graph rebuilt, with one log line; so is it when the lists would hold more
-than APPROX_UPDATE_MAX_SHARE of rows they were not trained on (counted over every append
-since they were trained), or when this knn would search another kind of index (a faiss
-index: IVF-PQ, or on a GPU).
+Before any shard searches, the graph's recall is measured again: a seeded sample of queries
+over the grown store, each updated as above, against exact search (ann.ground_truth). The
+searches that score new rows probe the base's tuned nprobe lists (and probe gap), or a few
+times more while the sample falls short of the target (`measure_recall`); the figure is
+recorded where a build records its tuning (graph/_index's index.json, then every shard
+marker and graph/_meta.json). Still below the target, the update is abandoned and the graph
+rebuilt, with one log line; so is it when the lists would hold more than
+APPROX_UPDATE_MAX_SHARE of rows they were not trained on (counted over every append since
+they were trained), or when this knn would search another kind of index (a faiss index:
+IVF-PQ, or on a GPU).
 
 Setting the base aside as graph-base, resuming, refusing other settings and vouching are
 the exact update's (update.plan_update, stage.py): no marker vouches for the base or for a
@@ -30,6 +32,7 @@ half-merged part.
 from __future__ import annotations
 
 import logging
+import math
 import shutil
 from pathlib import Path
 
@@ -49,6 +52,13 @@ log = logging.getLogger(__name__)
 # lists are trained again. The recall check guards the graph below it
 # (benchmarks/results/append.txt: recall of the update against the share appended).
 APPROX_UPDATE_MAX_SHARE = 0.10
+# The searches that score new rows (new rows against all, old rows against the new members
+# of their lists) probe the base's nprobe lists, or this many times more when the sample
+# falls short of the target at the base's: the old rows' lists among old rows stay the
+# base's, tuned to the target on another sample, so a fresh sample of the updated graph can
+# measure a little below it. Past the last factor, new rows would cost a large part of a
+# rebuild's search: the graph is rebuilt.
+PROBE_FACTORS = (1, 1.5, 2, 3, 4)
 LISTS_FILE = "lists.npz"
 
 
@@ -133,11 +143,15 @@ def grow_index(run: RunDir, arr, attrs: dict, params: dict, base_n: int,
         if not why:
             grown = grow_lists(lists, arr, base_n, step)
             scan = ListScan.from_lists(*grown, arr, step)
-            measured = measure_recall(run, scan, base_n, params["k"], tuning, step)
+            tuned = measure_recall(run, scan, base_n, params["k"], tuning,
+                                   params["recall_target"], step)
+            measured = tuned["update"]
             if measured["recall"] < params["recall_target"]:
                 why = (f"the updated graph's recall@{params['k']} {measured['recall']:.4f} on "
                        f"{measured['sample']} sampled queries is below the target "
-                       f"{params['recall_target']}")
+                       f"{params['recall_target']}, the new rows' searches probing up to "
+                       f"{tuned['nprobe']} lists (the base's {tuning['nprobe']} times "
+                       f"{PROBE_FACTORS[-1]})")
         if why:
             _rebuild(run, base_n, n, why)
             return False
@@ -148,16 +162,14 @@ def grow_index(run: RunDir, arr, attrs: dict, params: dict, base_n: int,
         with atomic_path(folder / LISTS_FILE) as tmp:
             save_lists(tmp, grown)
         kill_point("ann.grown_index_written")  # lists in place, index.json not yet
-        tuned = {"nprobe": tuning["nprobe"], "probe_gap": tuning.get("probe_gap"),
-                 "recall": measured["recall"], "sample": measured["sample"], "curve": [],
-                 "update": measured}
         write_json(folder / "index.json", {"index": index, "tuning": {tune_key(params): tuned}})
         on_new = ("" if measured["recall_new"] is None else
                   f"{measured['recall_new']:.4f} on the {measured['sample_new']} new among them; ")
         log.info("the %d rows appended joined the base's %d lists; the updated graph's "
-                 "recall@%d %.4f on %d sampled queries (%starget %.2f), at the base's nprobe %d",
-                 n - base_n, scan.nlist, params["k"], measured["recall"], measured["sample"],
-                 on_new, params["recall_target"], tuning["nprobe"])
+                 "recall@%d %.4f on %d sampled queries (%starget %.2f); new rows scored "
+                 "probing %d lists (the base's nprobe: %d)", n - base_n, scan.nlist,
+                 params["k"], measured["recall"], measured["sample"], on_new,
+                 params["recall_target"], tuned["nprobe"], tuning["nprobe"])
         return True
 
 
@@ -234,22 +246,46 @@ def updated_rows(scan, news, rows: np.ndarray, base_ids: np.ndarray, base_sims: 
     return ids, sims
 
 
-def measure_recall(run: RunDir, scan, base_n: int, k: int, tuning: dict,
+def measure_recall(run: RunDir, scan, base_n: int, k: int, tuning: dict, target: float,
                    block_rows: int) -> dict:
-    """recall@k of the updated graph on a seeded sample of queries over the grown store
-    (the tuning's sample size and seed), against exact search: overall and on new rows."""
+    """The tuning of the searches that score new rows, as index.json records a tuning, with
+    the updated graph's recall@k on a seeded sample of queries over the grown store (the
+    tuning's sample size and seed) against exact search: at the base's nprobe and probe gap,
+    then, while it falls short of the target, at PROBE_FACTORS times that nprobe (with the
+    gap at which the sample probes that many lists on average, as ann.tune_nprobe sets it).
+    "update": the chosen one's figures, overall and on the sample's new rows."""
     from graphbuild.graph.ann import SEED, TUNE_QUERIES, ground_truth, recall_at_k, sample_ids
+    from graphbuild.graph.ivf_scan import probe_gap_for
 
     queries = sample_ids(scan.ntotal, TUNE_QUERIES, SEED + 1)
     truth = ground_truth(scan.in_store_order(), queries, k, block_rows)
     old = queries < base_n
     base_ids, base_sims = base_rows_at(run, queries[old], k)
-    found, _ = updated_rows(scan, new_members(scan, base_n), queries, base_ids, base_sims,
-                            base_n, k, tuning)
-    return {"recall": round(recall_at_k(found, truth), 4), "sample": len(queries),
-            "recall_new": round(recall_at_k(found[~old], truth[~old]), 4) if (~old).any()
-            else None, "sample_new": int((~old).sum()), "base_nodes": base_n,
-            "recall_base": tuning.get("recall")}
+    news = new_members(scan, base_n)
+    xq = np.asarray(scan.in_store_order()[queries], np.float32)
+    curve = []
+    for factor in PROBE_FACTORS:
+        nprobe = min(scan.nlist, math.ceil(tuning["nprobe"] * factor))
+        gap = (tuning.get("probe_gap") if factor == 1
+               else probe_gap_for(xq, scan.centroids, nprobe))
+        found, _ = updated_rows(scan, news, queries, base_ids, base_sims, base_n, k,
+                                {"nprobe": nprobe, "probe_gap": gap})
+        curve.append({"nprobe": nprobe, "probe_gap": gap,
+                      "recall": round(recall_at_k(found, truth), 4),
+                      "recall_new": round(recall_at_k(found[~old], truth[~old]), 4)
+                      if (~old).any() else None})
+        log.info("updated graph, new rows scored probing %d lists%s: recall@%d %.4f on %d "
+                 "sampled queries", nprobe, "" if gap is None else " on average", k,
+                 curve[-1]["recall"], len(queries))
+        if curve[-1]["recall"] >= target or nprobe >= scan.nlist:
+            break
+    chosen = curve[-1]
+    return {"nprobe": chosen["nprobe"], "probe_gap": chosen["probe_gap"],
+            "recall": chosen["recall"], "sample": len(queries), "curve": curve,
+            "update": {"recall": chosen["recall"], "sample": len(queries),
+                       "recall_new": chosen["recall_new"], "sample_new": int((~old).sum()),
+                       "base_nodes": base_n, "base_nprobe": tuning["nprobe"],
+                       "base_recall": tuning.get("recall")}}
 
 
 def base_rows_at(run: RunDir, rows: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
