@@ -9,9 +9,10 @@ new ones. When knn asks for the same approximate graph (k, recall target) again:
   build assigns rows), and the grown lists are saved once, under the run lock, in
   graph/_index (`grow_index`);
 - a new row is searched against all rows, as a build searches (ann.search);
-- an old row probes lists as it did before, but scores only their new members; those and
-  its base list merge by sim descending, then id ascending (update.merge_lists). Sims are
-  the same fp32 products of the stored rows either way (ivf_scan).
+- an old row scores new rows: all of them by one dense product when they are few, else
+  only the new members of the lists it probes (`NewRows`); its best ones and its base list
+  merge by sim descending, then id ascending (update.merge_lists). Sims are fp32 products
+  of the stored rows either way (as ivf_scan's).
 
 Before any shard searches, the graph's recall is measured again: a seeded sample of queries
 over the grown store, each updated as above, against exact search (ann.ground_truth). The
@@ -59,6 +60,12 @@ APPROX_UPDATE_MAX_SHARE = 0.10
 # measure a little below it. Past the last factor, new rows would cost a large part of a
 # rebuild's search: the graph is rebuilt.
 PROBE_FACTORS = (1, 1.5, 2, 3, 4)
+# Old rows score every new row (a dense product) when there are at most this many new rows
+# per list the base probes, else only the new members of the lists they probe: below it the
+# dense product costs less than gathering the old rows once per probed list
+# (benchmarks/results/append.txt).
+DENSE_PER_PROBE = 400
+SCORES_PER_BLOCK = 1 << 25  # fp32 scores of old rows against new ones held at once (128 MiB)
 LISTS_FILE = "lists.npz"
 
 
@@ -224,25 +231,59 @@ def new_members(scan, base_n: int):
                     scan.rows[torch.from_numpy(keep)].numpy())
 
 
-def updated_rows(scan, news, rows: np.ndarray, base_ids: np.ndarray, base_sims: np.ndarray,
-                 base_n: int, k: int, tuning: dict) -> tuple[np.ndarray, np.ndarray]:
+class NewRows:
+    """Where old rows find their new neighbours: with at most DENSE_PER_PROBE new rows per
+    list the base probes, all of them, scored by one dense product per block of old rows;
+    else the new members of the lists each old row probes (`new_members`), whose search
+    gathers every old row once per probed list."""
+
+    def __init__(self, scan, base_n: int, nprobe: int, dense: bool | None = None):
+        n_new = scan.ntotal - base_n
+        self.base_n = base_n
+        self.dense = n_new <= DENSE_PER_PROBE * nprobe if dense is None else dense
+        if self.dense:
+            self.cols = torch.from_numpy(scan.in_store_order()[base_n:scan.ntotal]).float().T
+        else:
+            self.scan = new_members(scan, base_n)
+
+    def best(self, xq: np.ndarray, k: int, tuning: dict) -> tuple[np.ndarray, np.ndarray]:
+        """(sims, ids) of the best new rows of each query row (fp16 xq), best first; empty
+        slots -inf and -1 (a probed list may hold fewer than k new rows)."""
+        from graphbuild.graph.kernels import threads_as_torch
+
+        if not self.dense:
+            self.scan.nprobe, self.scan.probe_gap = tuning["nprobe"], tuning.get("probe_gap")
+            return self.scan.search(xq, min(k, self.scan.ntotal))
+        threads_as_torch()
+        sims, ids = [], []
+        step = max(1, SCORES_PER_BLOCK // self.cols.shape[1])
+        for lo in range(0, len(xq), step):
+            top = (torch.from_numpy(xq[lo:lo + step]).float() @ self.cols).topk(
+                min(k, self.cols.shape[1]), dim=1)
+            sims.append(top.values.numpy())
+            ids.append(top.indices.numpy() + self.base_n)
+        return np.concatenate(sims), np.concatenate(ids)
+
+
+def updated_rows(scan, news: NewRows, rows: np.ndarray, base_ids: np.ndarray,
+                 base_sims: np.ndarray, base_n: int, k: int,
+                 tuning: dict) -> tuple[np.ndarray, np.ndarray]:
     """(ids, sims) of the updated graph's `rows` (ascending; base_ids/base_sims: the base
     lists of those below base_n, in order): new rows searched in all lists, old rows' base
-    lists merged with the new members (`news`) of the lists they probe."""
+    lists merged with their best new rows (`news`)."""
     from graphbuild.graph.ann import search
     from graphbuild.graph.update import merge_lists
 
-    nprobe, gap = tuning["nprobe"], tuning.get("probe_gap")
     xq = scan.in_store_order()[rows]  # fp16, as stored
     old = rows < base_n
     ids, sims = np.empty((len(rows), k), np.int64), np.empty((len(rows), k), np.float32)
     if old.any():
-        news.nprobe, news.probe_gap = nprobe, gap
+        s, i = news.best(xq[old], k, tuning)
         # empty slots (-inf, -1) sort after every base entry
-        s, i = news.search(xq[old], min(k, news.ntotal))
         ids[old], sims[old] = merge_lists(base_ids, base_sims, i, s, k)
     if not old.all():
-        ids[~old], sims[~old] = search(scan, xq[~old], rows[~old], k, nprobe, gap)
+        ids[~old], sims[~old] = search(scan, xq[~old], rows[~old], k, tuning["nprobe"],
+                                       tuning.get("probe_gap"))
     return ids, sims
 
 
@@ -261,7 +302,7 @@ def measure_recall(run: RunDir, scan, base_n: int, k: int, tuning: dict, target:
     truth = ground_truth(scan.in_store_order(), queries, k, block_rows)
     old = queries < base_n
     base_ids, base_sims = base_rows_at(run, queries[old], k)
-    news = new_members(scan, base_n)
+    news = NewRows(scan, base_n, tuning["nprobe"])
     xq = np.asarray(scan.in_store_order()[queries], np.float32)
     curve = []
     for factor in PROBE_FACTORS:
@@ -285,6 +326,7 @@ def measure_recall(run: RunDir, scan, base_n: int, k: int, tuning: dict, target:
             "update": {"recall": chosen["recall"], "sample": len(queries),
                        "recall_new": chosen["recall_new"], "sample_new": int((~old).sum()),
                        "base_nodes": base_n, "base_nprobe": tuning["nprobe"],
+                       "dense": news.dense,
                        "base_recall": tuning.get("recall")}}
 
 
@@ -330,7 +372,7 @@ def update_part(run: RunDir, arr, attrs: dict, params: dict, rows: range, shard:
                               "pass --overwrite to rebuild the graph")
     lists, tuning = saved
     scan = ListScan.from_lists(*lists, arr, arr.block_step(block_rows))
-    news = new_members(scan, base_n)
+    news = NewRows(scan, base_n, tuning["nprobe"], dense=tuning["update"]["dense"])
     old = range(rows.start, min(rows.stop, base_n))
     base_ids, base_sims = base_lists(run, old.start, old.stop, k) if len(old) else (None, None)
     log.info("approximate update: rows %d..%d, %d of them new", rows.start, rows.stop,
