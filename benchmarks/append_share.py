@@ -11,8 +11,9 @@ In each, the first B rows are the base: its lists built (ann.build_lists) and np
 to the target (ann.tune_nprobe), as knn does. For each share s, the next s*B rows join the
 lists (ann_update.grow_lists) and the updated graph's rows are computed as knn would
 (ann_update.updated_rows: the base lists of old rows are their search over the base lists)
-for seeded samples of old and new rows, against exact search over the grown rows; beside it,
-the nprobe a rebuild over the grown rows tunes to. Prints one line per share; asserts nothing.
+for seeded samples of old and new rows, against exact search over the grown rows (with
+--rebuild, beside it the nprobe a rebuild over the grown rows tunes to). Prints one line per
+share; asserts nothing.
 
     python benchmarks/append_share.py --run /tmp/graphbuild-append/append/run [--data DIR]
 """
@@ -47,7 +48,7 @@ def source_of_nodes(run: Path, data: Path) -> np.ndarray:
 
 
 def sweep(x: np.ndarray, base_n: int, shares: list[float], k: int, target: float,
-          label: str) -> None:
+          label: str, with_rebuild: bool) -> None:
     from graphbuild.graph.ann import (
         SEED,
         build_lists,
@@ -58,7 +59,7 @@ def sweep(x: np.ndarray, base_n: int, shares: list[float], k: int, target: float
         search,
         tune_nprobe,
     )
-    from graphbuild.graph.ann_update import grow_lists, new_members, updated_rows
+    from graphbuild.graph.ann_update import NewRows, grow_lists, updated_rows
     from graphbuild.graph.ivf_scan import ListScan
 
     step = 65536
@@ -81,22 +82,25 @@ def sweep(x: np.ndarray, base_n: int, shares: list[float], k: int, target: float
         queries = np.concatenate([old_q, new_q])
         base_ids, base_sims = search(base_scan, base[old_q], old_q, k, t["nprobe"],
                                      t["probe_gap"])
-        found, _ = updated_rows(scan, new_members(scan, base_n), queries, base_ids, base_sims,
-                                base_n, k, t)
+        news = NewRows(scan, base_n, t["nprobe"])
+        found, _ = updated_rows(scan, news, queries, base_ids, base_sims, base_n, k, t)
         truth = ground_truth(scan.in_store_order(), queries, k, step)
         old_r = recall_at_k(found[:len(old_q)], truth[:len(old_q)])
         new_r = recall_at_k(found[len(old_q):], truth[len(old_q):])
         whole = (base_n * old_r + (n - base_n) * new_r) / n
         sizes = np.diff(scan.offsets)
-        rebuilt = build_lists(grown_rows, nlist_for(n), step)
-        rebuilt_scan = ListScan.from_lists(*rebuilt, grown_rows, step)
-        rt = tune_nprobe(rebuilt_scan, rebuilt_scan.in_store_order(), k, target, step)
-        print(f"  share {share:.2f}: {n - base_n:,} new rows; update recall@{k} {whole:.4f} "
-              f"(old rows {old_r:.4f}, new rows {new_r:.4f}); largest list "
-              f"{sizes.max() / np.diff(lists[1]).max():.2f}x the base's; a rebuild: "
-              f"{rebuilt_scan.nlist} lists, nprobe {rt.nprobe} for recall {rt.recall:.4f} "
+        rebuild = ""
+        if with_rebuild:
+            rebuilt = build_lists(grown_rows, nlist_for(n), step)
+            rebuilt_scan = ListScan.from_lists(*rebuilt, grown_rows, step)
+            rt = tune_nprobe(rebuilt_scan, rebuilt_scan.in_store_order(), k, target, step)
+            rebuild = (f"; a rebuild: {rebuilt_scan.nlist} lists, nprobe {rt.nprobe} for "
+                       f"recall {rt.recall:.4f}")
+        print(f"  share {share:.2f}: {n - base_n:,} new rows; update at the base's nprobe: "
+              f"recall@{k} {whole:.4f} (old rows {old_r:.4f}, new rows {new_r:.4f}; old rows "
+              f"score {'all new rows' if news.dense else 'new members of probed lists'}); "
+              f"largest list {sizes.max() / np.diff(lists[1]).max():.2f}x the base's{rebuild} "
               f"({time.perf_counter() - t0:.0f}s)", flush=True)
-        del scan, rebuilt_scan
 
 
 def main() -> None:
@@ -107,6 +111,7 @@ def main() -> None:
     p.add_argument("--target", type=float, default=0.95)
     p.add_argument("--base", type=int, default=60000)
     p.add_argument("--shares", default="0.02,0.05,0.1,0.2,0.4")
+    p.add_argument("--rebuild", action="store_true", help="also tune a rebuild per share")
     a = p.parse_args()
     import torch
 
@@ -118,14 +123,14 @@ def main() -> None:
     print(f"threads: torch {torch.get_num_threads()}; k={a.k}; {len(x):,} rows "
           f"({', '.join(f'{s} {(kind == s).sum():,}' for s in np.unique(kind))}); machine "
           "shared with other work", flush=True)
-    sweep(x, a.base, shares, a.k, a.target, "mixed (store order)")
+    sweep(x, a.base, shares, a.k, a.target, "mixed (store order)", a.rebuild)
     old = np.flatnonzero(np.isin(kind, OLD_SOURCES))
     new = np.flatnonzero(~np.isin(kind, OLD_SOURCES))
     if len(old) < a.base or len(new) < max(shares) * a.base:
         sys.exit(f"new source: {len(old):,} old and {len(new):,} new rows, too few")
     order = np.concatenate([old[:a.base], new])
     sweep(x[order], a.base, shares, a.k, a.target, "new source (COCO + Flickr, then CC3M + "
-          "LAION-style)")
+          "LAION-style)", a.rebuild)
 
 
 if __name__ == "__main__":
