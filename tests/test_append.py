@@ -265,15 +265,20 @@ def test_the_trainer_sees_the_new_samples(world, tmp_path):
     assert indptr[-1] - indptr[-2] == K and indices[indptr[-2]:].max() < graph.n_nodes
 
 
-def test_an_approximate_graph_after_append_is_rebuilt_on_request(world, tmp_path):
-    """Only exact graphs are updated: an approximate one from before the append is refused
-    as stale, naming --overwrite, and --overwrite rebuilds it with its recall measured."""
+def test_an_approximate_graph_after_a_large_append_is_rebuilt(world, tmp_path, caplog):
+    """40 new rows on 300 are above APPROX_UPDATE_MAX_SHARE: knn with the graph's settings
+    rebuilds it, saying why, with its recall measured; other settings are refused as stale
+    (tests/test_append_approximate.py: the update below the share)."""
+    import logging
+
     out = copy_run(world["old"][1], tmp_path / "a")
     graphbuild.knn(out, K, method="approximate", overwrite=True, recall_target=0.9)
     append(out, world["rows"])
-    line = one_error(cli("knn", out, "--k", str(K), "--recall-target", "0.9", "-q"))
-    assert "n_nodes=300" in line and "--overwrite" in line
-    r = graphbuild.knn(out, K, method="approximate", overwrite=True, recall_target=0.9)
+    line = one_error(cli("knn", out, "--k", str(K), "--recall-target", "0.8", "-q"))
+    assert "recall_target=0.9" in line and "--overwrite" in line
+    with caplog.at_level(logging.WARNING, logger="graphbuild.graph"):
+        r = graphbuild.knn(out, K, method="approximate", recall_target=0.9)
+    assert "rebuilding the approximate graph" in caplog.text and "0.133" in caplog.text
     meta = graphbuild.rundir.graph.read_meta(out)
     assert r.complete and meta["n_nodes"] == 340 and meta["recall"] == r.recall >= 0.9
 

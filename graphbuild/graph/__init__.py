@@ -5,6 +5,7 @@
                    X^T X (one pass over the store), for graph-mode targets' fill
   exact.py         exact search: bf16 candidates, a proven error bound, an exact re-rank
   update.py        the exact graph updated after an append: old lists merged with new rows
+  ann_update.py    the approximate graph updated after an append: new rows join its lists
   ann.py           approximate search: inverted lists, nprobe tuned to a recall target
   ivf_scan.py      the lists searched inside out (each list scored against its queries)
   kmeans.py        spherical k-means in bf16 (the lists, exact search's locality order)

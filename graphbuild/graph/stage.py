@@ -19,7 +19,9 @@ whichever of them are missing; --overwrite replaces the graph.
 
 After `embed --append`, a whole exact graph of the same k over the store's first rows is
 updated rather than rebuilt (update.py: set aside as graph-base, old lists merged with the
-new rows; the same bytes as a rebuild); any other graph from before the append is stale.
+new rows; the same bytes as a rebuild); so is an approximate one of the same k and recall
+target whose lists can take the new rows (ann_update.py: recall measured again; else it is
+rebuilt, with a log line saying why); any other graph from before the append is stale.
 
 Methods: exact (exact.py; the same bytes for any shard count) or approximate (ann.py; IVF
 with nprobe tuned to a recall target: its own lists on a CPU, a faiss index for IVF-PQ or
@@ -304,8 +306,10 @@ def _check_approximate(n: int, d: int, k: int, budget: int, device: str | None) 
 
 def resumed_method(out: str | Path, k: int) -> str | None:
     """The method of the graph on disk when it has this k (auto keeps it), from what vouches
-    for the graph: _meta.json, params.json, the shard markers."""
-    for _, have in _recorded(RunDir(out)):
+    for the graph: _meta.json, params.json, the shard markers, or the base graph of an update
+    after an append."""
+    run = RunDir(out)
+    for _, have in [*_recorded(run), (run.graph_base, read_json(run.graph_base / "_meta.json"))]:
         if have.get("k") == k and have.get("method") in options.METHODS[1:]:
             return have["method"]
     return None
@@ -341,11 +345,9 @@ def knn_shard(out: str | Path, k: int = options.K, method: str = "auto", shard: 
         _check_approximate(n, d, k, budget, device)
     log.info("knn %s: %s", shard_name(shard, num_shards), reason)
     params = _params(k, method, num_shards, recall_target, attrs)
-    from graphbuild.graph.update import plan_update
-
-    base_n = plan_update(run, params, attrs, overwrite)
+    base_n = _plan_update(run, arr, attrs, params, overwrite, block_rows, budget, device)
     if base_n is not None:
-        params["updates"] = base_n  # the exact graph of the first base_n rows, in graph-base
+        params["updates"] = base_n  # the graph of the first base_n rows, in graph-base
     _claim(run, params, overwrite)
     kill_point("knn.claimed")
 
@@ -367,6 +369,26 @@ def knn_shard(out: str | Path, k: int = options.K, method: str = "auto", shard: 
                                                params["provenance"])
     _finalize(run, attrs, params, n, result)
     return result
+
+
+def _plan_update(run: RunDir, arr, attrs: dict, params: dict, overwrite: bool, block_rows: int,
+                 budget: int, device: str | None) -> int | None:
+    """The node count of the base graph this knn updates after an append (update.py,
+    ann_update.py), or None for a build as usual."""
+    from graphbuild.graph import ann_update
+    from graphbuild.graph.faiss_gpu import faiss_device
+    from graphbuild.graph.faiss_loader import faiss_if_installed
+    from graphbuild.graph.update import plan_update
+
+    approximate = params["method"] == "approximate"
+    if approximate and not overwrite:
+        on_cpu = faiss_device(device, faiss_if_installed()) is None
+        ann_update.drop_unupdatable(run, params, attrs, _index_kind(*arr.shape, budget), on_cpu)
+    base_n = plan_update(run, params, attrs, overwrite)
+    if base_n is not None and approximate and not ann_update.grow_index(
+            run, arr, attrs, params, base_n, block_rows):
+        return None
+    return base_n
 
 
 def _vouched(run: RunDir, shard: int, params: dict, n: int) -> tuple[dict | None, str | None]:
@@ -436,9 +458,15 @@ def _search_shard(run: RunDir, arr, attrs: dict, params: dict, result: KnnResult
                                            reporter)
                 result.recall = 1.0
             else:
-                result.edges, tuning = _approximate_part(
-                    out, arr, attrs, k, rows, shard, block_rows, params["recall_target"],
-                    budget, device, reporter)
+                if "updates" in params:
+                    from graphbuild.graph.ann_update import update_part
+
+                    result.edges, tuning = update_part(run, arr, attrs, params, rows, shard,
+                                                       block_rows, reporter)
+                else:
+                    result.edges, tuning = _approximate_part(
+                        out, arr, attrs, k, rows, shard, block_rows, params["recall_target"],
+                        budget, device, reporter)
                 result.recall, result.nprobe = tuning["recall"], tuning["nprobe"]
                 result.probe_gap = tuning.get("probe_gap")
     finally:

@@ -23,7 +23,8 @@ shard that starts the update, after checking it is whole (every part's footer ho
 and edges its _meta.json gives); the old shard markers and parameters go. New parts are
 written to graph/ with the new layout and marked as any shard is (their markers record the
 grown store's provenance, so none vouches for the base or a half-merged part); graph/_meta.json
-comes only once every shard is done, then graph-base is removed.
+comes only once every shard is done, then graph-base is removed. An approximate graph is
+set aside, resumed and refused the same way; ann_update.py updates it.
 """
 
 from __future__ import annotations
@@ -48,8 +49,9 @@ def plan_update(run: RunDir, params: dict, attrs: dict, overwrite: bool) -> int 
     """The node count of the base graph this knn updates, or None for a build as usual.
 
     Under the run lock: a finished update's leftover base is removed; an update under way is
-    resumed (other settings are refused, --overwrite drops it); a whole exact graph of the
-    same k over the first rows of an appended store is set aside as the base."""
+    resumed (other settings are refused, --overwrite drops it); a whole graph of the same
+    method, k and recall target over the first rows of an appended store is set aside as
+    the base (an approximate one then grows its lists: ann_update.py)."""
     from graphbuild.embedding.stage import APPENDED_AT
 
     with run.lock():
@@ -76,9 +78,9 @@ def plan_update(run: RunDir, params: dict, attrs: dict, overwrite: bool) -> int 
         kill_point("knn.base_markers_removed")  # _meta.json still vouches for the base
         run.graph.rename(run.graph_base)
         kill_point("knn.base_set_aside")
-        log.info("updating the exact graph of %d nodes with the %d rows appended after them "
+        log.info("updating the %s graph of %d nodes with the %d rows appended after them "
                  "(the finished graph is kept in %s until the new one is whole)",
-                 meta["n_nodes"], attrs["n_nodes"] - meta["n_nodes"], run.graph_base)
+                 meta["method"], meta["n_nodes"], attrs["n_nodes"] - meta["n_nodes"], run.graph_base)
         return meta["n_nodes"]
 
 
@@ -86,11 +88,13 @@ def _unusable(base: dict, params: dict, attrs: dict) -> str | None:
     """Why the base graph cannot be updated into the graph asked for, or None."""
     from graphbuild.embedding.stage import APPENDED_AT
 
-    if base.get("method") != "exact" or params["method"] != "exact":
-        return (f"only exact graphs are updated (the base is {base.get('method')}, "
-                f"{params['method']} is asked for)")
+    if base.get("method") != params["method"]:
+        return f"the base is {base.get('method')}, {params['method']} is asked for"
     if base.get("k") != params["k"]:
         return f"the base has k={base.get('k')}, k={params['k']} is asked for"
+    if base.get("recall_target") != params.get("recall_target"):
+        return (f"the base has recall target {base.get('recall_target')}, "
+                f"{params.get('recall_target')} is asked for")
     if base.get("n_nodes") not in attrs.get(APPENDED_AT, []):
         return f"its {base.get('n_nodes')} nodes are not where an append began"
     then = {**(base.get("provenance") or {}), "n_nodes": params["provenance"]["n_nodes"]}

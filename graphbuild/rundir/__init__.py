@@ -15,7 +15,7 @@ google-crc32c only (never zarr, polars or torch), so the trainer imports it.
   RUN/graph/_moments/       per node: principal coordinates and residual cosine sums, which
                             graph-mode targets fill unheld pairs from; one part per knn shard
                             and a _meta.json of their own (moments.py)
-  RUN/graph-base/           only while an exact graph is updated after an append: the graph
+  RUN/graph-base/           only while a graph is updated after an append: the graph
                             of the rows before it, removed once graph/_meta.json is written
   RUN/_state/STAGE/         completion markers (with stats), written after their data
 
