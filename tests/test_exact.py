@@ -297,3 +297,44 @@ def test_rows_held_once_on_the_device_give_the_same_result(monkeypatch):
     assert np.array_equal(ids, by_block[0])
     # the query rows twice (locality order, then in that order), every row once
     assert sum(converted) == 2 * 400 + 1200 < per_block
+
+
+def near_duplicates_of_coco(coco3k, sources: int = 40, copies: int = 50,
+                            others: int = 500) -> np.ndarray:
+    """Real caption rows with many near-copies: each of `sources` COCO embeddings, `copies`
+    times with small noise (more in some clusters than others), and twice exactly (ties),
+    then `others` plain COCO rows. A copy has about `copies` near-ties within the bf16
+    error bound of its k-th best, more than the default buffer holds."""
+    import zarr
+
+    x = zarr.open_array(str(coco3k / "embeddings.zarr"), mode="r")[:].astype(np.float32)
+    rng = np.random.default_rng(5)
+    noise = np.repeat(rng.uniform(0.02, 0.12, sources), copies)[:, None]
+    src = np.repeat(np.arange(sources), copies)
+    near = x[src] + noise * rng.standard_normal((len(src), x.shape[1])) / np.sqrt(x.shape[1])
+    rows = np.concatenate([near, x[:sources], x[:sources], x[sources:sources + others]])
+    rows = rows[rng.permutation(len(rows))]  # copies of one source apart in id order
+    return (rows / np.linalg.norm(rows, axis=1, keepdims=True)).astype(np.float16)
+
+
+def test_many_overflows_on_real_rows_stay_exact(coco3k, candidates, monkeypatch):
+    """Near-duplicated COCO rows overflow the default buffers of many rows; the re-search of
+    them (seeded from the first pass's k-th best) gives brute force's ids and sims, equal
+    sims by smaller id, in one batch of every such row."""
+    from graphbuild.graph import exact
+
+    x16 = near_duplicates_of_coco(coco3k)
+    ref_i, ref_s = brute_force(x16, 16)
+    searched = []
+    real = exact._Search.plain
+
+    def counting(self, rows, kth, capacity):
+        searched.append(len(rows))
+        return real(self, rows, kth, capacity)
+
+    monkeypatch.setattr(exact._Search, "plain", counting)
+    ids, sims = run(x16, 16, block_rows=256, device=candidates)
+    assert len(searched) == 1 and searched[0] > 500, searched
+    assert (ref_s[:, :-1] == ref_s[:, 1:]).any()  # exact ties among the neighbours
+    assert np.array_equal(sims, ref_s)
+    assert np.array_equal(ids, ref_i)

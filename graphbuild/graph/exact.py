@@ -21,7 +21,10 @@ The plan, for rows R of an fp16 matrix X (unit-norm rows) against all its rows:
    the lowest value the exact k-th best can take. Those are scored again exactly and the
    best k kept, ties broken by the smaller node id.
 5. Capacity overflow. If a row ever dropped a candidate that could still matter, the row is
-   searched again in a plain pass with a larger capacity, so the result stays exact.
+   searched again, after every block is re-ranked, in a plain pass with a larger capacity,
+   so the result stays exact. The pass starts from each row's final filter (its k-th best
+   is known from the first pass), so only the candidates that can matter enter its buffer,
+   and all such rows share one product with each block of columns.
 6. Locality order. R's rows are searched in an order that puts similar rows together (a few
    bf16 k-means iterations, clusters about one block each, chained so neighbouring clusters
    are alike). Each row's diagonal block then holds most of its neighbours, so its first
@@ -82,6 +85,7 @@ RESIDENT_ON_CPU = False
 # block of plain columns is converted (and uploaded) once per group of query blocks, whose
 # threshold-sorted copies in the compute type hold at most this many bytes.
 OTHER_ROWS_GROUP_BYTES = 256 << 20
+PLAIN_QUERY_ROWS = 4096  # overflowed rows per product in the re-search (scores: 16 MiB a block)
 
 
 def default_capacity(k: int) -> int:
@@ -250,9 +254,6 @@ class _Candidates:
         self.pending_count = 0
         self.merge_every = merge_every
 
-    def threshold(self, lo: int, hi: int):
-        return self.bound.keep_threshold(self.scores[lo:hi, self.k - 1].float())
-
     def by_threshold(self, lo: int, hi: int):
         """Rows lo..hi, lowest filtering threshold first."""
         import torch
@@ -260,10 +261,26 @@ class _Candidates:
         return torch.argsort(self.thr[lo:hi]) + lo
 
     def _refresh(self, at) -> None:
+        import torch
+
         thr = self.bound.keep_threshold(self.scores[at, self.k - 1].float())
-        thr.clamp_(min=SCORE_FLOOR)
+        thr = torch.maximum(thr.clamp_(min=SCORE_FLOOR), self.thr[at])  # a seed may be higher
         self.thr[at] = thr
         self.key[at] = _int16_key(thr, self.half_dtype)
+
+    def seed(self, kth) -> None:
+        """Start each row's filter from its k-th best approximate score `kth` (fp32, as
+        `finish` gives it), known from an earlier pass over the same columns."""
+        import torch
+
+        thr = self.bound.keep_threshold(torch.from_numpy(kth).to(self.thr.device))
+        thr = thr.clamp_(min=SCORE_FLOOR)
+        self.thr[:len(kth)] = thr
+        self.key[:len(kth)] = _int16_key(thr, self.half_dtype)
+
+    def offer_filtered(self, lo: int, hi: int, scores, cols) -> None:
+        """Offer dense scores of rows lo..hi whose filters are about final (`seed`)."""
+        self.offer(lo, hi, scores, cols)
 
     def add(self, rows, cols, vals) -> None:
         """Queue hits (row index into this buffer, column id, approximate score)."""
@@ -354,13 +371,17 @@ class _Candidates:
             self.add(j[h] + col_rows, row_ids[gi[h] * g + f % g], v.view(-1)[f])
         return gmax
 
-    def finish(self, lo: int, hi: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """(ids, which to re-rank, which rows overflowed) for rows lo..hi."""
+    def finish(self, lo: int, hi: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """(ids, which to re-rank, which rows overflowed, k-th best approximate scores) for
+        rows lo..hi. A buffer always holds its row's k best of all scores offered, so once
+        every column was offered, the k-th best is the row's k-th best of all columns."""
         self.flush()
-        thr = self.threshold(lo, hi)
+        kth = self.scores[lo:hi, self.k - 1].float()
+        thr = self.bound.keep_threshold(kth)
         keep = (self.scores[lo:hi] >= thr[:, None]) & (self.ids[lo:hi] >= 0)
         overflow = self.dropped[lo:hi] >= thr
-        return (self.ids[lo:hi].cpu().numpy(), keep.cpu().numpy(), overflow.cpu().numpy())
+        return (self.ids[lo:hi].cpu().numpy(), keep.cpu().numpy(), overflow.cpu().numpy(),
+                kth.cpu().numpy())
 
 
 class _CompiledCandidates:
@@ -400,6 +421,20 @@ class _CompiledCandidates:
 
         offer_dense(_bits(scores), lo, cols.numpy(), *self._state())
 
+    def seed(self, kth) -> None:
+        """As _Candidates.seed."""
+        from graphbuild.graph.kernels import key_of
+
+        n = len(kth)
+        self.key[:n] = np.maximum(self.key[:n],
+                                  self.filter_keys[key_of(kth).astype(np.int32) + 32768])
+
+    def offer_filtered(self, lo: int, hi: int, scores, cols) -> None:
+        """As _Candidates.offer_filtered."""
+        from graphbuild.graph.kernels import offer_above
+
+        offer_above(_bits(scores), lo, cols.numpy(), *self._state())
+
     def offer_block(self, s, rows, row_ids, cols, col_rows: int | None = None):
         """As _Candidates.offer_block (returns the group maxima)."""
         import torch
@@ -413,7 +448,7 @@ class _CompiledCandidates:
             offer_to_columns(bits, gmax.numpy(), col_rows, row_ids.numpy(), *self._state())
         return gmax
 
-    def finish(self, lo: int, hi: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    def finish(self, lo: int, hi: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
         """As _Candidates.finish, with the threshold from the k-th best as there (fp32)."""
         import torch
 
@@ -426,7 +461,7 @@ class _CompiledCandidates:
         ids = self.cand_i[lo:hi]
         held = np.arange(ids.shape[1]) < self.count[lo:hi, None]
         keep = (values(self.cand_k[lo:hi]) >= thr[:, None]) & held
-        return ids, keep, values(self.dropped[lo:hi]) >= thr
+        return ids, keep, values(self.dropped[lo:hi]) >= thr, values(kth)
 
 
 def filter_keys(bound: ErrorBound, margin: float = 1e-6) -> np.ndarray:
@@ -557,7 +592,8 @@ class _Search:
     def run(self, plan: _Plan, capacity: int, progress: _Progress,
             reload: Callable[[], np.ndarray] | None) -> tuple[np.ndarray, np.ndarray]:
         """Order the query rows; offer each diagonal block, then each pair of own blocks;
-        then, block by block, offer the other rows and re-rank the candidates exactly."""
+        then, block by block, offer the other rows and re-rank the candidates exactly; last,
+        search the rows whose buffers overflowed again, together (`plain`)."""
         queries = _Queries(self, plan.rows)
         if reload is not None and not plan.other:
             self.x16 = None  # the half-precision copy serves until the re-rank
@@ -575,6 +611,7 @@ class _Search:
         sims = np.empty((len(plan.rows), self.k), np.float32)
         if plan.other:
             self.hold_all_rows()
+        overflowed, overflowed_kth = [], []
         for group in plan.own_groups(self.x16.shape[1] * 2):
             if plan.other:
                 blocks = [queries.sorted_block(cands, lo, hi) for lo, hi in group]
@@ -582,8 +619,15 @@ class _Search:
                 del blocks
             for lo, hi in group:
                 at = queries.ids_np[lo:hi]  # row r goes to the results at r - rows.start
-                ids[at - plan.rows.start], sims[at - plan.rows.start] = self.exact_top(
-                    cands, lo, hi, at, capacity)
+                top_ids, top_sims, overflow, kth = self.exact_top(cands, lo, hi, at)
+                ids[at - plan.rows.start], sims[at - plan.rows.start] = top_ids, top_sims
+                overflowed.append(at[overflow])
+                overflowed_kth.append(kth[overflow])
+        del cands, queries  # their bytes go to the re-search
+        again = np.concatenate(overflowed)
+        if len(again):
+            ids[again - plan.rows.start], sims[again - plan.rows.start] = self.plain(
+                again, np.concatenate(overflowed_kth), capacity)
         return ids, sims
 
     def candidates(self, m: int, capacity: int) -> _Candidates | _CompiledCandidates:
@@ -634,18 +678,17 @@ class _Search:
                 progress.add(block.count * (chi - clo))
 
     def exact_top(self, cands, lo: int, hi: int, ids: np.ndarray,
-                  capacity: int) -> tuple[np.ndarray, np.ndarray]:
-        """The exact top-k of query positions lo..hi (row ids `ids`): their candidates
-        re-ranked by exact score, or, for rows whose buffer dropped a candidate that could
-        still matter, a plain search again with a larger buffer."""
-        cand, keep, overflow = cands.finish(lo, hi)
+                  ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """The exact top-k of query positions lo..hi (row ids `ids`), their candidates
+        re-ranked by exact score, except for rows whose buffer dropped a candidate that could
+        still matter: (ids, sims, which rows overflowed (their ids and sims unset), each
+        row's k-th best approximate score)."""
+        cand, keep, overflow, kth = cands.finish(lo, hi)
         top_ids = np.empty((hi - lo, self.k), np.int64)
         top_sims = np.empty((hi - lo, self.k), np.float32)
         ok = ~overflow
         top_ids[ok], top_sims[ok] = _rerank(self.x16, ids[ok], cand[ok], keep[ok], self.k)
-        if overflow.any():
-            top_ids[overflow], top_sims[overflow] = self.plain(ids[overflow], capacity)
-        return top_ids, top_sims
+        return top_ids, top_sims, overflow, kth
 
     def half(self, lo: int, hi: int):
         """Rows lo..hi in the compute type."""
@@ -693,9 +736,15 @@ class _Search:
     def scores(self, a, b):
         return a @ b.T
 
-    def plain(self, rows: np.ndarray, capacity: int) -> tuple[np.ndarray, np.ndarray]:
+    def plain(self, rows: np.ndarray, kth: np.ndarray,
+              capacity: int) -> tuple[np.ndarray, np.ndarray]:
         """Rows (any ids) against every row, one direction, growing the capacity until no
-        row overflows. Used for the rare rows whose near-ties overflow the buffers."""
+        row overflows: the rows whose near-ties overflowed the first pass's buffers. `kth`
+        holds each row's k-th best approximate score from that pass (`finish`), which saw
+        every column: each row's filter starts final, so its buffer takes only candidates
+        that can still matter. All rows share one product with each block of columns."""
+        import time
+
         import torch
 
         n = self.x16.shape[0]
@@ -703,26 +752,32 @@ class _Search:
         sims = np.empty((len(rows), self.k), np.float32)
         todo = np.arange(len(rows))
         self.hold_all_rows()
+        started = time.perf_counter()
         while len(todo):
             capacity = min(capacity * 4, n - 1)
             log.info("%d rows have more near-ties than the candidate buffer; searching them "
                      "again with capacity %d", len(todo), capacity)
             sub = rows[todo]
-            cands = _Candidates(len(sub), self.k, capacity, self.bound, self.id_dtype,
-                                self.device)
+            cands = self.candidates(len(sub), capacity)
+            cands.seed(kth[todo])
             self_col = torch.from_numpy(sub).to(self.device)
             xq = (self.half_rows(sub) if self.resident is None
                   else self.resident.index_select(0, self_col))
             for clo, chi in _blocks(0, n, self.block_rows):
-                s = self.scores(xq, self.columns(clo, chi))
-                mine = (self_col >= clo) & (self_col < chi)
-                s[mine.nonzero()[:, 0], (self_col[mine] - clo)] = -torch.inf
-                cands.offer(0, len(sub), s, torch.arange(clo, chi, device=self.device))
-            cand, keep, overflow = cands.finish(0, len(sub))
+                xc = self.columns(clo, chi)
+                col_ids = torch.arange(clo, chi, device=self.device)
+                for qlo, qhi in _blocks(0, len(sub), PLAIN_QUERY_ROWS):
+                    s = self.scores(xq[qlo:qhi], xc)
+                    own = self_col[qlo:qhi]
+                    mine = (own >= clo) & (own < chi)
+                    s[mine.nonzero()[:, 0], (own[mine] - clo)] = -torch.inf
+                    cands.offer_filtered(qlo, qhi, s, col_ids)
+            cand, keep, overflow, _ = cands.finish(0, len(sub))
             done = ~overflow if capacity < n - 1 else np.ones(len(sub), bool)
             ids[todo[done]], sims[todo[done]] = _rerank(self.x16, sub[done], cand[done],
                                                         keep[done], self.k)
             todo = todo[~done]
+        log.info("%d rows searched again in %.1fs", len(rows), time.perf_counter() - started)
         return ids, sims
 
 

@@ -13,7 +13,7 @@ exact's re-rank:
   straight from the rows: no gathered, converted copies of them.
 
 exact's candidate buffers on CPUs (`offer_dense`, `offer_to_rows`, `offer_to_columns`,
-`kth_keys`): bf16 scores as int16 keys appended to per-row buffers, compacted by
+`offer_above`, `kth_keys`): bf16 scores as int16 keys appended to per-row buffers, compacted by
 quickselect, without torch's top-k merges and hit lists.
 
 ann's ground truth (`offer_rescored`): heaps of bf16 products whose entries carry their exact
@@ -213,6 +213,12 @@ def key_values(keys: np.ndarray) -> np.ndarray:
     return KEY_AS_F32[keys.astype(np.int32) + 32768]
 
 
+def key_of(values: np.ndarray) -> np.ndarray:
+    """The int16 keys of fp32 values that bf16 holds exactly (`key_values` inverted)."""
+    bits = (np.ascontiguousarray(values, np.float32).view(np.int32) >> 16).astype(np.int32)
+    return np.where(bits >= 0, bits, -(bits & 0x7FFF)).astype(np.int16)
+
+
 @njit(cache=True, inline="always")
 def _ordered(bits):
     """The key of a bf16 value given as its int16 bits: positive patterns order like their
@@ -393,6 +399,34 @@ def offer_to_columns(bits, gmax, lo, ids, k, cand_k, cand_i, count, dropped, fil
                                 filter_keys, key)
 
 
+SCAN_CHUNK = 64  # scores whose int16 maximum is checked before any is read one by one
+
+
+@njit(cache=True, parallel=True)
+def offer_above(bits, lo, cols, k, cand_k, cand_i, count, dropped, filter_keys, key):
+    """Offer every score of bits (r, c: bf16 as int16) to rows lo.. (row j to lo + j), the
+    columns being ids `cols`, for rows whose filter keys are already final (seeded from an
+    earlier pass): few scores reach them, so chunks of SCAN_CHUNK scores whose maximum falls
+    below the key are skipped whole (a vectorised pass), with no k-th best taken first."""
+    for j in prange(bits.shape[0]):
+        r, row = lo + j, bits[j]
+        bar = key[r]
+        raw = _raw_bar(bar)
+        for start in range(0, len(row), SCAN_CHUNK):
+            stop = min(start + SCAN_CHUNK, len(row))
+            top = row[start]
+            for c in range(start + 1, stop):
+                top = max(top, row[c])
+            if top < raw:
+                continue
+            for c in range(start, stop):
+                v = _ordered(row[c])
+                if v >= bar:
+                    bar = _take(r, v, cols[c], k, cand_k, cand_i, count, dropped, filter_keys,
+                                key)
+                    raw = _raw_bar(bar)
+
+
 @njit(cache=True, parallel=True)
 def kth_keys(lo, hi, k, cand_k, cand_i, count, out):
     """Each row's k-th best key (EMPTY_KEY where it holds fewer than k), rows lo..hi."""
@@ -403,7 +437,6 @@ def kth_keys(lo, hi, k, cand_k, cand_i, count, out):
 
 
 # ann's ground truth: bf16 products, each score that enters a query's heap re-scored exactly
-SCAN_CHUNK = 64  # scores whose int16 maximum is checked before any is read one by one
 @njit(cache=True, parallel=True)
 def offer_rescored(scores, lo, q32, x_bits, heap_k, heap_i, heap_x):
     """Offer approximate scores (m, c) of m queries (fp32 rows q32), bf16 as their int16
