@@ -137,7 +137,7 @@ def main() -> None:
     nodes = json.loads((run / "run.json").read_text())["dataset"]["figures"]["nodes"]
     print(f"embed --append: {new_rows:,} new caption rows, {nodes - emb['nodes']:,} new nodes; "
           f"{r.texts_encoded:,} texts encoded in {r.seconds:.1f}s ({r.texts_per_s:.0f} "
-          f"texts/s), {seconds:.1f}s in all (prepare reads all {old_rows + new_rows:,} rows); "
+          f"texts/s), {seconds:.1f}s in all (prepare reads the new file's {new_rows:,} rows); "
           f"{r.texts_encoded / emb['texts_encoded']:.3f} of the old run's texts, "
           f"{r.seconds / emb['seconds']:.3f} of its encoding time")
     staged = w / "appended"  # the appended run before knn: every update starts from it
