@@ -11,44 +11,30 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import caption_manifest, coco_subset, one_error
 from tests.conftest import graphbuild as run_cli
+from tests.conftest import one_error
 from tests.test_append import tsv, unique_texts
+from tests.test_append_kills import APPEND, appended_world
+from tests.test_append_kills import knn as kill_knn
 from tests.test_kill_points import cli, tree_bytes
 
 NEW = range(301, 326)  # 25 rows on 300: below APPROX_UPDATE_MAX_SHARE
-EMBED = ["embed", "{manifest}", "--out", "{out}", "--chunk-rows", "64", "-q"]
-APPEND = [*EMBED, "--append"]
 KNN = ["knn", "{out}", "--k", "8", "--method", "approximate", "--recall-target", "0.9",
        "--block-rows", "64", "-q"]
 KNN3 = [*KNN, "--num-shards", "3", "--shard"]
 
 
 def knn(out: Path, **kill) -> None:
-    for s in range(3):
-        r = cli([*KNN3, str(s)], out=out, **kill)
-        if kill and r.returncode == -signal.SIGKILL:
-            return
-        assert r.returncode == 0, r.stderr[-2000:]
+    kill_knn(out, KNN3, **kill)
 
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
     """A finished run (approximate, three knn shards), and the same run appended to and
     updated without a kill."""
-    tmp = tmp_path_factory.mktemp("append-approx-kill")
-    src = tmp / "old" / "src"
-    coco_subset(src, 300).rename(src / "a.tsv")
-    manifest = caption_manifest(tmp / "old", Path("src/*.tsv"))  # relative: copies move
-    out = tmp / "old" / "run"
-    assert cli(EMBED, manifest=manifest, out=out).returncode == 0
-    knn(out)
-    ref = shutil.copytree(tmp / "old", tmp / "ref") / "run"
-    tsv(ref.parent / "src" / "b.tsv", NEW)
-    assert cli(APPEND, manifest=ref.parent / "coco.yaml", out=ref).returncode == 0
-    knn(ref)
+    out, ref = appended_world(tmp_path_factory.mktemp("append-approx-kill"), NEW, KNN3)
     index = json.loads((ref / "graph/_index/index.json").read_text())
-    assert index["index"]["grown_from"] == 300 and not (ref / "graph-base").exists()
+    assert index["index"]["grown_from"] == 300
     return {"old": out, "ref": tree_bytes(ref), "nodes": unique_texts(range(1, 326))}
 
 

@@ -22,29 +22,37 @@ KNN = ["knn", "{out}", "--k", "8", "--method", "exact", "--block-rows", "64", "-
 KNN3 = [*KNN, "--num-shards", "3", "--shard"]
 
 
-def knn(out: Path, **kill) -> None:
+def knn(out: Path, knn3: list[str] = KNN3, **kill) -> None:
+    """knn's three shards (`knn3` + the shard's number), stopping at a kill's SIGKILL."""
     for s in range(3):
-        r = cli([*KNN3, str(s)], out=out, **kill)
+        r = cli([*knn3, str(s)], out=out, **kill)
         if kill and r.returncode == -signal.SIGKILL:
             return
         assert r.returncode == 0, r.stderr[-2000:]
 
 
-@pytest.fixture(scope="module")
-def world(tmp_path_factory):
-    """A finished run (three knn shards), and the same run appended to without a kill."""
-    tmp = tmp_path_factory.mktemp("append-kill")
+def appended_world(tmp: Path, new: range, knn3: list[str]) -> tuple[Path, Path]:
+    """(old, ref): a finished run of 300 COCO captions in tmp/old (knn in three shards by
+    `knn3`), and a copy in tmp/ref appended to with the caption lines `new` and updated,
+    without a kill."""
     src = tmp / "old" / "src"
     coco_subset(src, 300).rename(src / "a.tsv")
     manifest = caption_manifest(tmp / "old", Path("src/*.tsv"))  # relative: copies move
     out = tmp / "old" / "run"
     assert cli(EMBED, manifest=manifest, out=out).returncode == 0
-    knn(out)
+    knn(out, knn3)
     ref = shutil.copytree(tmp / "old", tmp / "ref") / "run"
-    tsv(ref.parent / "src" / "b.tsv", NEW)
+    tsv(ref.parent / "src" / "b.tsv", new)
     assert cli(APPEND, manifest=ref.parent / "coco.yaml", out=ref).returncode == 0
-    knn(ref)
+    knn(ref, knn3)
     assert not (ref / "graph-base").exists()
+    return out, ref
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    """A finished run (three knn shards), and the same run appended to without a kill."""
+    out, ref = appended_world(tmp_path_factory.mktemp("append-kill"), NEW, KNN3)
     return {"old": out, "ref": tree_bytes(ref)}
 
 
