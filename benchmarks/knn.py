@@ -8,7 +8,7 @@ estimated from exact's rate on the real set instead). Prints seconds, GFLOP/s, r
 and peak RSS; asserts nothing about timings.
 
     python benchmarks/knn.py [--workdir /tmp/graphbuild-bench] [--big 1000000] [--reps 2]
-                             [--estimate-exact]
+                             [--estimate-exact] [--real-only]
 """
 
 from __future__ import annotations
@@ -296,6 +296,8 @@ def main() -> None:
     ap.add_argument("--big", type=int, default=1_000_000)
     ap.add_argument("--noise", type=float, default=0.5)
     ap.add_argument("--reps", type=int, default=2, help="runs of faiss and exact at 90k")
+    ap.add_argument("--real-only", action="store_true",
+                    help="the real captions' section alone (no derived set)")
     ap.add_argument("--estimate-exact", action="store_true",
                     help="estimate exact at --big from its rate on the real set, not run it")
     args = ap.parse_args()
@@ -323,7 +325,7 @@ def main() -> None:
           f"(best of {args.reps})")
     ids, sims = read_graph(run)
     print(f"graphbuild exact:          {t_exact:8.1f}s  {flops / t_exact / 1e9:7.1f} GFLOP/s "
-          f"(effective, best of {args.reps})  ratio {t_faiss / t_exact:.2f}x (target >= 3x)")
+          f"(effective, best of {args.reps})  ratio {t_faiss / t_exact:.2f}x (target >= 4x)")
     same, ties, diff = compare_ids(x16, ids, sims, f_ids)
     print(f"neighbour ids vs faiss: {same:,} rows identical, {ties:,} differ only at exact "
           f"ties, {diff:,} differ otherwise (faiss's fp32 sums vs exact)")
@@ -333,6 +335,8 @@ def main() -> None:
           f"recall@{K} {r.recall:.4f} at nprobe {r.nprobe}; {t_exact / t_ann:.1f}x faster "
           "than exact")
     print_curve(run)
+    if args.real_only:
+        return
 
     big = args.workdir / "big"
     print(f"\n== derived set: N={args.big:,} (real rows + noise at {args.noise} x NN distance)")
