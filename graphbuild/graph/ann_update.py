@@ -81,14 +81,14 @@ def drop_unupdatable(run: RunDir, params: dict, attrs: dict, kind: str, on_cpu: 
     rows of an appended store (one update.plan_update would set aside) that cannot be
     updated is removed, with one log line saying why, so this knn builds it again."""
     from graphbuild.embedding.stage import APPENDED_AT
-    from graphbuild.graph.update import _broken_part, _unusable
+    from graphbuild.graph.update import broken_part, unusable
 
     with run.lock():
         meta = read_json(run.graph / "_meta.json")
         if (not meta or meta.get("method") != "approximate"
                 or meta.get("provenance") == params["provenance"]
                 or meta.get("n_nodes") not in attrs.get(APPENDED_AT, [])
-                or _unusable(meta, params, attrs) or _broken_part(run.graph, meta)):
+                or unusable(meta, params, attrs) or broken_part(run.graph, meta)):
             return
         why = _not_growable(run.graph / "_index", meta["n_nodes"], attrs, kind, on_cpu)
         if why:
@@ -335,13 +335,9 @@ def measure_recall(run: RunDir, scan, base_n: int, k: int, tuning: dict, target:
 def base_rows_at(run: RunDir, rows: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     """(ids, sims) of the base graph's `rows` (ascending), from the row groups holding them
     (the parts checked whole first, as update.base_lists does)."""
-    from graphbuild.graph.update import _broken_part, _copy_rows
+    from graphbuild.graph.update import base_meta, copy_rows
 
-    meta = read_json(run.graph_base / "_meta.json")
-    problem = _broken_part(run.graph_base, meta)
-    if problem:
-        raise GraphbuildError(f"{problem}; the base graph of this update is damaged: pass "
-                              "--overwrite to rebuild the graph")
+    meta = base_meta(run)
     ids, sims = np.empty((len(rows), k), np.int64), np.empty((len(rows), k), np.float32)
     for part in meta["parts"]:
         path, row = run.graph_base / part["file"], part["first"]
@@ -352,7 +348,7 @@ def base_rows_at(run: RunDir, rows: np.ndarray, k: int) -> tuple[np.ndarray, np.
             if len(at):
                 group_ids = np.empty((count, k), np.int64)
                 group_sims = np.empty((count, k), np.float32)
-                _copy_rows(path, read_row_group(path, g), row, row, row + count, k, group_ids,
+                copy_rows(path, read_row_group(path, g), row, row, row + count, k, group_ids,
                            group_sims)
                 ids[at], sims[at] = group_ids[rows[at] - row], group_sims[rows[at] - row]
             row += count

@@ -65,14 +65,14 @@ def plan_update(run: RunDir, params: dict, attrs: dict, overwrite: bool) -> int 
             if overwrite:
                 shutil.rmtree(run.graph_base)
                 return None
-            problem = _unusable(base, params, attrs)
+            problem = unusable(base, params, attrs)
             if problem:
                 raise GraphbuildError(f"{run.graph_base}: an update of the graph after an "
                                       f"append is under way, but {problem}; rerun knn with its "
                                       "settings, or pass --overwrite to rebuild the graph")
             return base["n_nodes"]
         if (not meta or overwrite or meta.get("n_nodes") not in attrs.get(APPENDED_AT, [])
-                or _unusable(meta, params, attrs) or _broken_part(run.graph, meta)):
+                or unusable(meta, params, attrs) or broken_part(run.graph, meta)):
             return None
         shutil.rmtree(run.state("knn"), ignore_errors=True)  # they vouch for the base
         kill_point("knn.base_markers_removed")  # _meta.json still vouches for the base
@@ -84,7 +84,7 @@ def plan_update(run: RunDir, params: dict, attrs: dict, overwrite: bool) -> int 
         return meta["n_nodes"]
 
 
-def _unusable(base: dict, params: dict, attrs: dict) -> str | None:
+def unusable(base: dict, params: dict, attrs: dict) -> str | None:
     """Why the base graph cannot be updated into the graph asked for, or None."""
     from graphbuild.embedding.stage import APPENDED_AT
 
@@ -103,7 +103,9 @@ def _unusable(base: dict, params: dict, attrs: dict) -> str | None:
     return None
 
 
-def _broken_part(folder: Path, meta: dict) -> str | None:
+def broken_part(folder: Path, meta: dict) -> str | None:
+    """Which part of the graph in `folder` (its _meta.json `meta`) is not whole, and why; or
+    None."""
     for p in meta.get("parts", []):
         problem = part_problem(folder / p["file"], p["first"], p["stop"], p["edges"],
                                meta["n_nodes"])
@@ -112,14 +114,20 @@ def _broken_part(folder: Path, meta: dict) -> str | None:
     return None
 
 
-def base_lists(run: RunDir, lo: int, hi: int, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """(ids int64, sims float32), shape (hi - lo, k): rows lo..hi-1 of the base graph, read
-    from the parts that hold them (page checksums verified, nodes and lengths checked)."""
+def base_meta(run: RunDir) -> dict:
+    """The base graph's _meta.json, once every part it lists is whole (its footer)."""
     meta = read_json(run.graph_base / "_meta.json")
-    problem = _broken_part(run.graph_base, meta)
+    problem = broken_part(run.graph_base, meta)
     if problem:
         raise GraphbuildError(f"{problem}; the base graph of this update is damaged: pass "
                               "--overwrite to rebuild the graph")
+    return meta
+
+
+def base_lists(run: RunDir, lo: int, hi: int, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """(ids int64, sims float32), shape (hi - lo, k): rows lo..hi-1 of the base graph, read
+    from the parts that hold them (page checksums verified, nodes and lengths checked)."""
+    meta = base_meta(run)
     ids = np.empty((hi - lo, k), np.int64)
     sims = np.empty((hi - lo, k), np.float32)
     for part in meta["parts"]:
@@ -132,12 +140,12 @@ def base_lists(run: RunDir, lo: int, hi: int, k: int) -> tuple[np.ndarray, np.nd
             count = t.num_rows
             a, b = max(row, lo), min(row + count, hi)
             if a < b:
-                _copy_rows(path, t, row, a, b, k, ids[a - lo:b - lo], sims[a - lo:b - lo])
+                copy_rows(path, t, row, a, b, k, ids[a - lo:b - lo], sims[a - lo:b - lo])
             row += count
     return ids, sims
 
 
-def _copy_rows(path: Path, t, row: int, a: int, b: int, k: int, ids: np.ndarray,
+def copy_rows(path: Path, t, row: int, a: int, b: int, k: int, ids: np.ndarray,
                sims: np.ndarray) -> None:
     """Rows a..b-1 of a row group starting at `row` into ids and sims, checked."""
     nodes = t.column("node").to_numpy()[a - row:b - row]
