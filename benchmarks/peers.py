@@ -159,7 +159,9 @@ def _ivf(faiss, x, nlist):
     return index
 
 
-def child_faiss_ivf(x, exact, params):
+def _ivf_race(x, exact, params, search_ivf):
+    """Build the IVF index once (timed), then sweep nprobe with `search_ivf(index, x, k)`,
+    which returns the neighbour ids."""
     faiss = _faiss()
     t0 = time.perf_counter()
     index = _ivf(faiss, x, params["nlist"])
@@ -167,22 +169,19 @@ def child_faiss_ivf(x, exact, params):
 
     def search(nprobe):
         index.nprobe = nprobe
-        return index.search(x, K + 1)[1]
+        return search_ivf(index, x, K + 1)
     return {"build_s": build, "sweep": _sweep(search, NPROBE_SWEEP, exact)}
+
+
+def child_faiss_ivf(x, exact, params):
+    return _ivf_race(x, exact, params, lambda index, xq, k: index.search(xq, k)[1])
 
 
 def child_faiss_bbs(x, exact, params):
     from faiss.contrib.big_batch_search import big_batch_search
 
-    faiss = _faiss()
-    t0 = time.perf_counter()
-    index = _ivf(faiss, x, params["nlist"])
-    build = time.perf_counter() - t0
-
-    def search(nprobe):
-        index.nprobe = nprobe
-        return big_batch_search(index, x, K + 1, threaded=0)[1]
-    return {"build_s": build, "sweep": _sweep(search, NPROBE_SWEEP, exact)}
+    return _ivf_race(x, exact, params,
+                     lambda index, xq, k: big_batch_search(index, xq, k, threaded=0)[1])
 
 
 def child_pynndescent(x, exact, params):

@@ -99,7 +99,7 @@ def test_neighbors_of_a_new_text_equal_brute_force(run, st_model, monkeypatch, c
 def test_a_text_that_is_a_node_uses_the_graph(run):
     from graphbuild.inspect.neighbors import text_neighbors
 
-    x, ids, _, _, texts = stored(run)
+    _x, ids, _, _, texts = stored(run)
     r = text_neighbors(run, "  " + texts[42].replace(" ", "   ") + " ", k=4)
     assert (r.node, r.source, r.query) == (42, "graph", texts[42])
     assert [n.node for n in r.neighbors] == ids[42, :4].tolist()
@@ -136,7 +136,7 @@ def test_stats_json_against_numpy(run):
     r = graphbuild("stats", run, "--json", "--tau-s", "0.07", "--batches", "3")
     assert r.returncode == 0, r.stderr
     s = json.loads(r.stdout)
-    x, ids, sims, sample_nodes, _ = stored(run)
+    _x, ids, sims, sample_nodes, _ = stored(run)
     n, k = ids.shape
     assert (s["nodes"], s["samples"], s["graph"]["k"], s["graph"]["edges"]) == (
         n, len(sample_nodes), k, n * k)
