@@ -73,6 +73,8 @@ def emulated_faiss_gpu(monkeypatch, gpus: int = 2) -> list[EmulatedGpuIndex]:
     fake.GpuClonerOptions = ClonerOptions
     fake.index_cpu_to_gpu = index_cpu_to_gpu
     monkeypatch.setattr("graphbuild.graph.faiss_loader._import_faiss", lambda: fake)
+    monkeypatch.setattr(faiss_gpu, "nvidia_device_nodes",
+                        lambda: [f"/dev/nvidia{i}" for i in range(gpus)])
     return moved
 
 
@@ -214,3 +216,17 @@ def test_on_gpu_searches_beyond_the_limit_on_the_cpu(monkeypatch):
     assert loads == [1] and (i == index.search(x[:5], 3)[1]).all()
     with pytest.raises(ValueError, match="at most 2048"):
         searcher.search(x[:5], 2049)
+
+
+def test_no_gpu_no_faiss_import(monkeypatch):
+    """Without an NVIDIA device node, or on --device cpu, the shard's faiss GPU is None and
+    faiss is not imported to say so."""
+    def no_import():
+        raise AssertionError("faiss imported")
+
+    monkeypatch.setattr("graphbuild.graph.faiss_loader._import_faiss", no_import)
+    monkeypatch.setattr(faiss_gpu, "nvidia_device_nodes", list)
+    assert faiss_gpu.shard_faiss_gpu(None) is None
+    assert faiss_gpu.shard_faiss_gpu("cuda:0") is None
+    monkeypatch.setattr(faiss_gpu, "nvidia_device_nodes", lambda: ["/dev/nvidia0"])
+    assert faiss_gpu.shard_faiss_gpu("cpu") is None

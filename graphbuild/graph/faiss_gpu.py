@@ -22,6 +22,7 @@ faiss-gpu refuses what a CPU index accepts:
 
 from __future__ import annotations
 
+import glob
 import logging
 from collections.abc import Callable
 
@@ -78,6 +79,22 @@ def check_k(k: int) -> None:
             f"itself is one); use --k {GPU_MAX_K - 1} or less, --method exact, or --device cpu")
 
 
+def shard_faiss_gpu(device: str | None) -> int | None:
+    """`faiss_device` of the shard's device, without importing faiss (0.4 s) where no GPU
+    can be its answer: device "cpu", or no NVIDIA device node on this machine (faiss-gpu
+    opens /dev/nvidiaN; CUDA_VISIBLE_DEVICES only hides some of them)."""
+    if device == "cpu" or not nvidia_device_nodes():
+        return None
+    from graphbuild.graph.faiss_loader import faiss_if_installed
+
+    return faiss_device(device, faiss_if_installed())
+
+
+def nvidia_device_nodes() -> list[str]:
+    """The GPU device nodes of the NVIDIA driver (/dev/nvidia0, ...): none, no CUDA GPU."""
+    return glob.glob("/dev/nvidia[0-9]*")
+
+
 def faiss_device(device: str | None, faiss) -> int | None:
     """The faiss GPU number for a shard's device: None for the CPU (device "cpu", or faiss
     without GPUs), N for "cuda:N", and for "cuda" or None (auto) GPU 0, the first one
@@ -122,12 +139,12 @@ class OnGpu:
 def on_gpu(index, device: str | None, cpu_index: Callable[[], object]):
     """`index` on the GPU of `device` (`faiss_device`) as an OnGpu, or unchanged where faiss
     has no GPU or the device is the CPU."""
+    number = shard_faiss_gpu(device)
+    if number is None:
+        return index
     from graphbuild.graph.faiss_loader import faiss_if_installed
 
     faiss = faiss_if_installed()
-    number = faiss_device(device, faiss)
-    if number is None:
-        return index
     log.info("searching on faiss GPU %d (%d visible), fp16 lookup tables", number,
              faiss.get_num_gpus())
     return OnGpu(faiss, index, number, cpu_index)

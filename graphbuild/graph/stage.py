@@ -292,13 +292,13 @@ def _check_approximate(n: int, d: int, k: int, budget: int, device: str | None) 
     """Before any work: faiss for an IVF-PQ index (one line naming what to install), and k
     and the IVF-PQ sub-quantizers within faiss-gpu's limits when faiss will search on a
     GPU."""
-    from graphbuild.graph.faiss_gpu import check_k, faiss_device, gpu_subquantizers
-    from graphbuild.graph.faiss_loader import faiss_if_installed, load_faiss
+    from graphbuild.graph.faiss_gpu import check_k, gpu_subquantizers, shard_faiss_gpu
+    from graphbuild.graph.faiss_loader import load_faiss
 
     pq = _index_kind(n, d, budget) == "ivf-pq"
     if pq:
         load_faiss(IVF_PQ_USE)
-    if faiss_device(device, faiss_if_installed()) is not None:
+    if shard_faiss_gpu(device) is not None:
         check_k(k)
         if pq:
             gpu_subquantizers(d)
@@ -376,13 +376,12 @@ def _plan_update(run: RunDir, arr, attrs: dict, params: dict, overwrite: bool, b
     """The node count of the base graph this knn updates after an append (update.py,
     ann_update.py), or None for a build as usual."""
     from graphbuild.graph import ann_update
-    from graphbuild.graph.faiss_gpu import faiss_device
-    from graphbuild.graph.faiss_loader import faiss_if_installed
+    from graphbuild.graph.faiss_gpu import shard_faiss_gpu
     from graphbuild.graph.update import plan_update
 
     approximate = params["method"] == "approximate"
     if approximate and not overwrite:
-        on_cpu = faiss_device(device, faiss_if_installed()) is None
+        on_cpu = shard_faiss_gpu(device) is None
         ann_update.drop_unupdatable(run, params, attrs, _index_kind(*arr.shape, budget), on_cpu)
     base_n = plan_update(run, params, attrs, overwrite)
     if base_n is not None and approximate and not ann_update.grow_index(
@@ -522,14 +521,14 @@ def _index(run: RunDir, arr, attrs: dict, k: int, recall_target: float, block_ro
     `device` if faiss has GPUs (faiss_gpu.py)."""
     from graphbuild.graph import ivf_scan
     from graphbuild.graph.ann import build_index, build_lists, nlist_for, tune_nprobe
-    from graphbuild.graph.faiss_gpu import faiss_device, gpu_subquantizers, on_gpu
-    from graphbuild.graph.faiss_loader import faiss_if_installed, load_faiss
+    from graphbuild.graph.faiss_gpu import gpu_subquantizers, on_gpu, shard_faiss_gpu
+    from graphbuild.graph.faiss_loader import load_faiss
 
     n, d = arr.shape
     step = arr.block_step(block_rows)
     folder = run.graph / "_index"
     kind = _index_kind(n, d, budget)
-    gpu = faiss_device(device, faiss_if_installed())
+    gpu = shard_faiss_gpu(device)
     list_scan = kind == "ivf-sq16" and gpu is None
     want = {"kind": kind, "nlist": nlist_for(n), "n_nodes": n, "dim": d,
             "model": attrs["model"], "model_revision": attrs["model_revision"],
