@@ -12,18 +12,24 @@ process of its own (so its peak RSS, VmHWM, is its own):
   pynndescent              NN-descent's own kNN graph; n_neighbors swept (a build each)
 
 Recall@32 of every method is measured on all rows against graphbuild exact's graph (whose ids
-equal brute force). For an approximate peer the sweep stops at the first setting reaching
-recall 0.95 and the cheapest such setting (build + search) is reported. Build settings are
-the libraries' usual ones (HNSW M=16, ef_construction 100; IVF 4*sqrt(N) lists, rounded to a
-power of two). pynndescent is warmed up first on 2,000 rows (it compiles itself in each
-process); graphbuild's kernels come from numba's on-disk cache. Asserts nothing about timings.
+equal brute force), or with --recall-sample S on S seeded rows against an fp32 brute force of
+those rows alone (for sizes where an exact graph of every row takes too long; graphbuild
+exact then runs only if --only names it). Every method still builds the graph of every row.
+For an approximate peer each sweep stops at the first setting reaching recall 0.95, and the
+cheapest setting that reaches it (build + search) is reported. Build settings: HNSW M=16 with
+ef_construction 40 and 100 (--efc), each a build of its own and an efSearch sweep; IVF
+4*sqrt(N) lists, rounded to a power of two; pynndescent n_neighbors 33 (k+1) with
+max_candidates 4, 8, 16, 24 and its default, cheapest first, then larger n_neighbors.
+pynndescent is warmed up first on 2,000 rows (it compiles itself in each process);
+graphbuild's kernels come from numba's on-disk cache. Asserts nothing about timings.
 
 Data: the ~90k real captions of benchmarks/knn.py (its --workdir store, embedded once), or
 --derived N rows made from them by knn.derived_vectors (real rows plus noise at half the
 nearest-neighbour distance).
 
     python benchmarks/peers.py [--source /tmp/graphbuild-bench] [--workdir /tmp/gb-peers]
-                               [--derived 250000] [--only hnswlib,usearch]
+                               [--derived 1000000 --recall-sample 10000]
+                               [--only hnswlib,usearch] [--efc 40,100]
 """
 
 from __future__ import annotations
@@ -46,6 +52,9 @@ TARGET = 0.95
 EF_SWEEP = [40, 64, 96, 128, 192, 256, 384, 512, 768]
 NPROBE_SWEEP = [8, 16, 24, 32, 48, 64, 96, 128, 192, 256]
 NNDESCENT_SWEEP = [33, 48, 64, 96]
+NNDESCENT_CANDIDATES = [4, 8, 16, 24, None]  # max_candidates at n_neighbors 33; None: its default
+HNSW_EFC = [40, 100]
+TRUTH_BLOCK = 65536  # rows scored against the sampled queries at once (--recall-sample)
 
 
 def peak_gib() -> float:
@@ -56,12 +65,42 @@ def peak_gib() -> float:
 
 
 def recall(found: np.ndarray, exact: np.ndarray) -> float:
-    """Mean over rows of |found ∩ exact| / K (rows hold distinct ids)."""
+    """Mean over the truth's rows of |found ∩ exact| / K (rows hold distinct ids). `exact`:
+    every row's exact ids (n, K), or a sample's (`sampled_truth`): then `found` is cut to
+    the sample's rows (exact_rows.npy, set as SAMPLE_ROWS by the child)."""
+    if SAMPLE_ROWS is not None and len(found) != len(exact):
+        found = found[SAMPLE_ROWS]
     hits = 0
     for lo in range(0, len(exact), 8192):
         f, e = found[lo:lo + 8192], exact[lo:lo + 8192]
         hits += int((f[:, :, None] == e[:, None, :]).any(axis=2).sum())
     return hits / exact.size
+
+
+SAMPLE_ROWS: np.ndarray | None = None
+
+
+def sampled_truth(x: np.ndarray, size: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """(rows, their exact top-K ids, self excluded) for `size` seeded rows: fp32 products
+    with every row in blocks, each block's best K merged with the best so far (numpy and
+    torch only: independent of graphbuild's search)."""
+    import torch
+
+    torch.set_num_threads(THREADS)
+    rows = np.sort(np.random.default_rng(seed).choice(len(x), size, replace=False))
+    q = torch.from_numpy(x[rows])
+    best_s = torch.full((size, K), -float("inf"))
+    best_i = torch.full((size, K), -1, dtype=torch.int64)
+    for lo in range(0, len(x), TRUTH_BLOCK):
+        s = q @ torch.from_numpy(x[lo:lo + TRUTH_BLOCK]).T
+        own = torch.from_numpy((rows >= lo) & (rows < lo + s.shape[1]))
+        s[own.nonzero()[:, 0], torch.from_numpy(rows)[own] - lo] = -float("inf")
+        top = s.topk(min(K, s.shape[1]), dim=1)
+        both_s = torch.cat([best_s, top.values], 1)
+        both_i = torch.cat([best_i, top.indices + lo], 1)
+        keep = both_s.topk(K, dim=1).indices
+        best_s, best_i = both_s.gather(1, keep), both_i.gather(1, keep)
+    return rows, best_i.numpy()
 
 
 def drop_self(ids: np.ndarray) -> np.ndarray:
@@ -188,18 +227,20 @@ def child_pynndescent(x, exact, params):
     """One setting a child: NN-descent's graph is its build; there is no separate search."""
     from pynndescent import NNDescent
 
+    options = {"metric": "dot", "n_neighbors": params["n_neighbors"], "n_jobs": THREADS,
+               "max_candidates": params.get("max_candidates"), "random_state": 0,
+               "low_memory": True, "compressed": True}
     # pynndescent compiles much of itself when first called in a process: warm it up on a few
     # rows, untimed, so the figure is its steady-state cost.
-    warm = NNDescent(x[:2000], metric="dot", n_neighbors=params["n_neighbors"],
-                     n_jobs=THREADS, random_state=0, low_memory=True, compressed=True)
+    warm = NNDescent(x[:2000], **options)
     warm.neighbor_graph  # noqa: B018  (built by the constructor; read like the timed run)
     t0 = time.perf_counter()
-    nnd = NNDescent(x, metric="dot", n_neighbors=params["n_neighbors"], n_jobs=THREADS,
-                    random_state=0, low_memory=True, compressed=True)
+    nnd = NNDescent(x, **options)
     ids, _ = nnd.neighbor_graph
     build = time.perf_counter() - t0
     ids = drop_self(ids[:, :K + 1].astype(np.int64))
-    return {"build_s": build, "sweep": [{"setting": params["n_neighbors"], "search_s": 0.0,
+    setting = params["n_neighbors"], params.get("max_candidates")
+    return {"build_s": build, "sweep": [{"setting": setting, "search_s": 0.0,
                                          "recall": recall(ids, exact)}]}
 
 
@@ -247,7 +288,10 @@ CHILDREN = {"faiss IndexFlatIP": child_faiss_flat, "hnswlib": child_hnswlib,
 
 
 def child_main(method: str, workdir: Path, params: dict) -> None:
+    global SAMPLE_ROWS
     os.environ.setdefault("NUMBA_NUM_THREADS", str(THREADS))
+    if (workdir / "exact_rows.npy").exists():
+        SAMPLE_ROWS = np.load(workdir / "exact_rows.npy")
     if method.startswith("graphbuild"):
         out = child_graphbuild(workdir / "run", workdir / "exact_ids.npy", method.split()[1])
     else:
@@ -302,11 +346,12 @@ def prepare(source: Path, workdir: Path, derived: int | None, limit: int | None)
 def settings(method: str, n: int) -> list[dict]:
     nlist = 1 << round(float(np.log2(4 * np.sqrt(n))))
     if method in ("hnswlib", "usearch", "faiss HNSW"):
-        return [{"M": 16, "efc": 100}]
+        return [{"M": 16, "efc": efc} for efc in HNSW_EFC]
     if method in ("faiss IVF", "faiss big_batch_search"):
         return [{"nlist": nlist}]
     if method == "pynndescent":
-        return [{"n_neighbors": m} for m in NNDESCENT_SWEEP]
+        return ([{"n_neighbors": K + 1, "max_candidates": c} for c in NNDESCENT_CANDIDATES]
+                + [{"n_neighbors": m} for m in NNDESCENT_SWEEP if m > K + 1])
     return [{}]
 
 
@@ -316,7 +361,8 @@ def describe(method: str, params: dict, setting) -> str:
     if method in ("faiss IVF", "faiss big_batch_search"):
         return f"nlist={params['nlist']} nprobe={setting}"
     if method == "pynndescent":
-        return f"n_neighbors={setting}"
+        m, c = setting
+        return f"n_neighbors={m}" + ("" if c is None else f" max_candidates={c}")
     return str(setting)
 
 
@@ -336,7 +382,13 @@ def main() -> None:
                     help="reuse the workdir's data and exact graph from an earlier run")
     ap.add_argument("--sweep-from", type=float, default=0,
                     help="start the swept parameter (ef, nprobe, n_neighbors) at this value")
+    ap.add_argument("--recall-sample", type=int,
+                    help="measure recall on this many seeded rows against their brute force "
+                    "(graphbuild exact then runs only if --only names it)")
+    ap.add_argument("--efc", default=",".join(map(str, HNSW_EFC)),
+                    help="HNSW ef_construction values, each a build of its own")
     args = ap.parse_args()
+    HNSW_EFC[:] = [int(v) for v in args.efc.split(",")]
     for sweep in (EF_SWEEP, NPROBE_SWEEP, NNDESCENT_SWEEP):
         sweep[:] = [v for v in sweep if v >= args.sweep_from]
     if args.child:
@@ -344,19 +396,26 @@ def main() -> None:
 
     work = args.workdir / (f"derived-{args.derived}" if args.derived else "real")
     if args.resume and (work / "exact_ids.npy").exists():
-        n = len(np.load(work / "exact_ids.npy", mmap_mode="r"))
+        n = len(np.load(work / "x32.npy", mmap_mode="r"))
     else:
         if work.exists():
             shutil.rmtree(work)
         n = prepare(args.source, work, args.derived, args.limit)
+        if args.recall_sample:
+            t0 = time.perf_counter()
+            rows, ids = sampled_truth(np.load(work / "x32.npy"), args.recall_sample)
+            np.save(work / "exact_rows.npy", rows)
+            np.save(work / "exact_ids.npy", ids)
+            print(f"brute force of {len(rows):,} sampled rows: {time.perf_counter() - t0:.1f}s")
     what = (f"derived set (real rows + noise at half the nearest-neighbour distance), N={n:,}"
             if args.derived else f"real captions, N={n:,}")
     print(f"== {what}; k={K}, {THREADS} threads; load average {os.getloadavg()[0]:.1f} "
           f"on {os.cpu_count()} cores (shared host)")
     methods = ["graphbuild exact", "graphbuild approximate", *CHILDREN]
     if args.only:
-        methods = ["graphbuild exact", *[m for m in methods if m in args.only.split(",")]]
-    if args.resume and (work / "exact_ids.npy").exists():
+        methods = [m for m in methods if m == "graphbuild exact" or m in args.only.split(",")]
+    if ((args.resume and (work / "exact_ids.npy").exists())
+            or (args.recall_sample and "graphbuild exact" not in (args.only or "").split(","))):
         methods.remove("graphbuild exact")
     rows = []
     for method in methods:
@@ -376,7 +435,8 @@ def main() -> None:
                     best = row
             if best is not None and method == "pynndescent":
                 break  # the sweep goes upwards in cost: the first that reaches is the cheapest
-        if method == "graphbuild exact" and not args.derived and not args.limit:
+        if (method == "graphbuild exact" and not args.derived and not args.limit
+                and not args.recall_sample):
             x16 = np.load(work / "x32.npy")
             ids = np.load(work / "exact_ids.npy")
             sims = np.einsum("ij,ij->i", x16, x16[ids[:, 0]])
