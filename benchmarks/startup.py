@@ -31,16 +31,17 @@ REPO = Path(__file__).resolve().parents[1]
 TEXTS = ["a dog lying on a couch", "two cats asleep in the sun", "a red bus on a city street"]
 HEAVY = ["torch", "sentence_transformers", "transformers", "sklearn", "scipy", "polars", "zarr",
          "numba", "pyarrow", "faiss", "dask", "distributed", "typer", "pydantic", "psutil"]
-# cProfile entries reported (substring of "file:line(function)"), in the order printed.
+# cProfile entries reported (the end of "file(function)"), in the order printed.
 PROFILED = {
     # The first cached kernel loaded sets numba's CPU target up (its typing and lowering
     # registries): a one-time cost per process, beside reading the cached machine code.
-    "numba: target set-up": "numba/core/base.py:261(refresh)",
-    "numba: read cached kernels": "numba/core/caching.py:754(_load_overload)",
-    "model load (imports inside)": "models.py:106(load_sentence_transformer)",
-    "prepare tables": "prepare/stage.py:35(_prepare)",
-    "encode": "encode.py:153(encode)",
-    "exact search": "exact.py:446(blocked_topk)",
+    "numba: target set-up": "numba/core/base.py(refresh)",
+    "numba: read cached kernels": "numba/core/caching.py(_load_overload)",
+    "model load (imports inside)": "embedding/models.py(load_sentence_transformer)",
+    "  of which the plain loader": "embedding/plain_model.py(load_plain_model)",
+    "prepare tables": "prepare/stage.py(_prepare)",
+    "encode": "embedding/encode.py(encode)",
+    "exact search": "graph/exact.py(blocked_topk)",
 }
 
 
@@ -79,12 +80,13 @@ def commands(manifest: Path, run: Path, workdir: Path) -> dict[str, tuple[list[s
                                 "-q"], fresh_embed)}
 
 
-def timed(argv: list[str], env: dict) -> tuple[float, float]:
+def timed(argv: list[str], env: dict, cwd: Path | None) -> tuple[float, float]:
     """(wall seconds, CPU seconds: user + system) of one run. CPU time depends less on the
-    other processes of a shared host than wall time does."""
+    other processes of a shared host than wall time does. `cwd`: the tree itself, since
+    `python -m` puts the working directory before PYTHONPATH on sys.path."""
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     t0 = time.perf_counter()
-    subprocess.run(argv, env=env, capture_output=True, check=True)
+    subprocess.run(argv, env=env, capture_output=True, check=True, cwd=cwd)
     wall = time.perf_counter() - t0
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
     return wall, (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
@@ -93,8 +95,9 @@ def timed(argv: list[str], env: dict) -> tuple[float, float]:
 def race(trees: dict[str, Path], workdir: Path, reps: int) -> dict[tuple[str, str], tuple]:
     """Best (wall, CPU) seconds of each (tree, command) and of the baselines, taken in
     turns."""
-    cases = {("python", "-c pass"): ([sys.executable, "-c", "pass"], None, {}),
-             ("python", "-c 'import torch'"): ([sys.executable, "-c", "import torch"], None, {})}
+    cases = {("python", "-c pass"): ([sys.executable, "-c", "pass"], None, {}, None),
+             ("python", "-c 'import torch'"): ([sys.executable, "-c", "import torch"], None, {},
+                                               None)}
     for label, tree in trees.items():
         manifest, run = setup(workdir / label.replace(" ", "_"), tree)
         env = {**os.environ, "PYTHONPATH": str(tree)}
@@ -107,13 +110,14 @@ def race(trees: dict[str, Path], workdir: Path, reps: int) -> dict[tuple[str, st
             modules = p.stderr.count("import time:") - 1
             heavy = ", ".join(pkg for pkg, _ in import_breakdown(p.stderr))
             print(f"  {label:40s} {name:22s} imports {modules:5d} modules; of the heavy: {heavy}")
-            cases[(label, name)] = ([sys.executable, "-m", "graphbuild", *args], reset, env)
+            cases[(label, name)] = ([sys.executable, "-m", "graphbuild", *args], reset, env,
+                                    tree)
     best = {key: (float("inf"), float("inf")) for key in cases}
     for _ in range(reps):
-        for key, (argv, reset, env) in cases.items():
+        for key, (argv, reset, env, cwd) in cases.items():
             if reset:
                 reset()
-            wall, cpu = timed(argv, {**os.environ, **env})
+            wall, cpu = timed(argv, {**os.environ, **env}, cwd)
             best[key] = (min(best[key][0], wall), min(best[key][1], cpu))
     return best
 
@@ -135,8 +139,8 @@ def profile_breakdown(prof: Path) -> list[tuple[str, float]]:
     stats = pstats.Stats(str(prof)).stats
     out = []
     for label, where in PROFILED.items():
-        total = sum(v[3] for (file, line, fn), v in stats.items()
-                    if f"{file}:{line}({fn})".endswith(where))
+        total = sum(v[3] for (file, _line, fn), v in stats.items()
+                    if f"{file}({fn})".endswith(where))
         if total:
             out.append((label, total))
     return out
