@@ -38,7 +38,6 @@ PROFILED = {
     "numba: target set-up": "numba/core/base.py(refresh)",
     "numba: read cached kernels": "numba/core/caching.py(_load_overload)",
     "model load (imports inside)": "embedding/models.py(load_sentence_transformer)",
-    "  of which the plain loader": "embedding/plain_model.py(load_plain_model)",
     "prepare tables": "prepare/stage.py(_prepare)",
     "encode": "embedding/encode.py(encode)",
     "exact search": "graph/exact.py(blocked_topk)",
