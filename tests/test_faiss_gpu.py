@@ -73,7 +73,7 @@ def emulated_faiss_gpu(monkeypatch, gpus: int = 2) -> list[EmulatedGpuIndex]:
     fake.GpuClonerOptions = ClonerOptions
     fake.index_cpu_to_gpu = index_cpu_to_gpu
     monkeypatch.setattr("graphbuild.graph.faiss_loader._import_faiss", lambda: fake)
-    monkeypatch.setattr(faiss_gpu, "nvidia_device_nodes",
+    monkeypatch.setattr(faiss_gpu, "gpu_device_nodes",
                         lambda: [f"/dev/nvidia{i}" for i in range(gpus)])
     return moved
 
@@ -219,14 +219,14 @@ def test_on_gpu_searches_beyond_the_limit_on_the_cpu(monkeypatch):
 
 
 def test_no_gpu_no_faiss_import(monkeypatch):
-    """Without an NVIDIA device node, or on --device cpu, the shard's faiss GPU is None and
-    faiss is not imported to say so."""
+    """Without a GPU device node, or on --device cpu, the shard's faiss GPU is None and faiss
+    is not imported to say so."""
     def no_import():
         raise AssertionError("faiss imported")
 
     monkeypatch.setattr("graphbuild.graph.faiss_loader._import_faiss", no_import)
-    monkeypatch.setattr(faiss_gpu, "nvidia_device_nodes", list)
+    monkeypatch.setattr(faiss_gpu, "gpu_device_nodes", list)
     assert faiss_gpu.shard_faiss_gpu(None) is None
     assert faiss_gpu.shard_faiss_gpu("cuda:0") is None
-    monkeypatch.setattr(faiss_gpu, "nvidia_device_nodes", lambda: ["/dev/nvidia0"])
+    monkeypatch.setattr(faiss_gpu, "gpu_device_nodes", lambda: ["/dev/nvidia0"])
     assert faiss_gpu.shard_faiss_gpu("cpu") is None

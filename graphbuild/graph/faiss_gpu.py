@@ -81,18 +81,19 @@ def check_k(k: int) -> None:
 
 def shard_faiss_gpu(device: str | None) -> int | None:
     """`faiss_device` of the shard's device, without importing faiss (0.4 s) where no GPU
-    can be its answer: device "cpu", or no NVIDIA device node on this machine (faiss-gpu
-    opens /dev/nvidiaN; CUDA_VISIBLE_DEVICES only hides some of them)."""
-    if device == "cpu" or not nvidia_device_nodes():
+    can be its answer: device "cpu", or no GPU device node on this machine (CUDA opens
+    /dev/nvidiaN, or /dev/dxg under WSL2; CUDA_VISIBLE_DEVICES only hides some of them)."""
+    if device == "cpu" or not gpu_device_nodes():
         return None
     from graphbuild.graph.faiss_loader import faiss_if_installed
 
     return faiss_device(device, faiss_if_installed())
 
 
-def nvidia_device_nodes() -> list[str]:
-    """The GPU device nodes of the NVIDIA driver (/dev/nvidia0, ...): none, no CUDA GPU."""
-    return glob.glob("/dev/nvidia[0-9]*")
+def gpu_device_nodes() -> list[str]:
+    """The device nodes CUDA reaches GPUs through (/dev/nvidia0, ..., or WSL2's /dev/dxg):
+    none, no CUDA GPU."""
+    return glob.glob("/dev/nvidia[0-9]*") + glob.glob("/dev/dxg")
 
 
 def faiss_device(device: str | None, faiss) -> int | None:
