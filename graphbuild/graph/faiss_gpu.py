@@ -80,7 +80,7 @@ def check_k(k: int) -> None:
 
 
 def shard_faiss_gpu(device: str | None) -> int | None:
-    """`faiss_device` of the shard's device, without importing faiss (0.4 s) where no GPU
+    """`faiss_device` of the shard's device, without importing faiss where no GPU
     can be its answer: device "cpu", or no GPU device node on this machine (CUDA opens
     /dev/nvidiaN, or /dev/dxg under WSL2; CUDA_VISIBLE_DEVICES only hides some of them)."""
     if device == "cpu" or not gpu_device_nodes():
