@@ -19,7 +19,8 @@ For an approximate peer each sweep stops at the first setting reaching recall 0.
 cheapest setting that reaches it (build + search) is reported. Build settings: HNSW M=16 with
 ef_construction 40 and 100 (--efc), each a build of its own and an efSearch sweep; IVF
 4*sqrt(N) lists, rounded to a power of two; pynndescent n_neighbors 33 (k+1) with
-max_candidates 4, 8, 16, 24 and its default, cheapest first, then larger n_neighbors.
+max_candidates 4, 8, 16, 24 and its default, each with n_iters 3, 5 and its default, cheapest
+first, then larger n_neighbors.
 pynndescent is warmed up first on 2,000 rows (it compiles itself in each process);
 graphbuild's kernels come from numba's on-disk cache. Asserts nothing about timings.
 
@@ -53,6 +54,7 @@ EF_SWEEP = [40, 64, 96, 128, 192, 256, 384, 512, 768]
 NPROBE_SWEEP = [8, 16, 24, 32, 48, 64, 96, 128, 192, 256]
 NNDESCENT_SWEEP = [33, 48, 64, 96]
 NNDESCENT_CANDIDATES = [4, 8, 16, 24, None]  # max_candidates at n_neighbors 33; None: its default
+NNDESCENT_ITERS = [3, 5, None]  # n_iters for each; None: its default, max(5, log2 N)
 HNSW_EFC = [40, 100]
 TRUTH_BLOCK = 65536  # rows scored against the sampled queries at once (--recall-sample)
 
@@ -228,8 +230,8 @@ def child_pynndescent(x, exact, params):
     from pynndescent import NNDescent
 
     options = {"metric": "dot", "n_neighbors": params["n_neighbors"], "n_jobs": THREADS,
-               "max_candidates": params.get("max_candidates"), "random_state": 0,
-               "low_memory": True, "compressed": True}
+               "max_candidates": params.get("max_candidates"), "n_iters": params.get("n_iters"),
+               "random_state": 0, "low_memory": True, "compressed": True}
     # pynndescent compiles much of itself when first called in a process: warm it up on a few
     # rows, untimed, so the figure is its steady-state cost.
     warm = NNDescent(x[:2000], **options)
@@ -239,7 +241,7 @@ def child_pynndescent(x, exact, params):
     ids, _ = nnd.neighbor_graph
     build = time.perf_counter() - t0
     ids = drop_self(ids[:, :K + 1].astype(np.int64))
-    setting = params["n_neighbors"], params.get("max_candidates")
+    setting = params["n_neighbors"], params.get("max_candidates"), params.get("n_iters")
     return {"build_s": build, "sweep": [{"setting": setting, "search_s": 0.0,
                                          "recall": recall(ids, exact)}]}
 
@@ -350,7 +352,8 @@ def settings(method: str, n: int) -> list[dict]:
     if method in ("faiss IVF", "faiss big_batch_search"):
         return [{"nlist": nlist}]
     if method == "pynndescent":
-        return ([{"n_neighbors": K + 1, "max_candidates": c} for c in NNDESCENT_CANDIDATES]
+        return ([{"n_neighbors": K + 1, "max_candidates": c, "n_iters": i}
+                 for c in NNDESCENT_CANDIDATES for i in NNDESCENT_ITERS]
                 + [{"n_neighbors": m} for m in NNDESCENT_SWEEP if m > K + 1])
     return [{}]
 
@@ -361,8 +364,9 @@ def describe(method: str, params: dict, setting) -> str:
     if method in ("faiss IVF", "faiss big_batch_search"):
         return f"nlist={params['nlist']} nprobe={setting}"
     if method == "pynndescent":
-        m, c = setting
-        return f"n_neighbors={m}" + ("" if c is None else f" max_candidates={c}")
+        m, c, i = setting
+        return (f"n_neighbors={m}" + ("" if c is None else f" max_candidates={c}")
+                + ("" if i is None else f" n_iters={i}"))
     return str(setting)
 
 
