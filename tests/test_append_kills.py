@@ -110,11 +110,15 @@ def test_kill_append_then_rerun(world, tmp_path, stage, point):
         assert not (out / "graph/_meta.json").exists() or not (out / "graph-base").exists() \
             or '"n_nodes": 300' not in (out / "graph/_meta.json").read_text()
         knn(out)
-    got = tree_bytes(out)
-    assert sorted(got) == sorted(world["ref"]), set(got) ^ set(world["ref"])
-    assert [n for n in got if got[n] != world["ref"][n]] == []
-    assert not (out / "graph-base").exists()
+    assert_same_tree(out, world["ref"])
 
+
+def assert_same_tree(out: Path, ref: dict) -> None:
+    """The run's files are `ref`'s, byte for byte (tree_bytes), and no update base is left."""
+    got = tree_bytes(out)
+    assert sorted(got) == sorted(ref), set(got) ^ set(ref)
+    assert [n for n in got if got[n] != ref[n]] == []
+    assert not (out / "graph-base").exists()
 
 def test_a_killed_update_leaves_no_graph_for_readers(world, tmp_path):
     """Mid-update, readers see no graph (no _meta.json vouches for a half-merged one)."""
