@@ -80,7 +80,8 @@ def plan_update(run: RunDir, params: dict, attrs: dict, overwrite: bool) -> int 
         kill_point("knn.base_set_aside")
         log.info("updating the %s graph of %d nodes with the %d rows appended after them "
                  "(the finished graph is kept in %s until the new one is whole)",
-                 meta["method"], meta["n_nodes"], attrs["n_nodes"] - meta["n_nodes"], run.graph_base)
+                 meta["method"], meta["n_nodes"], attrs["n_nodes"] - meta["n_nodes"],
+                 run.graph_base)
         return meta["n_nodes"]
 
 
