@@ -103,9 +103,7 @@ def _not_growable(folder: Path, base_n: int, attrs: dict, kind: str,
         return (f"this knn searches a faiss {kind} index{'' if on_cpu else ' on a GPU'}; only "
                 "ivf-sq16 lists searched on a CPU take new rows")
     index = read_json(folder / "index.json").get("index") or {}
-    fits = {"kind": "ivf-sq16", "file": LISTS_FILE, "n_nodes": base_n, "dim": attrs["dim"],
-            "model": attrs["model"], "model_revision": attrs["model_revision"]}
-    if any(index.get(key) != value for key, value in fits.items()):
+    if not _lists_of(index, attrs, n_nodes=base_n):
         return f"{folder}: holds no ivf-sq16 lists over the base graph's {base_n} rows"
     trained = index.get("trained_nodes", base_n)
     share = (attrs["n_nodes"] - trained) / trained
@@ -115,6 +113,13 @@ def _not_growable(folder: Path, base_n: int, attrs: dict, kind: str,
                 f"APPROX_UPDATE_MAX_SHARE={APPROX_UPDATE_MAX_SHARE}")
     return None
 
+
+def _lists_of(index: dict, attrs: dict, **rows) -> bool:
+    """Whether an index.json record is of ivf-sq16 lists of this store's model and dim, with
+    the `rows` entries given (n_nodes, grown_from)."""
+    want = {"kind": "ivf-sq16", "file": LISTS_FILE, "dim": attrs["dim"],
+            "model": attrs["model"], "model_revision": attrs["model_revision"], **rows}
+    return all(index.get(key) == value for key, value in want.items())
 
 def _rebuild(run: RunDir, base_n: int, n: int, why: str) -> None:
     """Remove the graph (and a base set aside for it) so that knn builds it from scratch:
@@ -189,9 +194,8 @@ def _grown(run: RunDir, attrs: dict, params: dict, base_n: int, n: int,
 
     info = read_json(run.graph / "_index" / "index.json")
     index, tuning = info.get("index") or {}, (info.get("tuning") or {}).get(tune_key(params))
-    fits = {"kind": "ivf-sq16", "file": LISTS_FILE, "n_nodes": n, "grown_from": base_n,
-            "dim": d, "model": attrs["model"], "model_revision": attrs["model_revision"]}
-    if tuning is None or any(index.get(key) != value for key, value in fits.items()):
+    if tuning is None or not _lists_of(index, {**attrs, "dim": d}, n_nodes=n,
+                                       grown_from=base_n):
         return None
     lists = load_lists(run.graph / "_index" / LISTS_FILE, n, d)
     return None if lists is None else (lists, tuning)
