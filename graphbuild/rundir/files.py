@@ -113,10 +113,11 @@ class ParquetRows:
 
     `schema`: an Arrow schema, or polars dtypes by column name. `page_checksums`: a CRC32 on
     every data page, for readers that verify them. `after_group` is called after each row
-    group is written (the tests' kill points)."""
+    group is written (the tests' kill points). `dictionary`: dictionary-encode the columns
+    (Parquet's default), which only costs time for columns of few repeats."""
 
     def __init__(self, path: Path, schema, group: int = 65_536, page_checksums: bool = False,
-                 after_group: Callable[[], None] | None = None):
+                 after_group: Callable[[], None] | None = None, dictionary: bool = True):
         import pyarrow as pa
         import pyarrow.parquet as pq
 
@@ -128,7 +129,8 @@ class ParquetRows:
         self.group = group
         self._after_group = after_group
         self._writer = pq.ParquetWriter(path, self.schema, compression="zstd",
-                                        write_page_checksum=page_checksums)
+                                        write_page_checksum=page_checksums,
+                                        use_dictionary=dictionary)
         self._waiting: list = []
         self._rows = 0
 

@@ -83,8 +83,10 @@ def write_part(out: str | Path, shard: int, rows: range, n_nodes: int,
     remove_stale_temps(out, shard)
     edges, expect = 0, rows.start
     with (atomic_path(part) as tmp,
+          # ids and sims rarely repeat: no dictionary pages (graph_choices.txt)
           ParquetRows(tmp, schema(n_nodes), ROW_GROUP, page_checksums=True,
-                      after_group=lambda: kill_point("parquet.row_group_written")) as writer):
+                      after_group=lambda: kill_point("parquet.row_group_written"),
+                      dictionary=False) as writer):
         for first, ids, sims in blocks:
             if first != expect:
                 raise RuntimeError(f"blocks out of order: got row {first}, wanted {expect}")

@@ -85,8 +85,10 @@ def write_moments_part(out: str | Path, shard: int, first: int, rows: RowMoments
          pa.array(np.asarray(rows.sum, np.float64)), pa.array(np.asarray(rows.sum_sq, np.float64))],
         schema=schema(rank))
     with (atomic_path(path) as tmp,
+          # node ids and floats rarely repeat: no dictionary pages
           ParquetRows(tmp, schema(rank), ROW_GROUP, page_checksums=True,
-                      after_group=lambda: kill_point("parquet.row_group_written")) as writer):
+                      after_group=lambda: kill_point("parquet.row_group_written"),
+                      dictionary=False) as writer):
         writer.write_table(table)
 
 
