@@ -460,3 +460,62 @@ def offer_rescored(scores, lo, q32, x_bits, heap_k, heap_i, heap_x):
                 if v >= bar and (v > bar or lo + c < hi[0]):
                     _replace_worst(hk, hi, v, lo + c, kk, hx, _exact_dot(a, x_bits[c]))
                     bar = hk[0]
+
+
+# symmetric_scan: every row's best lists, and list products offered to the list rows too
+@njit(cache=True, parallel=True)
+def top_lists(scores, bf16_bits, lists, values):
+    """Each row's best lists (scores (m, nlist), fp32 or bf16 as uint16 bits), best first, ties
+    by smaller list number, into lists and values (m, most); the order probe_lists picks
+    its lists in, so the first `count` of them are the lists it would probe."""
+    m, nlist = scores.shape
+    most = lists.shape[1]
+    for r in prange(m):
+        row = np.empty(nlist, np.float32)
+        _row_as_f32(scores, bf16_bits, r, row)
+        top_v, top_c = np.empty(most, np.float32), np.empty(most, np.int64)
+        best = _best_of(row, most, top_v, top_c)
+        for t in range(len(best)):
+            lists[r, t] = best[t]
+            values[r, t] = row[best[t]]
+
+
+COLUMN_TILE = 16  # columns whose heaps a thread updates together: one cache line a product row
+
+
+@njit(cache=True, parallel=True)
+def offer_to_list_rows(scores, sources, homes, cols, col_heaps, probed, counts, heap_s, heap_i):
+    """Offer a list product's columns to the heaps of the list's rows: column c (the row
+    `cols[c]`, heap `col_heaps[c]`, -1 for none) takes row j's score with its source
+    `sources[j]`, unless the source's home list `homes[j]` is among the first `counts` of
+    the row's `probed` lists (the row's own scan of that list scores the pair). Columns go in
+    tiles of COLUMN_TILE, each product row read once a tile."""
+    kk = heap_s.shape[1]
+    m, ncol = scores.shape
+    for tile in prange((ncol + COLUMN_TILE - 1) // COLUMN_TILE):
+        c0 = tile * COLUMN_TILE
+        c1 = min(c0 + COLUMN_TILE, ncol)
+        bars = np.full(COLUMN_TILE, np.inf, np.float32)
+        for c in range(c0, c1):
+            if col_heaps[c] >= 0:
+                bars[c - c0] = heap_s[col_heaps[c], 0]
+        for j in range(m):
+            row = scores[j]
+            for c in range(c0, c1):
+                v = row[c]
+                if v < bars[c - c0]:
+                    continue
+                h = col_heaps[c]
+                hs, hi = heap_s[h], heap_i[h]
+                q = sources[j]
+                if v == hs[0] and q >= hi[0]:
+                    continue
+                r = cols[c]
+                seen = False
+                for t in range(counts[r]):
+                    if probed[r, t] == homes[j]:
+                        seen = True
+                        break
+                if not seen:
+                    _replace_worst(hs, hi, v, q, kk)
+                    bars[c - c0] = hs[0]
