@@ -18,6 +18,7 @@ import pytest
 
 import graphbuild
 from graphbuild.graph import ann_update
+from graphbuild.graph.ann import tuning_key
 from graphbuild.graph.stage import knn_shard
 from graphbuild.rundir.graph import read_meta
 from graphbuild.rundir.store import StoredRows
@@ -102,7 +103,7 @@ def test_the_updated_graph_meets_its_recorded_recall(old, tmp_path, old_shards, 
     assert results[-1].complete and "joined the base's" in caplog.text
     meta = read_meta(out)
     index = json.loads((out / "graph" / "_index" / "index.json").read_text())
-    tuned = index["tuning"][f"k={K} target={TARGET}"]
+    tuned = index["tuning"][tuning_key(K, TARGET, both_ways=True)]
     assert meta["n_nodes"] == base_n + 150 and index["index"]["grown_from"] == base_n
     assert tuned["update"]["dense"] == dense
     assert meta["recall"] == tuned["recall"] == tuned["update"]["recall"] >= TARGET

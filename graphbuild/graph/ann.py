@@ -299,13 +299,22 @@ def _best_first(s: np.ndarray, i: np.ndarray, rows: np.ndarray, k: int,
     return s.gather(1, order).numpy(), i.gather(1, order).numpy()
 
 
+def tuning_key(k: int, recall_target: float, both_ways: bool) -> str:
+    """The key of a graph's tuning in graph/_index/index.json: a ListScan searched both ways
+    (symmetric_scan) reaches a target at fewer lists than a one-way search, so its tunings
+    are kept apart."""
+    return f"k={k} target={recall_target}" + (" both-ways" if both_ways else "")
+
+
 def tune_nprobe(index, arr, k: int, target: float, block_rows: int,
-                sample: int = TUNE_QUERIES, seed: int = SEED) -> Tuning:
+                sample: int = TUNE_QUERIES, seed: int = SEED, both_ways=None) -> Tuning:
     """The smallest nprobe reaching recall@k >= target on a seeded sample of queries,
     measured against exact search: doubling from 1 to the first that reaches it, then
     bisecting down from there (recall only grows with nprobe: more lists, more candidates),
     since a power of two can cost up to twice the lists needed. A ListScan probes adaptively
-    where it can: nprobe lists on average, at the gap that gives that on the sample."""
+    where it can: nprobe lists on average, at the gap that gives that on the sample.
+    `both_ways` (a symmetric_scan.BothWays of the ListScan `index`): the sample is searched
+    as its search searches, each list product offered both ways."""
     queries = sample_ids(index.ntotal, sample, seed + 1)
     truth = ground_truth(arr, queries, k, block_rows)
     xq = np.asarray(arr[queries], np.float32)
@@ -315,7 +324,8 @@ def tune_nprobe(index, arr, k: int, target: float, block_rows: int,
         t0 = time.perf_counter()
         gaps[nprobe] = gap = (probe_gap_for(xq, index.centroids, nprobe)
                               if hasattr(index, "probe_gap") else None)
-        found, _ = search(index, xq, queries, k, nprobe, gap)
+        found = (search(index, xq, queries, k, nprobe, gap)[0] if both_ways is None
+                 else both_ways.search(queries, k, nprobe, gap)[0])
         recalls[nprobe] = recall = recall_at_k(found, truth)
         curve.append({"nprobe": nprobe, "recall": round(recall, 4),
                       "seconds": round(time.perf_counter() - t0, 3), "probe_gap": gap})

@@ -8,11 +8,12 @@ new ones. When knn asks for the same approximate graph (k, recall target) again:
 - the lists keep their trained centroids; each new row joins its nearest one's list (as a
   build assigns rows), and the grown lists are saved once, under the run lock, in
   graph/_index (`grow_index`);
-- a new row is searched against all rows, as a build searches (ann.search);
+- a new row is searched among all rows, as a build searches (symmetric_scan, both ways);
 - an old row scores new rows: all of them by one dense product when they are few, else
-  only the new members of the lists it probes (`NewRows`); its best ones and its base list
-  merge by sim descending, then id ascending (update.merge_lists). Sims are fp32 products
-  of the stored rows either way (as ivf_scan's).
+  the new ones among its candidates of that search (the new members of the lists it probes,
+  and the new rows probing its own list: `NewRows`); its best ones and its base list merge
+  by sim descending, then id ascending (update.merge_lists). Sims are fp32 products of the
+  stored rows either way (as ivf_scan's).
 
 Before any shard searches, the graph's recall is measured again: a seeded sample of queries
 over the grown store, each updated as above, against exact search (ann.ground_truth). The
@@ -72,8 +73,11 @@ LISTS_FILE = "lists.npz"
 
 
 def tune_key(params: dict) -> str:
-    """The key of a graph's tuning in graph/_index/index.json (as stage._index writes it)."""
-    return f"k={params['k']} target={params['recall_target']}"
+    """The key of a graph's tuning in graph/_index/index.json (as stage._index writes it for
+    the CPU's list scans, the only ones updated)."""
+    from graphbuild.graph.ann import tuning_key
+
+    return tuning_key(params["k"], params["recall_target"], both_ways=True)
 
 
 def drop_unupdatable(run: RunDir, params: dict, attrs: dict, kind: str, on_cpu: bool) -> None:
@@ -226,40 +230,31 @@ def grow_lists(lists: tuple[np.ndarray, np.ndarray, np.ndarray], arr, base_n: in
     return centroids, grown_offsets, grown
 
 
-def new_members(scan, base_n: int):
-    """A ListScan of the same centroids holding only the rows from base_n on."""
-    from graphbuild.graph.ivf_scan import ListScan
-
-    keep = scan.ids >= base_n
-    list_of = np.repeat(np.arange(scan.nlist), np.diff(scan.offsets))
-    offsets = np.concatenate([[0], np.cumsum(np.bincount(list_of[keep], minlength=scan.nlist))])
-    return ListScan(scan.centroids.numpy(), offsets, scan.ids[keep].astype(np.int64),
-                    scan.rows[torch.from_numpy(keep)].numpy())
-
-
 class NewRows:
     """Where old rows find their new neighbours: with at most DENSE_PER_PROBE new rows per
     list the base probes, all of them, scored by one dense product per block of old rows;
-    else the new members of the lists each old row probes (`new_members`), whose search
-    gathers every old row once per probed list."""
+    else the new rows among their candidates of a search both ways (symmetric_scan: the new
+    members of the lists they probe, and the new rows probing their own list)."""
 
     def __init__(self, scan, base_n: int, nprobe: int, dense: bool | None = None):
+        from graphbuild.graph.symmetric_scan import BothWays
+
         n_new = scan.ntotal - base_n
         self.base_n = base_n
+        self.both = BothWays(scan)  # the new rows' search too
         self.dense = n_new <= DENSE_PER_PROBE * nprobe if dense is None else dense
         if self.dense:
             self.cols = torch.from_numpy(scan.in_store_order()[base_n:scan.ntotal]).float().T
-        else:
-            self.scan = new_members(scan, base_n)
 
-    def best(self, xq: np.ndarray, k: int, tuning: dict) -> tuple[np.ndarray, np.ndarray]:
-        """(sims, ids) of the best new rows of each query row (fp16 xq), best first; empty
-        slots -inf and -1 (a probed list may hold fewer than k new rows)."""
+    def best(self, rows: np.ndarray, xq: np.ndarray, k: int,
+             tuning: dict) -> tuple[np.ndarray, np.ndarray]:
+        """(sims, ids) of the best new rows of each old row `rows` (fp16 vectors xq), best
+        first; empty slots -inf and -1 (its candidates may hold fewer than k new rows)."""
         from graphbuild.graph.kernels import threads_as_torch
 
         if not self.dense:
-            self.scan.nprobe, self.scan.probe_gap = tuning["nprobe"], tuning.get("probe_gap")
-            return self.scan.search(xq, min(k, self.scan.ntotal))
+            return self.both.search_new(rows, k, tuning["nprobe"], tuning.get("probe_gap"),
+                                        self.base_n)
         threads_as_torch()
         sims, ids = [], []
         step = max(1, SCORES_PER_BLOCK // self.cols.shape[1])
@@ -275,21 +270,20 @@ def updated_rows(scan, news: NewRows, rows: np.ndarray, base_ids: np.ndarray,
                  base_sims: np.ndarray, base_n: int, k: int,
                  tuning: dict) -> tuple[np.ndarray, np.ndarray]:
     """(ids, sims) of the updated graph's `rows` (ascending; base_ids/base_sims: the base
-    lists of those below base_n, in order): new rows searched in all lists, old rows' base
-    lists merged with their best new rows (`news`)."""
-    from graphbuild.graph.ann import search
+    lists of those below base_n, in order): new rows searched among all rows, old rows' base
+    lists merged with their best new rows (`news`); list products offered both ways."""
     from graphbuild.graph.update import merge_lists
 
-    xq = scan.in_store_order()[rows]  # fp16, as stored
     old = rows < base_n
     ids, sims = np.empty((len(rows), k), np.int64), np.empty((len(rows), k), np.float32)
     if old.any():
-        s, i = news.best(xq[old], k, tuning)
+        xq = scan.in_store_order()[rows[old]] if news.dense else None  # fp16, as stored
+        s, i = news.best(rows[old], xq, k, tuning)
         # empty slots (-inf, -1) sort after every base entry
         ids[old], sims[old] = merge_lists(base_ids, base_sims, i, s, k)
     if not old.all():
-        ids[~old], sims[~old] = search(scan, xq[~old], rows[~old], k, tuning["nprobe"],
-                                       tuning.get("probe_gap"))
+        ids[~old], sims[~old] = news.both.search(rows[~old], k, tuning["nprobe"],
+                                                 tuning.get("probe_gap"))
     return ids, sims
 
 

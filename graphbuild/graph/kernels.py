@@ -519,3 +519,28 @@ def offer_to_list_rows(scores, sources, homes, cols, col_heaps, probed, counts, 
                 if not seen:
                     _replace_worst(hs, hi, v, q, kk)
                     bars[c - c0] = hs[0]
+
+
+@njit(cache=True)
+def probers_by_list(lists, counts, wanted, nlist):
+    """(offsets (nlist + 1,), rows int32) of every row's probes beyond its home list (the
+    first `counts[r]` of `lists[r]` but the first), grouped by list, rows ascending within a
+    list; only lists with `wanted` set (a counting sort: no (row, list) pair arrays)."""
+    n = lists.shape[0]
+    offsets = np.zeros(nlist + 1, np.int64)
+    for r in range(n):
+        for t in range(1, counts[r]):
+            lst = lists[r, t]
+            if wanted[lst]:
+                offsets[lst + 1] += 1
+    for lst in range(nlist):
+        offsets[lst + 1] += offsets[lst]
+    rows = np.empty(offsets[nlist], np.int32)
+    fill = offsets[:nlist].copy()
+    for r in range(n):
+        for t in range(1, counts[r]):
+            lst = lists[r, t]
+            if wanted[lst]:
+                rows[fill[lst]] = r
+                fill[lst] += 1
+    return offsets, rows

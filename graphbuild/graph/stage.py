@@ -520,9 +520,10 @@ def _index(run: RunDir, arr, attrs: dict, k: int, recall_target: float, block_ro
     the store: no codes duplicating the store on disk); else a faiss index, on the GPU of
     `device` if faiss has GPUs (faiss_gpu.py)."""
     from graphbuild.graph import ivf_scan
-    from graphbuild.graph.ann import build_index, build_lists, nlist_for, tune_nprobe
+    from graphbuild.graph.ann import build_index, build_lists, nlist_for, tune_nprobe, tuning_key
     from graphbuild.graph.faiss_gpu import gpu_subquantizers, on_gpu, shard_faiss_gpu
     from graphbuild.graph.faiss_loader import load_faiss
+    from graphbuild.graph.symmetric_scan import BothWays
 
     n, d = arr.shape
     step = arr.block_step(block_rows)
@@ -552,7 +553,7 @@ def _index(run: RunDir, arr, attrs: dict, k: int, recall_target: float, block_ro
                 lists = build_lists(arr, want["nlist"], step)
                 _replace_index_files(folder, path, lambda tmp: ivf_scan.save_lists(tmp, lists))
                 info = {"index": want}
-            searcher = ivf_scan.ListScan.from_lists(*lists, arr, step)
+            searcher = BothWays(ivf_scan.ListScan.from_lists(*lists, arr, step))
         else:
             faiss = load_faiss(IVF_PQ_USE if kind == "ivf-pq" else f"a faiss {kind} index")
             if reuse:
@@ -563,10 +564,13 @@ def _index(run: RunDir, arr, attrs: dict, k: int, recall_target: float, block_ro
                                      lambda tmp: faiss.write_index(index, str(tmp)))
                 info = {"index": want}
             searcher = on_gpu(index, device, lambda: faiss.read_index(str(path)))
-        tune_key = f"k={k} target={recall_target}"
+        tune_key = tuning_key(k, recall_target, both_ways=list_scan)
         if tune_key not in info.get("tuning", {}):
-            rows = searcher.in_store_order() if hasattr(searcher, "in_store_order") else arr
-            t = tune_nprobe(searcher, rows, k, recall_target, step)
+            if list_scan:
+                t = tune_nprobe(searcher.scan, searcher.scan.in_store_order(), k,
+                                recall_target, step, both_ways=searcher)
+            else:
+                t = tune_nprobe(searcher, arr, k, recall_target, step)
             info.setdefault("tuning", {})[tune_key] = asdict(t)
             log.info("nprobe %d of %d lists%s: recall@%d %.4f on %d sampled queries (target "
                      "%.2f)", t.nprobe, searcher.nlist,
@@ -600,21 +604,27 @@ def _approximate_part(out: Path, arr, attrs: dict, k: int, rows: range, shard: i
     import torch
 
     from graphbuild.graph.ann import search
-    from graphbuild.graph.ivf_scan import QUERY_STEP, ListScan
+    from graphbuild.graph.ivf_scan import QUERY_STEP
+    from graphbuild.graph.symmetric_scan import BothWays
 
     index, tuning = _index(RunDir(out), arr, attrs, k, recall_target, block_rows, budget,
                            device)
+    nprobe, gap = tuning["nprobe"], tuning.get("probe_gap")
+
+    def searched():
+        """(first row, ids, sims) of the shard's rows: a list scan searches them all at once
+        (a row's candidates come from every list product), a faiss index block by block."""
+        if isinstance(index, BothWays):
+            yield rows.start, *index.search(np.arange(rows.start, rows.stop), k, nprobe, gap)
+            return
+        for lo, block in arr.blocks(rows, max(block_rows, QUERY_STEP)):
+            xq = torch.from_numpy(block).float().numpy()  # far faster than numpy's
+            yield lo, *search(index, xq, np.arange(lo, lo + len(block)), k, nprobe, gap)
 
     def blocks():
-        # Search many queries at once (ListScan's products grow with them), then hand the
-        # results on in pieces of block_rows.
-        for lo, block in arr.blocks(rows, max(block_rows, QUERY_STEP)):
-            # a ListScan takes the fp16 rows as stored (half the memory of fp32 queries)
-            xq = (block if isinstance(index, ListScan)
-                  else torch.from_numpy(block).float().numpy())  # far faster than numpy's
-            ids, sims = search(index, xq, np.arange(lo, lo + len(block)), k, tuning["nprobe"],
-                               tuning.get("probe_gap"))
-            for off in range(0, len(block), block_rows):
+        # results handed on in pieces of block_rows
+        for lo, ids, sims in searched():
+            for off in range(0, len(ids), block_rows):
                 piece = slice(off, off + block_rows)
                 reporter.advance(len(ids[piece]))
                 kill_point("knn.block_searched")

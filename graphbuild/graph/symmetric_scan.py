@@ -29,6 +29,7 @@ from graphbuild.graph.kernels import (
     empty_heaps,
     offer,
     offer_to_list_rows,
+    probers_by_list,
     sort_heaps,
     threads_as_torch,
     top_lists,
@@ -76,10 +77,11 @@ def row_probes(scan: ListScan, width: int) -> RowProbes:
 
 
 def search_both_ways(scan: ListScan, probes: RowProbes, counts: np.ndarray, rows: np.ndarray,
-                     kk: int) -> tuple[np.ndarray, np.ndarray]:
+                     kk: int, first_candidate: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """Like ListScan.search over the stored rows `rows` (store ids, ascending): (sims, ids),
     each (len(rows), kk), best first, the row itself included; every list product offered
-    to its probers and to its rows (module docstring)."""
+    to its probers and to its rows (module docstring). `first_candidate`: only rows from it
+    on are candidates (an update's old rows, finding their new neighbours)."""
     n = scan.ntotal
     m = len(rows)
     heap_of = np.full(n, -1, np.int64)
@@ -93,40 +95,53 @@ def search_both_ways(scan: ListScan, probes: RowProbes, counts: np.ndarray, rows
     def vectors(ids: np.ndarray) -> torch.Tensor:
         return scan.rows.index_select(0, torch.from_numpy(position[ids])).float()
 
+    def members_of(lst: int) -> tuple[np.ndarray, torch.Tensor]:
+        """A list's candidate rows: (ids, fp32 vectors)."""
+        lo, hi = scan.offsets[lst], scan.offsets[lst + 1]
+        ids = scan.ids[lo:hi].astype(np.int64)
+        if not first_candidate:
+            return ids, scan.rows[lo:hi].float()
+        ids = ids[ids >= first_candidate]
+        return ids, vectors(ids)
+
+    def forward(queries: np.ndarray, lst: int) -> None:
+        members, x = members_of(lst)
+        if len(queries) and len(members):
+            scores = (vectors(queries) @ x.T).numpy()
+            offer(scores, heap_of[queries], members.astype(scan.ids.dtype), best_s, best_i)
+
     # each searched row against its own list first: its heap fills with good candidates
     by_home = rows[np.argsort(home[rows], kind="stable")]
     for lst, queries in _groups(home[by_home], by_home, scan.nlist):
-        lo, hi = scan.offsets[lst], scan.offsets[lst + 1]
-        scores = (vectors(queries) @ scan.rows[lo:hi].float().T).numpy()
-        offer(scores, heap_of[queries], scan.ids[lo:hi], best_s, best_i)
+        forward(queries, lst)
 
-    # then every (row, other probed list) pair of the store, by list
-    slot = np.arange(1, probes.width)
-    prober, rank = np.nonzero(slot[None, :] < counts[:, None])
-    listed = probes.lists[prober, rank + 1]
-    order = np.argsort(listed, kind="stable")
-    for lst, sources in _groups(listed[order], prober[order], scan.nlist):
-        lo, hi = scan.offsets[lst], scan.offsets[lst + 1]
-        members = scan.ids[lo:hi].astype(np.int64)
+    # then the other probed lists: each searched row's, and those holding searched rows
+    # (their probers' scores go to the rows), every prober of the store in one product
+    wanted = np.zeros(scan.nlist, np.bool_)
+    wanted[home[rows]] = True
+    for t in range(1, probes.width):
+        wanted[probes.lists[rows[counts[rows] > t], t]] = True
+    offsets, probers = probers_by_list(probes.lists, counts, wanted, scan.nlist)
+    for lst in np.flatnonzero(offsets[1:] > offsets[:-1]):
+        sources = probers[offsets[lst]:offsets[lst + 1]].astype(np.int64)
+        members = scan.ids[scan.offsets[lst]:scan.offsets[lst + 1]].astype(np.int64)
         searched = heap_of[sources] >= 0
         taking = heap_of[members] >= 0
-        if taking.all():  # one product serves both ways (always so on one shard)
-            scores = (vectors(sources) @ scan.rows[lo:hi].float().T).numpy()
-            forward = scores if searched.all() else np.ascontiguousarray(scores[searched])
-            if len(forward):
-                offer(forward, heap_of[sources[searched]], scan.ids[lo:hi], best_s, best_i)
-            offer_to_list_rows(scores, sources.astype(scan.ids.dtype), home[sources], members,
-                               heap_of[members], probes.lists, counts, best_s, best_i)
-            continue
-        if searched.any():
-            mine = sources[searched]
-            scores = (vectors(mine) @ scan.rows[lo:hi].float().T).numpy()
-            offer(scores, heap_of[mine], scan.ids[lo:hi], best_s, best_i)
-        if taking.any():
-            cols = members[taking]
-            scores = (vectors(sources) @ vectors(cols).T).numpy()
-            offer_to_list_rows(scores, sources.astype(scan.ids.dtype), home[sources], cols,
-                               heap_of[cols], probes.lists, counts, best_s, best_i)
+        if not first_candidate and taking.all():  # one product both ways (one shard)
+            scores = (vectors(sources) @ members_of(lst)[1].T).numpy()
+            mine = scores if searched.all() else np.ascontiguousarray(scores[searched])
+            if len(mine):
+                offer(mine, heap_of[sources[searched]], members.astype(scan.ids.dtype),
+                      best_s, best_i)
+            cols, givers = members, sources
+        else:
+            forward(sources[searched], lst)
+            cols, givers = members[taking], sources[sources >= first_candidate]
+            if not len(cols) or not len(givers):
+                continue
+            scores = (vectors(givers) @ vectors(cols).T).numpy()
+        offer_to_list_rows(scores, givers.astype(scan.ids.dtype), home[givers], cols,
+                           heap_of[cols], probes.lists, counts, best_s, best_i)
     sort_heaps(best_s, best_i)
     return best_s, best_i
 
@@ -136,3 +151,48 @@ def _groups(keys: np.ndarray, values: np.ndarray, nlist: int):
     bounds = np.searchsorted(keys, np.arange(nlist + 1))
     for lst in np.flatnonzero(bounds[1:] > bounds[:-1]):
         yield lst, values[bounds[lst]:bounds[lst + 1]].astype(np.int64)
+
+
+class BothWays:
+    """Searches a ListScan's stored rows both ways (`search`), like ann.search: every row's
+    probes are found once (RowProbes, widened when a fixed nprobe asks for more lists)."""
+
+    def __init__(self, scan: ListScan):
+        self.scan = scan
+        self.nlist = scan.nlist
+        self.ntotal = scan.ntotal
+        self._probes: RowProbes | None = None
+
+    def probes(self, nprobe: int, gap: float | None) -> RowProbes:
+        width = min(max(PROBE_CAP, nprobe if gap is None else 0), self.nlist)
+        if self._probes is None or self._probes.width < width:
+            self._probes = row_probes(self.scan, width)
+        return self._probes
+
+    def search(self, rows: np.ndarray, k: int, nprobe: int, gap: float | None,
+               ) -> tuple[np.ndarray, np.ndarray]:
+        """(ids (r, k) int64, sims (r, k) float32) of the stored rows `rows` (ascending):
+        self excluded, best first, equal sims by smaller id. Rows with fewer than k
+        candidates are searched again one way with twice nprobe lists each (ann.search)."""
+        from graphbuild.graph.ann import _best_first, search
+
+        probes = self.probes(nprobe, gap)
+        s, i = search_both_ways(self.scan, probes, probes.counts(nprobe, gap), rows,
+                                min(k + 1, self.ntotal))
+        sims, ids = _best_first(s, i.astype(np.int64), rows, k)
+        short = ~np.isfinite(sims).all(axis=1)
+        if short.any():
+            xq = self.scan.in_store_order()[rows[short]]
+            ids[short], sims[short] = search(self.scan, xq, rows[short], k,
+                                             min(nprobe * 2, self.nlist))
+        return ids, sims
+
+    def search_new(self, rows: np.ndarray, k: int, nprobe: int, gap: float | None,
+                   first: int) -> tuple[np.ndarray, np.ndarray]:
+        """(sims, ids) of the best candidates from row `first` on of the stored rows `rows`
+        (all below it: an update's old rows and its new rows), best first; empty slots -inf
+        and -1 (as ListScan.search gives them)."""
+        probes = self.probes(nprobe, gap)
+        s, i = search_both_ways(self.scan, probes, probes.counts(nprobe, gap), rows,
+                                min(k, self.ntotal - first), first)
+        return s, i.astype(np.int64)
