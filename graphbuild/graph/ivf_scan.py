@@ -24,8 +24,10 @@ query's nearest list is scanned first, so the heap fills with good candidates an
 high for the rest.
 
 `ListScan` searches like a faiss index (`nprobe`, `nlist`, `ntotal`, `search`), so ann.search
-and the nprobe tuning use it unchanged. It holds the centroids, the row ids grouped by list and
-the fp16 rows in that order: the store's size, not the index's as well.
+and the nprobe tuning use it unchanged. It holds the centroids, the row ids grouped by list
+and the fp16 rows in that order: the store's size, not the index's as well. knn's builds and
+updates search it both ways (symmetric_scan.py): each list product offered to the list's
+rows as well as to its queries.
 """
 
 from __future__ import annotations

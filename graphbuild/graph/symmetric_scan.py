@@ -24,7 +24,14 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from graphbuild.graph.ivf_scan import PROBE_CAP, PROBE_MIN, ListScan, _kernel_view, centroid_scores
+from graphbuild.graph.ivf_scan import (
+    PROBE_CAP,
+    PROBE_MIN,
+    QUERY_STEP,
+    ListScan,
+    _kernel_view,
+    centroid_scores,
+)
 from graphbuild.graph.kernels import (
     empty_heaps,
     offer,
@@ -179,7 +186,11 @@ class BothWays:
         probes = self.probes(nprobe, gap)
         s, i = search_both_ways(self.scan, probes, probes.counts(nprobe, gap), rows,
                                 min(k + 1, self.ntotal))
-        sims, ids = _best_first(s, i.astype(np.int64), rows, k)
+        ids, sims = np.empty((len(rows), k), np.int64), np.empty((len(rows), k), np.float32)
+        for lo in range(0, len(rows), QUERY_STEP):  # bounds the sort's temporaries
+            at = slice(lo, lo + QUERY_STEP)
+            sims[at], ids[at] = _best_first(s[at], i[at].astype(np.int64), rows[at], k)
+        s = i = None
         short = ~np.isfinite(sims).all(axis=1)
         if short.any():
             xq = self.scan.in_store_order()[rows[short]]

@@ -80,20 +80,26 @@ def approximate_memory(n: int, d: int, rows: int, k: int, budget: int) -> int:
       order, int32 ids, and while the lists are built, int64 list numbers, their argsort and
       row positions: N x (2d + 28) bytes; for ivf-pq its codes and int64 ids; the centroids;
     - then the larger of: building (the k-means sample, fp16 and a working copy: 6 bytes a
-      value) and searching a block of queries (ivf_scan.QUERY_STEP at most): fp32 queries,
-      heaps and sorted results of k+1 (id, sim) pairs, (query, list) probe pairs up to
-      PROBE_CAP lists a query, and one batch of centroid scores (ivf_scan.SCORES)."""
+      value) and searching. A list scan searches the shard's rows at once, both ways
+      (symmetric_scan): every row's PROBE_CAP best lists and their scores, its probes beyond
+      its home list grouped by list, row positions and homes; each shard row's heap of k+1
+      (id, sim) pairs and its k results; the results' sort for ivf_scan.QUERY_STEP rows at a
+      time; one batch of centroid scores (ivf_scan.SCORES). A faiss index searches a block
+      of queries (QUERY_STEP at most): fp32 queries, heaps and sorted results of k+1 (id,
+      sim) pairs, (query, list) probe pairs up to PROBE_CAP lists a query."""
     from graphbuild.graph.ann import LIST_TRAIN_PER_LIST, index_kind, nlist_for, pq_subquantizers
     from graphbuild.graph.ivf_scan import PROBE_CAP, QUERY_STEP, SCORES
 
     nlist = nlist_for(n)
-    if index_kind(n, d, budget // 2) == "ivf-sq16":
-        index = n * (2 * d + 4 + 3 * 8)
-    else:
-        index = n * (pq_subquantizers(d) + 8)
     build = nlist * LIST_TRAIN_PER_LIST * d * 6
     queries = min(rows, QUERY_STEP)
-    search = queries * (4 * d + (k + 1) * 36 + PROBE_CAP * 16) + SCORES * 4
+    if index_kind(n, d, budget // 2) == "ivf-sq16":
+        index = n * (2 * d + 4 + 3 * 8)
+        search = (n * (PROBE_CAP * 12 + 24) + rows * ((k + 1) * 8 + k * 12)
+                  + queries * (k + 1) * 40 + SCORES * 4)
+    else:
+        index = n * (pq_subquantizers(d) + 8)
+        search = queries * (4 * d + (k + 1) * 36 + PROBE_CAP * 16) + SCORES * 4
     return index + nlist * d * 4 + max(build, search)
 
 
