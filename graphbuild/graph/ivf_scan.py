@@ -72,17 +72,17 @@ def probes(scores: torch.Tensor, nprobe: int, gap: float | None,
         best = scores.topk(min(nprobe, scores.shape[1]), dim=1).indices.numpy()
         rows = np.repeat(np.arange(len(best)), best.shape[1] - 1)
         return best[:, 0], rows, best[:, 1:].reshape(-1)
-    home, _, others = probe_lists(*_kernel_view(scores), gap, PROBE_MIN, PROBE_CAP)
+    home, _, others = probe_lists(*kernel_view(scores), gap, PROBE_MIN, PROBE_CAP)
     rows, slots = np.nonzero(others >= 0)
     return home, rows, others[rows, slots].astype(np.int64)
 
 
 def probe_counts(scores: torch.Tensor, gap: float) -> np.ndarray:
     """Lists each row probes with `gap` (as `probes` picks them)."""
-    return probe_lists(*_kernel_view(scores), gap, PROBE_MIN, PROBE_CAP)[1]
+    return probe_lists(*kernel_view(scores), gap, PROBE_MIN, PROBE_CAP)[1]
 
 
-def _kernel_view(scores: torch.Tensor) -> tuple[np.ndarray, bool]:
+def kernel_view(scores: torch.Tensor) -> tuple[np.ndarray, bool]:
     """Centroid scores as kernels.probe_lists takes them: fp32, or bf16's uint16 bits."""
     if scores.dtype == torch.bfloat16:
         return scores.view(torch.int16).numpy().view(np.uint16), True

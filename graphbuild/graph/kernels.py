@@ -17,7 +17,11 @@ exact's candidate buffers on CPUs (`offer_dense`, `offer_to_rows`, `offer_to_col
 quickselect, without torch's top-k merges and hit lists.
 
 ann's ground truth (`offer_rescored`): heaps of bf16 products whose entries carry their exact
-scores, so tuning's exact search runs at bf16's rate."""
+scores, so tuning's exact search runs at bf16's rate.
+
+symmetric_scan: every row's best lists in probe order (`top_lists`), the rows' probes grouped
+by list (`probers_by_list`), and a list product's columns offered to the list rows' heaps
+(`offer_to_list_rows`)."""
 
 from __future__ import annotations
 
