@@ -574,13 +574,14 @@ def test_search_both_ways_is_the_top_k_of_both_candidate_sets(embedded):
     list_of[scan.ids] = np.repeat(np.arange(scan.nlist), np.diff(scan.offsets))
     probed = [set(row_lists.lists[r, :counts[r]]) for r in range(n)]
     home = row_lists.lists[:, 0]
+    assert (home == list_of).all()  # each row's own list first
+    assert all(len(set(row)) == k + 1 for row in ids)  # no id twice
     probers = [np.flatnonzero([home[r] in p for p in probed]) for r in range(n)]
     exact_ties = 0
     for r in range(0, n, 5):
         cand = np.union1d(np.flatnonzero(np.isin(list_of, list(probed[r]))), probers[r])
         s = x32[cand] @ x32[r]
         ref = cand[np.lexsort((cand, -s))[:k + 1]]
-        assert len(set(ids[r])) == k + 1  # no id twice
         assert np.allclose(sims[r], np.sort(s)[::-1][:k + 1], atol=1e-5)
         exact_ties += not np.array_equal(ids[r], ref)
     assert exact_ties <= 3  # BLAS rounding apart, the same rows
@@ -599,3 +600,18 @@ def test_search_both_ways_does_not_depend_on_the_rows_searched(embedded):
         same = (ids == every[part]).all(axis=1).mean()
         assert same > 0.99, same  # the rest: exact ties scored in other products
         assert np.isfinite(sims).all()
+
+
+def test_own_list_first_moves_the_rows_list_to_the_front():
+    """A row whose recomputed best lists put another list first (a near tie rounded the other
+    way) gets its own list first: from its place among the best, or in place of the last."""
+    from graphbuild.graph.symmetric_scan import own_list_first
+
+    lists = np.array([[3, 7, 5, 1], [2, 4, 6, 8], [9, 0, 1, 2]], np.int32)
+    values = np.array([[0.9, 0.8, 0.7, 0.6], [0.9, 0.8, 0.7, 0.6], [0.9, 0.8, 0.7, 0.6]],
+                      np.float32)
+    own_list_first(lists, values, np.array([5, 2, 4], np.int32))
+    assert lists.tolist() == [[5, 3, 7, 1], [2, 4, 6, 8], [4, 9, 0, 1]]
+    # the first value stays the best score (the probe gap counts from it)
+    assert np.allclose(values, [[0.9, 0.9, 0.8, 0.6], [0.9, 0.8, 0.7, 0.6],
+                                [0.9, 0.9, 0.8, 0.7]])

@@ -68,7 +68,8 @@ class RowProbes:
 
 
 def row_probes(scan: ListScan, width: int) -> RowProbes:
-    """RowProbes of every stored row, `width` lists each (at most nlist)."""
+    """RowProbes of every stored row, `width` lists each (at most nlist), its own list first
+    (`own_list_first`)."""
     width = min(width, scan.nlist)
     n = scan.ntotal
     lists = np.empty((n, width), np.int32)
@@ -80,7 +81,29 @@ def row_probes(scan: ListScan, width: int) -> RowProbes:
         part_v = np.empty((len(scores), width), np.float32)
         top_lists(*kernel_view(scores), part_l, part_v)
         lists[at], values[at] = part_l, part_v
+    own_list_first(lists, values, list_of_rows(scan))
     return RowProbes(lists, values)
+
+
+def list_of_rows(scan: ListScan) -> np.ndarray:
+    """The list holding each stored row (store order), int32."""
+    own = np.empty(scan.ntotal, np.int32)
+    own[scan.ids] = np.repeat(np.arange(scan.nlist, dtype=np.int32), np.diff(scan.offsets))
+    return own
+
+
+def own_list_first(lists: np.ndarray, values: np.ndarray, own: np.ndarray) -> None:
+    """Each row's own list first, in place: the list its search starts with, and where the
+    pair rule takes the row to be. The lists' build put each row in its nearest list, but
+    centroid scores computed again in other batches can round a near tie the other way; the
+    own list then moves to the front, from its place among the best or in place of the last
+    (the first value stays the best score, which the probe gap counts from)."""
+    for r in np.flatnonzero(lists[:, 0] != own):
+        where = np.flatnonzero(lists[r] == own[r])
+        at = where[0] if len(where) else lists.shape[1] - 1
+        lists[r, 1:at + 1] = lists[r, :at].copy()
+        values[r, 1:at + 1] = values[r, :at].copy()
+        lists[r, 0] = own[r]
 
 
 def search_both_ways(scan: ListScan, probes: RowProbes, counts: np.ndarray, rows: np.ndarray,
@@ -200,9 +223,9 @@ class BothWays:
 
     def search_new(self, rows: np.ndarray, k: int, nprobe: int, gap: float | None,
                    first: int) -> tuple[np.ndarray, np.ndarray]:
-        """(sims, ids) of the best candidates from row `first` on of the stored rows `rows`
-        (all below it: an update's old rows and its new rows), best first; empty slots -inf
-        and -1 (as ListScan.search gives them)."""
+        """(sims, ids) of the stored rows `rows` (an update's old rows, all below `first`):
+        their best candidates among the rows from `first` on (its new rows), best first;
+        empty slots -inf and -1 (as ListScan.search gives them)."""
         probes = self.probes(nprobe, gap)
         s, i = search_both_ways(self.scan, probes, probes.counts(nprobe, gap), rows,
                                 min(k, self.ntotal - first), first)
