@@ -602,6 +602,49 @@ def test_search_both_ways_does_not_depend_on_the_rows_searched(embedded):
         assert np.isfinite(sims).all()
 
 
+def test_both_ways_recall_without_searching_is_the_searched_recall(embedded):
+    """Tuning's recall of a both-ways search, found from candidate sets alone
+    (BothWays.recall), equals the recall its search reaches against a numpy brute force, at
+    every nprobe from one list to all of them."""
+    from graphbuild.graph.ann import recall_at_k
+    from graphbuild.graph.ivf_scan import probe_gap_for
+    from graphbuild.graph.symmetric_scan import BothWays
+
+    x32, scan, _, _, _ = _symmetric_setup(embedded)
+    n, k = len(x32), 10
+    rows = np.arange(0, n, 3)
+    s = x32[rows] @ x32.T
+    s[np.arange(len(rows)), rows] = -np.inf
+    truth = np.array([np.lexsort((np.arange(n), -row))[:k] for row in s])
+    both = BothWays(scan)
+    seen = []
+    for nprobe in (1, 2, 5, 8, scan.nlist):
+        gap = probe_gap_for(x32[rows], scan.centroids, nprobe)
+        searched = recall_at_k(both.search(rows, k, nprobe, gap)[0], truth)
+        assert abs(both.recall(rows, truth, nprobe, gap) - searched) <= 2 / truth.size
+        seen.append(searched)
+    assert seen == sorted(seen) and seen[0] < 0.9 and seen[-1] == 1.0, seen
+
+
+def test_lists_built_with_probes_are_build_lists_and_row_probes(embedded):
+    """build_lists_and_probes, one pass over the store, gives the lists build_lists gives and
+    the RowProbes row_probes finds again from them, bit for bit: whichever process built the
+    lists, every shard searches with the same probes."""
+    from graphbuild.graph.ann import build_lists
+    from graphbuild.graph.ivf_scan import ListScan
+    from graphbuild.graph.symmetric_scan import build_lists_and_probes, row_probes
+    from graphbuild.rundir.store import StoredRows
+
+    arr = StoredRows(embedded / "embeddings.zarr")
+    lists, probes = build_lists_and_probes(arr, 24, 1024, 32)
+    for got, want in zip(lists, build_lists(arr, 24, 1024)):
+        assert np.array_equal(got, want)
+    again = row_probes(ListScan.from_lists(*lists, arr, 1024), 32)
+    assert probes.width == 24  # at most nlist
+    assert np.array_equal(probes.lists, again.lists)
+    assert np.array_equal(probes.values, again.values)
+
+
 def test_own_list_first_moves_the_rows_list_to_the_front():
     """A row whose recomputed best lists put another list first (a near tie rounded the other
     way) gets its own list first: from its place among the best, or in place of the last."""

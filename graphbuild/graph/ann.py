@@ -143,19 +143,29 @@ def build_lists(arr, nlist: int, block_rows: int, seed: int = SEED,
     is spherical too, but in fp32: in the time it trains on 40 rows a list, torch's trains on
     80 (graph_choices.txt)."""
     t0 = time.perf_counter()
-    n = arr.shape[0]
-    train = np.asarray(arr[sample_ids(n, LIST_TRAIN_PER_LIST * nlist, seed)], np.float32)
-    centroids = spherical_kmeans(torch.from_numpy(train).to(centroid_dtype()), nlist,
-                                 KMEANS_ITERS, seed).numpy()
-    train = None
+    centroids = list_centroids(arr, nlist, seed)
     t1 = time.perf_counter()
     lists = np.concatenate([b for _, b in _blocks_with_lists(arr, torch.from_numpy(centroids),
                                                              block_rows)])
-    ids = np.argsort(lists, kind="stable")
-    offsets = np.concatenate([[0], np.cumsum(np.bincount(lists, minlength=nlist))])
     log.info("built %d lists over %d vectors (train %.1fs, assign %.1fs)", nlist, len(lists),
              t1 - t0, time.perf_counter() - t1)
-    return centroids, offsets, ids
+    return centroids, *grouped_by_list(lists, nlist)
+
+
+def list_centroids(arr, nlist: int, seed: int = SEED) -> np.ndarray:
+    """build_lists' centroids (nlist, d) fp32: spherical k-means on a seeded sample of
+    LIST_TRAIN_PER_LIST rows a list."""
+    train = np.asarray(arr[sample_ids(arr.shape[0], LIST_TRAIN_PER_LIST * nlist, seed)],
+                       np.float32)
+    return spherical_kmeans(torch.from_numpy(train).to(centroid_dtype()), nlist,
+                            KMEANS_ITERS, seed).numpy()
+
+
+def grouped_by_list(lists: np.ndarray, nlist: int) -> tuple[np.ndarray, np.ndarray]:
+    """(offsets (nlist + 1,), row ids grouped by list, ascending within each) of each row's
+    list."""
+    ids = np.argsort(lists, kind="stable")
+    return np.concatenate([[0], np.cumsum(np.bincount(lists, minlength=nlist))]), ids
 
 
 def faiss_gpus() -> int:
@@ -313,8 +323,10 @@ def tune_nprobe(index, arr, k: int, target: float, block_rows: int,
     bisecting down from there (recall only grows with nprobe: more lists, more candidates),
     since a power of two can cost up to twice the lists needed. A ListScan probes adaptively
     where it can: nprobe lists on average, at the gap that gives that on the sample.
-    `both_ways` (a symmetric_scan.BothWays of the ListScan `index`): the sample is searched
-    as its search searches, each list product offered both ways."""
+    `both_ways` (a symmetric_scan.BothWays of the ListScan `index`): the recall its search
+    (each list product offered both ways) would reach, from the sample's candidate sets
+    alone (BothWays.recall): no list products, which a both-ways search of a sample makes
+    for every row probing the sample's lists."""
     queries = sample_ids(index.ntotal, sample, seed + 1)
     truth = ground_truth(arr, queries, k, block_rows)
     xq = np.asarray(arr[queries], np.float32)
@@ -324,9 +336,9 @@ def tune_nprobe(index, arr, k: int, target: float, block_rows: int,
         t0 = time.perf_counter()
         gaps[nprobe] = gap = (probe_gap_for(xq, index.centroids, nprobe)
                               if hasattr(index, "probe_gap") else None)
-        found = (search(index, xq, queries, k, nprobe, gap)[0] if both_ways is None
-                 else both_ways.search(queries, k, nprobe, gap)[0])
-        recalls[nprobe] = recall = recall_at_k(found, truth)
+        recalls[nprobe] = recall = (
+            recall_at_k(search(index, xq, queries, k, nprobe, gap)[0], truth)
+            if both_ways is None else both_ways.recall(queries, truth, nprobe, gap))
         curve.append({"nprobe": nprobe, "recall": round(recall, 4),
                       "seconds": round(time.perf_counter() - t0, 3), "probe_gap": gap})
         log.info("nprobe %d%s: recall@%d %.4f on %d sampled queries (%.2fs)", nprobe,

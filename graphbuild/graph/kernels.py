@@ -548,3 +548,33 @@ def probers_by_list(lists, counts, wanted, nlist):
                 rows[fill[lst]] = r
                 fill[lst] += 1
     return offsets, rows
+
+
+@njit(cache=True, parallel=True)
+def candidates_reached(lists, counts, rows, truth):
+    """For each row `rows[a]`, how many of `truth[a]` (ids, -1 for none) a both-ways search
+    makes its candidates (symmetric_scan): j is one if j's own list `lists[j, 0]` is among
+    the first `counts[r]` of the row's `lists[r]`, or the row's own list among j's first
+    `counts[j]`."""
+    hits = np.zeros(len(rows), np.int64)
+    for a in prange(len(rows)):
+        r = rows[a]
+        home = lists[r, 0]
+        n = 0
+        for b in range(truth.shape[1]):
+            j = truth[a, b]
+            if j < 0:
+                continue
+            found = False
+            for t in range(counts[r]):
+                if lists[r, t] == lists[j, 0]:
+                    found = True
+                    break
+            if not found:
+                for t in range(counts[j]):
+                    if lists[j, t] == home:
+                        found = True
+                        break
+            n += found
+        hits[a] = n
+    return hits

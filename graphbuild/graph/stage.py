@@ -520,10 +520,10 @@ def _index(run: RunDir, arr, attrs: dict, k: int, recall_target: float, block_ro
     the store: no codes duplicating the store on disk); else a faiss index, on the GPU of
     `device` if faiss has GPUs (faiss_gpu.py)."""
     from graphbuild.graph import ivf_scan
-    from graphbuild.graph.ann import build_index, build_lists, nlist_for, tune_nprobe, tuning_key
+    from graphbuild.graph.ann import build_index, nlist_for, tune_nprobe, tuning_key
     from graphbuild.graph.faiss_gpu import gpu_subquantizers, on_gpu, shard_faiss_gpu
     from graphbuild.graph.faiss_loader import load_faiss
-    from graphbuild.graph.symmetric_scan import BothWays
+    from graphbuild.graph.symmetric_scan import BothWays, build_lists_and_probes
 
     n, d = arr.shape
     step = arr.block_step(block_rows)
@@ -549,11 +549,13 @@ def _index(run: RunDir, arr, attrs: dict, k: int, recall_target: float, block_ro
             if reuse and lists is None:
                 log.warning("%s: unreadable or not this store's lists; building them again",
                             path)
+            probes = None
             if lists is None:
-                lists = build_lists(arr, want["nlist"], step)
+                lists, probes = build_lists_and_probes(arr, want["nlist"], step,
+                                                       ivf_scan.PROBE_CAP)
                 _replace_index_files(folder, path, lambda tmp: ivf_scan.save_lists(tmp, lists))
                 info = {"index": want}
-            searcher = BothWays(ivf_scan.ListScan.from_lists(*lists, arr, step))
+            searcher = BothWays(ivf_scan.ListScan.from_lists(*lists, arr, step), probes)
         else:
             faiss = load_faiss(IVF_PQ_USE if kind == "ivf-pq" else f"a faiss {kind} index")
             if reuse:

@@ -19,6 +19,8 @@ lists, whichever shard that row belongs to.
 
 from __future__ import annotations
 
+import logging
+import time
 from dataclasses import dataclass
 
 import numpy as np
@@ -33,6 +35,7 @@ from graphbuild.graph.ivf_scan import (
     kernel_view,
 )
 from graphbuild.graph.kernels import (
+    candidates_reached,
     empty_heaps,
     offer,
     offer_to_list_rows,
@@ -41,6 +44,8 @@ from graphbuild.graph.kernels import (
     threads_as_torch,
     top_lists,
 )
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -70,19 +75,44 @@ class RowProbes:
 def row_probes(scan: ListScan, width: int) -> RowProbes:
     """RowProbes of every stored row, `width` lists each (at most nlist), its own list first
     (`own_list_first`)."""
-    width = min(width, scan.nlist)
-    n = scan.ntotal
+    probes = best_lists(scan.in_store_order(), scan.centroids, width, QUERY_STEP)
+    own_list_first(probes.lists, probes.values, list_of_rows(scan))
+    return probes
+
+
+def best_lists(arr, centroids: torch.Tensor, width: int, block_rows: int) -> RowProbes:
+    """Every row's best `width` lists (at most nlist) by its centroid scores, best first,
+    ties by smaller list number (kernels.top_lists), read from `arr` (store order) in blocks
+    of block_rows. A row's scores do not depend on the rows scored with it (the products'
+    rows are independent; tests check it), so the lists' build and row_probes agree."""
+    n, width = arr.shape[0], min(width, len(centroids))
     lists = np.empty((n, width), np.int32)
     values = np.empty((n, width), np.float32)
     threads_as_torch()
-    for lo, scores in centroid_scores(scan.rows, scan.centroids):  # rows in list order
-        at = scan.ids[lo:lo + len(scores)]
-        part_l = np.empty((len(scores), width), np.int32)
-        part_v = np.empty((len(scores), width), np.float32)
-        top_lists(*kernel_view(scores), part_l, part_v)
-        lists[at], values[at] = part_l, part_v
-    own_list_first(lists, values, list_of_rows(scan))
+    for lo in range(0, n, block_rows):
+        x = torch.from_numpy(np.asarray(arr[lo:lo + block_rows]))
+        for at, scores in centroid_scores(x, centroids):
+            rows = slice(lo + at, lo + at + len(scores))
+            top_lists(*kernel_view(scores), lists[rows], values[rows])
     return RowProbes(lists, values)
+
+
+def build_lists_and_probes(arr, nlist: int, block_rows: int, width: int,
+                           ) -> tuple[tuple[np.ndarray, np.ndarray, np.ndarray], RowProbes]:
+    """ann.build_lists, with every row's RowProbes (`width` lists) from the same centroid
+    products: a row's list is its best one, the first of its probes. One pass over the store
+    instead of an assignment and then row_probes' products again."""
+    from graphbuild.graph.ann import grouped_by_list, list_centroids
+
+    t0 = time.perf_counter()
+    centroids = list_centroids(arr, nlist)
+    t1 = time.perf_counter()
+    probes = best_lists(arr, torch.from_numpy(centroids), width, block_rows)
+    lists = (centroids, *grouped_by_list(probes.lists[:, 0].astype(np.int64), nlist))
+    log.info("built %d lists over %d vectors, each row's %d best with them (train %.1fs, "
+             "assign %.1fs)", nlist, len(probes.lists), probes.width, t1 - t0,
+             time.perf_counter() - t1)
+    return lists, probes
 
 
 def list_of_rows(scan: ListScan) -> np.ndarray:
@@ -187,11 +217,11 @@ class BothWays:
     """Searches a ListScan's stored rows both ways (`search`), like ann.search: every row's
     probes are found once (RowProbes, widened when a fixed nprobe asks for more lists)."""
 
-    def __init__(self, scan: ListScan):
+    def __init__(self, scan: ListScan, probes: RowProbes | None = None):
         self.scan = scan
         self.nlist = scan.nlist
         self.ntotal = scan.ntotal
-        self._probes: RowProbes | None = None
+        self._probes = probes  # build_lists_and_probes' own, or found when first needed
 
     def probes(self, nprobe: int, gap: float | None) -> RowProbes:
         width = min(max(PROBE_CAP, nprobe if gap is None else 0), self.nlist)
@@ -220,6 +250,19 @@ class BothWays:
             ids[short], sims[short] = search(self.scan, xq, rows[short], k,
                                              min(nprobe * 2, self.nlist))
         return ids, sims
+
+    def recall(self, rows: np.ndarray, truth: np.ndarray, nprobe: int, gap: float | None,
+               ) -> float:
+        """recall@k that `search(rows, k, nprobe, gap)` reaches against `truth` (each row's
+        exact top-k ids), found without searching: the search ranks a row's candidates by
+        their exact scores, so it finds a true neighbour exactly when that neighbour is a
+        candidate (kernels.candidates_reached). Two things can set the two apart: a tie at
+        the k-th score, which may round either way in either, and a row with fewer than k
+        candidates, which the search scans again with more lists (counted here as it stood:
+        a lower bound)."""
+        probes = self.probes(nprobe, gap)
+        hits = candidates_reached(probes.lists, probes.counts(nprobe, gap), rows, truth)
+        return int(hits.sum()) / truth.size
 
     def search_new(self, rows: np.ndarray, k: int, nprobe: int, gap: float | None,
                    first: int) -> tuple[np.ndarray, np.ndarray]:
