@@ -19,8 +19,9 @@ For an approximate peer each sweep stops at the first setting reaching recall 0.
 cheapest setting that reaches it (build + search) is reported. Build settings: HNSW M=16 with
 ef_construction 40 and 100 (--efc), each a build of its own and an efSearch sweep; IVF
 4*sqrt(N) lists, rounded to a power of two; pynndescent n_neighbors 33 (k+1) with
-max_candidates 4, 8, 16, 24 and its default, each with n_iters 3, 5 and its default, cheapest
-first, then larger n_neighbors.
+max_candidates 4, 8, 16, 24 and its default, each with n_iters 3, 5, 7, 10 and its default
+(`pynndescent_skips`: a setting is skipped once a cheaper one shows it cannot win), then
+larger n_neighbors if none reached 0.95.
 pynndescent is warmed up first on 2,000 rows (it compiles itself in each process);
 graphbuild's kernels come from numba's on-disk cache. Asserts nothing about timings.
 
@@ -54,7 +55,7 @@ EF_SWEEP = [40, 64, 96, 128, 192, 256, 384, 512, 768]
 NPROBE_SWEEP = [8, 16, 24, 32, 48, 64, 96, 128, 192, 256]
 NNDESCENT_SWEEP = [33, 48, 64, 96]
 NNDESCENT_CANDIDATES = [4, 8, 16, 24, None]  # max_candidates at n_neighbors 33; None: its default
-NNDESCENT_ITERS = [3, 5, None]  # n_iters for each; None: its default, max(5, log2 N)
+NNDESCENT_ITERS = [3, 5, 7, 10, None]  # n_iters for each; None: its default, max(5, log2 N)
 HNSW_EFC = [40, 100]
 TRUTH_BLOCK = 65536  # rows scored against the sampled queries at once (--recall-sample)
 
@@ -358,6 +359,31 @@ def settings(method: str, n: int) -> list[dict]:
     return [{}]
 
 
+def pynndescent_skips(params: dict, runs: list[tuple[dict, float, bool]],
+                      best_total: float | None) -> bool:
+    """Whether a pynndescent setting can be skipped, from the runs so far ((params, build s,
+    reached the target)): its cost grows with max_candidates and with n_iters, so it cannot
+    win once its max_candidates reached the target with fewer iterations, or once a run with
+    at most its max_candidates and n_iters took as long as the best total. Larger
+    n_neighbors only run if nothing reached the target."""
+    if "max_candidates" not in params:
+        return best_total is not None
+
+    def rank(p: dict) -> tuple[int, int]:
+        return (NNDESCENT_CANDIDATES.index(p["max_candidates"]),
+                NNDESCENT_ITERS.index(p["n_iters"]))
+
+    mine = rank(params)
+    for p, build_s, reached in runs:
+        theirs = rank(p)
+        if reached and theirs[0] == mine[0] and theirs[1] < mine[1]:
+            return True
+        if (best_total is not None and build_s >= best_total
+                and theirs[0] <= mine[0] and theirs[1] <= mine[1]):
+            return True
+    return False
+
+
 def describe(method: str, params: dict, setting) -> str:
     if method in ("hnswlib", "usearch", "faiss HNSW"):
         return f"M={params['M']} ef_construction={params['efc']} ef={setting}"
@@ -423,8 +449,11 @@ def main() -> None:
         methods.remove("graphbuild exact")
     rows = []
     for method in methods:
-        best = None
+        best, runs = None, []
         for params in settings(method, n):
+            if method == "pynndescent" and pynndescent_skips(params, runs,
+                                                              best and best[4]):
+                continue
             out = run_child(method, work, params)
             if not out:
                 continue
@@ -437,8 +466,9 @@ def main() -> None:
                        s["search_s"], total, s["recall"], out["peak_gib"])
                 if s["recall"] >= TARGET and (best is None or total < best[4]):
                     best = row
-            if best is not None and method == "pynndescent":
-                break  # the sweep goes upwards in cost: the first that reaches is the cheapest
+            if "max_candidates" in params:
+                runs.append((params, out["build_s"],
+                             any(s["recall"] >= TARGET for s in out["sweep"])))
         if (method == "graphbuild exact" and not args.derived and not args.limit
                 and not args.recall_sample):
             x16 = np.load(work / "x32.npy")
