@@ -15,6 +15,12 @@ probe gap the lists within it, as ivf_scan.probes picks them). A row's candidate
 on the store and the lists alone, not on which rows a shard searches: a shard offers its rows'
 products forward, and takes the column offers of every row in the store that probes its rows'
 lists, whichever shard that row belongs to.
+
+Since the candidates are known before any product, so is the recall a search reaches against
+exact neighbours: it finds a true neighbour exactly when that neighbour is a candidate.
+nprobe's tuning counts that (`BothWays.recall`) instead of searching its sample. A fresh
+build takes every row's probes from the centroid products that assign the rows to lists
+(`build_lists_and_probes`); a process that loads saved lists finds them again (`row_probes`).
 """
 
 from __future__ import annotations
