@@ -230,6 +230,7 @@ GOVERNED = {"model": ["MODEL"], "chunk_rows": ["CHUNK_ROWS"], "block_rows": ["BL
 # Same names, other quantities, with defaults of their own.
 OWN = [("graphbuild.graph.ann.build_index", "seed"),      # the index's k-means sample
        ("graphbuild.graph.ann.build_lists", "seed"),
+       ("graphbuild.graph.ann.list_centroids", "seed"),   # build_lists' k-means sample
        ("graphbuild.graph.ann.tune_nprobe", "seed"),      # its sampled tuning queries
        ("graphbuild.graph.kmeans.spherical_kmeans", "seed"),
        ("graphbuild.graph.exact.locality_order", "seed"),
