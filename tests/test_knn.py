@@ -207,6 +207,32 @@ def test_approximate_reaches_recall_target(run):
     assert meta["method"] == "approximate" and meta["recall"] == r.recall
 
 
+def test_approximate_progress_follows_the_list_products(run):
+    """A shard searched both ways at once still moves its progress bar while it searches:
+    the reporter is advanced after list products, not once at the end, and by the shard's
+    rows in all."""
+    from graphbuild.graph.stage import knn_shard
+    from graphbuild.progress import Reporter
+    from graphbuild.rundir.store import StoredRows
+
+    class Recording(Reporter):
+        def __init__(self):
+            self.total, self.steps = None, []
+
+        def start(self, total, unit):
+            self.total = total
+
+        def advance(self, n):
+            self.steps.append(n)
+
+    seen = Recording()
+    knn_shard(run, 10, method="approximate", reporter=seen)
+    n = StoredRows(run / "embeddings.zarr").shape[0]
+    moved = [s for s in seen.steps if s]
+    assert seen.total == n and sum(seen.steps) == n and min(seen.steps) >= 0
+    assert len(moved) >= 10 and max(moved) < n / 4, moved
+
+
 def test_approximate_keeps_only_lists_and_rebuilds_bad_ones(run, caplog):
     """On a CPU the saved index is its lists, not codes that would copy the store; a rerun
     reuses them (no build) and gives the same graph; a damaged lists file is built again

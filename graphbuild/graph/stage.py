@@ -613,11 +613,24 @@ def _approximate_part(out: Path, arr, attrs: dict, k: int, rows: range, shard: i
                            device)
     nprobe, gap = tuning["nprobe"], tuning.get("probe_gap")
 
+    both_ways = isinstance(index, BothWays)
+
     def searched():
         """(first row, ids, sims) of the shard's rows: a list scan searches them all at once
-        (a row's candidates come from every list product), a faiss index block by block."""
-        if isinstance(index, BothWays):
-            yield rows.start, *index.search(np.arange(rows.start, rows.stop), k, nprobe, gap)
+        (a row's candidates come from every list product; the bar follows its products), a
+        faiss index block by block."""
+        if both_ways:
+            shown = 0
+
+            def progress(share: float) -> None:
+                nonlocal shown
+                now = int(len(rows) * share)
+                reporter.advance(now - shown)
+                shown = now
+
+            found = index.search(np.arange(rows.start, rows.stop), k, nprobe, gap, progress)
+            reporter.advance(len(rows) - shown)
+            yield rows.start, *found
             return
         for lo, block in arr.blocks(rows, max(block_rows, QUERY_STEP)):
             xq = torch.from_numpy(block).float().numpy()  # far faster than numpy's
@@ -628,7 +641,8 @@ def _approximate_part(out: Path, arr, attrs: dict, k: int, rows: range, shard: i
         for lo, ids, sims in searched():
             for off in range(0, len(ids), block_rows):
                 piece = slice(off, off + block_rows)
-                reporter.advance(len(ids[piece]))
+                if not both_ways:
+                    reporter.advance(len(ids[piece]))
                 kill_point("knn.block_searched")
                 yield lo + off, ids[piece], sims[piece]
 

@@ -143,11 +143,14 @@ def own_list_first(lists: np.ndarray, values: np.ndarray, own: np.ndarray) -> No
 
 
 def search_both_ways(scan: ListScan, probes: RowProbes, counts: np.ndarray, rows: np.ndarray,
-                     kk: int, first_candidate: int = 0) -> tuple[np.ndarray, np.ndarray]:
+                     kk: int, first_candidate: int = 0, on_progress=None,
+                     ) -> tuple[np.ndarray, np.ndarray]:
     """Like ListScan.search over the stored rows `rows` (store ids, ascending): (sims, ids),
     each (len(rows), kk), best first, the row itself included; every list product offered
     to its probers and to its rows (module docstring). `first_candidate`: only rows from it
-    on are candidates (an update's old rows, finding their new neighbours)."""
+    on are candidates (an update's old rows, finding their new neighbours). `on_progress`:
+    called after each list with the share of the search's scores computed so far (rows
+    scored against a list's rows), 1.0 after the last."""
     n = scan.ntotal
     m = len(rows)
     heap_of = np.full(n, -1, np.int64)
@@ -176,19 +179,26 @@ def search_both_ways(scan: ListScan, probes: RowProbes, counts: np.ndarray, rows
             scores = (vectors(queries) @ x.T).numpy()
             offer(scores, heap_of[queries], members.astype(scan.ids.dtype), best_s, best_i)
 
-    # each searched row against its own list first: its heap fills with good candidates
-    by_home = rows[np.argsort(home[rows], kind="stable")]
-    for lst, queries in _groups(home[by_home], by_home, scan.nlist):
-        forward(queries, lst)
-
-    # then the other probed lists: each searched row's, and those holding searched rows
-    # (their probers' scores go to the rows), every prober of the store in one product
+    # the other probed lists: each searched row's, and those holding searched rows (their
+    # probers' scores go to the rows), every prober of the store in one product
     wanted = np.zeros(scan.nlist, np.bool_)
     wanted[home[rows]] = True
     for t in range(1, probes.width):
         wanted[probes.lists[rows[counts[rows] > t], t]] = True
     offsets, probers = probers_by_list(probes.lists, counts, wanted, scan.nlist)
+    sizes = np.diff(scan.offsets)
+    home_rows = np.bincount(home[rows], minlength=scan.nlist)
+    progress = _Progress(on_progress, home_rows @ sizes + np.diff(offsets) @ sizes)
+
+    # each searched row against its own list first: its heap fills with good candidates
+    by_home = rows[np.argsort(home[rows], kind="stable")]
+    for lst, queries in _groups(home[by_home], by_home, scan.nlist):
+        forward(queries, lst)
+        progress.add(len(queries) * sizes[lst])
+
+    # then the other probed lists
     for lst in np.flatnonzero(offsets[1:] > offsets[:-1]):
+        progress.add((offsets[lst + 1] - offsets[lst]) * sizes[lst])
         sources = probers[offsets[lst]:offsets[lst + 1]].astype(np.int64)
         members = scan.ids[scan.offsets[lst]:scan.offsets[lst + 1]].astype(np.int64)
         searched = heap_of[sources] >= 0
@@ -210,6 +220,18 @@ def search_both_ways(scan: ListScan, probes: RowProbes, counts: np.ndarray, rows
                            heap_of[cols], probes.lists, counts, best_s, best_i)
     sort_heaps(best_s, best_i)
     return best_s, best_i
+
+
+class _Progress:
+    """Reports the share of `total` scores done to `on_progress` (if any)."""
+
+    def __init__(self, on_progress, total: int):
+        self.on_progress, self.total, self.done = on_progress, max(int(total), 1), 0
+
+    def add(self, scores: int) -> None:
+        self.done += int(scores)
+        if self.on_progress is not None:
+            self.on_progress(min(self.done / self.total, 1.0))
 
 
 def _groups(keys: np.ndarray, values: np.ndarray, nlist: int):
@@ -236,15 +258,16 @@ class BothWays:
         return self._probes
 
     def search(self, rows: np.ndarray, k: int, nprobe: int, gap: float | None,
-               ) -> tuple[np.ndarray, np.ndarray]:
+               on_progress=None) -> tuple[np.ndarray, np.ndarray]:
         """(ids (r, k) int64, sims (r, k) float32) of the stored rows `rows` (ascending):
         self excluded, best first, equal sims by smaller id. Rows with fewer than k
-        candidates are searched again one way with twice nprobe lists each (ann.search)."""
+        candidates are searched again one way with twice nprobe lists each (ann.search).
+        `on_progress`: as search_both_ways'."""
         from graphbuild.graph.ann import _best_first, search
 
         probes = self.probes(nprobe, gap)
         s, i = search_both_ways(self.scan, probes, probes.counts(nprobe, gap), rows,
-                                min(k + 1, self.ntotal))
+                                min(k + 1, self.ntotal), on_progress=on_progress)
         ids, sims = np.empty((len(rows), k), np.int64), np.empty((len(rows), k), np.float32)
         for lo in range(0, len(rows), QUERY_STEP):  # bounds the sort's temporaries
             at = slice(lo, lo + QUERY_STEP)
