@@ -149,8 +149,8 @@ def search_both_ways(scan: ListScan, probes: RowProbes, counts: np.ndarray, rows
     each (len(rows), kk), best first, the row itself included; every list product offered
     to its probers and to its rows (module docstring). `first_candidate`: only rows from it
     on are candidates (an update's old rows, finding their new neighbours). `on_progress`:
-    called after each list with the share of the search's scores computed so far (rows
-    scored against a list's rows), 1.0 after the last."""
+    called once for each list with the share of the search's scores (rows scored against
+    a list's rows) counted so far, that list's included: 1.0 with the last."""
     n = scan.ntotal
     m = len(rows)
     heap_of = np.full(n, -1, np.int64)
