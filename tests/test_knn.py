@@ -662,13 +662,14 @@ def test_lists_built_with_probes_are_build_lists_and_row_probes(embedded):
     from graphbuild.rundir.store import StoredRows
 
     arr = StoredRows(embedded / "embeddings.zarr")
-    lists, probes = build_lists_and_probes(arr, 24, 1024, 32)
-    for got, want in zip(lists, build_lists(arr, 24, 1024)):
-        assert np.array_equal(got, want)
-    again = row_probes(ListScan.from_lists(*lists, arr, 1024), 32)
-    assert probes.width == 24  # at most nlist
-    assert np.array_equal(probes.lists, again.lists)
-    assert np.array_equal(probes.values, again.values)
+    for nlist in (24, 64):  # every list kept a row, or its best 32
+        lists, probes = build_lists_and_probes(arr, nlist, 1024, 32)
+        for got, want in zip(lists, build_lists(arr, nlist, 1024)):
+            assert np.array_equal(got, want)
+        again = row_probes(ListScan.from_lists(*lists, arr, 1024), 32)
+        assert probes.width == min(nlist, 32)
+        assert np.array_equal(probes.lists, again.lists)
+        assert np.array_equal(probes.values, again.values)
 
 
 def test_own_list_first_moves_the_rows_list_to_the_front():
