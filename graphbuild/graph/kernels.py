@@ -484,6 +484,15 @@ def top_lists(scores, bf16_bits, lists, values):
             values[r, t] = row[best[t]]
 
 
+@njit(cache=True, inline="always")
+def _probes(lists, counts, r, lst):
+    """Whether `lst` is among the first `counts[r]` of row r's `lists[r]`."""
+    for t in range(counts[r]):
+        if lists[r, t] == lst:
+            return True
+    return False
+
+
 COLUMN_TILE = 16  # columns whose heaps a thread updates together: one cache line a product row
 
 
@@ -514,13 +523,7 @@ def offer_to_list_rows(scores, sources, homes, cols, col_heaps, probed, counts, 
                 q = sources[j]
                 if v == hs[0] and q >= hi[0]:
                     continue
-                r = cols[c]
-                seen = False
-                for t in range(counts[r]):
-                    if probed[r, t] == homes[j]:
-                        seen = True
-                        break
-                if not seen:
+                if not _probes(probed, counts, cols[c], homes[j]):
                     _replace_worst(hs, hi, v, q, kk)
                     bars[c - c0] = hs[0]
 
@@ -559,22 +562,8 @@ def candidates_reached(lists, counts, rows, truth):
     hits = np.zeros(len(rows), np.int64)
     for a in prange(len(rows)):
         r = rows[a]
-        home = lists[r, 0]
-        n = 0
-        for b in range(truth.shape[1]):
-            j = truth[a, b]
-            if j < 0:
-                continue
-            found = False
-            for t in range(counts[r]):
-                if lists[r, t] == lists[j, 0]:
-                    found = True
-                    break
-            if not found:
-                for t in range(counts[j]):
-                    if lists[j, t] == home:
-                        found = True
-                        break
-            n += found
-        hits[a] = n
+        for j in truth[a]:
+            if j >= 0 and (_probes(lists, counts, r, lists[j, 0])
+                           or _probes(lists, counts, j, lists[r, 0])):
+                hits[a] += 1
     return hits
