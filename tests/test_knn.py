@@ -485,13 +485,13 @@ def test_probe_lists_within_the_gap_and_bounds():
     best `least` or `most` of them when outside), ties by smaller list number."""
     import torch
 
+    from graphbuild.graph.ivf_scan import kernel_view
     from graphbuild.graph.kernels import probe_lists
 
     rng = np.random.default_rng(3)
     scores = torch.from_numpy(rng.integers(0, 64, (300, 50)).astype(np.float32) / 64)
     scores[:100] *= 0.1  # a flat third: many lists within the gap, over the cap
-    for x, bits in ((scores.numpy(), False),
-                    (scores.bfloat16().view(torch.int16).numpy().view(np.uint16), True)):
+    for x, bits in (kernel_view(scores), kernel_view(scores.bfloat16())):
         s = scores.bfloat16().float().numpy() if bits else scores.numpy()
         home, count, others = probe_lists(x, bits, 0.1, 4, 12)
         for r in range(len(s)):
@@ -502,6 +502,31 @@ def test_probe_lists_within_the_gap_and_bounds():
             assert home[r] == want[0] and count[r] == len(want)
             assert sorted(got) == sorted(want[1:]), r
         assert (count == 12).any() and (count == 4).any() and ((count > 4) & (count < 12)).any()
+
+
+def test_top_lists_and_first_max_against_numpy():
+    """kernels.top_lists (each row's best lists, best first, ties by smaller list number) and
+    first_max (the first of a row's largest) against numpy, on scores with many equal values,
+    -0 beside +0, fp32 and bf16 bits alike, widths from one list to every list."""
+    import torch
+
+    from graphbuild.graph.ivf_scan import kernel_view
+    from graphbuild.graph.kernels import first_max, top_lists
+
+    rng = np.random.default_rng(4)
+    for m, nlist, most in ((200, 300, 32), (100, 40, 32), (50, 33, 33), (30, 7, 1)):
+        scores = torch.from_numpy(rng.integers(-40, 64, (m, nlist)).astype(np.float32) / 64)
+        scores[::3, ::2] = -0.0
+        scores[1::3, 1::2] = 0.0
+        scores[2::3] = 0.0  # rows of nothing but ties
+        for given in (scores, scores.bfloat16()):
+            s = given.float().numpy() + np.float32(0)  # -0 reads as +0, as the kernels compare
+            lists, values = np.empty((m, most), np.int32), np.empty((m, most), np.float32)
+            top_lists(*kernel_view(given), lists, values)
+            order = np.lexsort((np.broadcast_to(np.arange(nlist), s.shape), -s), axis=1)
+            assert np.array_equal(lists, order[:, :most])
+            assert np.array_equal(values, np.take_along_axis(s, order[:, :most], 1))
+            assert np.array_equal(first_max(*kernel_view(given)), order[:, 0])
 
 
 def test_search_results_best_first_self_dropped_ties_by_id():

@@ -83,10 +83,11 @@ def probe_counts(scores: torch.Tensor, gap: float) -> np.ndarray:
 
 
 def kernel_view(scores: torch.Tensor) -> tuple[np.ndarray, bool]:
-    """Centroid scores as kernels.probe_lists takes them: fp32, or bf16's uint16 bits."""
+    """Scores as the kernels take them (probe_lists, top_lists, first_max): bf16 as its
+    uint16 bits, anything else as fp32's int32 bits."""
     if scores.dtype == torch.bfloat16:
         return scores.view(torch.int16).numpy().view(np.uint16), True
-    return scores.float().numpy(), False
+    return scores.float().numpy().view(np.int32), False
 
 
 def probe_gap_for(xq: np.ndarray, centroids: torch.Tensor, nprobe: int) -> float | None:

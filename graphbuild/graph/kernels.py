@@ -106,19 +106,46 @@ def threads_as_torch() -> None:
 
 @njit(cache=True)
 def _row_as_f32(scores, bf16_bits, r, out) -> int:
-    """Row r of the centroid scores into `out` fp32 (bf16 given as its uint16 bits: exact);
-    returns the position of its first maximum."""
+    """Row r of the centroid scores (fp32 as its int32 bits, or bf16 as its uint16 bits:
+    ivf_scan.kernel_view) into `out` fp32, exactly; returns the position of its first
+    maximum."""
     row = scores[r]
-    bits = out.view(np.uint32)
+    bits = out.view(np.int32)
     best = 0
     for c in range(len(row)):
-        if bf16_bits:
-            bits[c] = np.uint32(row[c]) << 16
-        else:
-            out[c] = row[c]
+        bits[c] = np.int32(np.uint32(row[c]) << 16) if bf16_bits else np.int32(row[c])
         if out[c] > out[best]:
             best = c
     return best
+
+
+@njit(cache=True, inline="always")
+def _key32(bits):
+    """The int32 key of an fp32 value given as its int32 bits: keys order like the values
+    (positive patterns as they are, negative ones sign and magnitude, so their low 31 bits
+    flip), -0 and +0 both 0."""
+    key = bits if bits >= 0 else bits ^ np.int32(0x7FFFFFFF)
+    return key if key != -1 else np.int32(0)
+
+
+@njit(cache=True, parallel=True)
+def first_max(scores, bf16_bits):
+    """The position of each row's first maximum (m,) int64, of scores as `_row_as_f32`
+    takes them: one pass for the row's largest key, one to find where it first is."""
+    m, n = scores.shape
+    out = np.zeros(m, np.int64)
+    for r in prange(m):
+        row = scores[r]
+        top = np.int32(-2**31)
+        for c in range(n):
+            top = max(top, _key32(np.int32(np.uint32(row[c]) << 16) if bf16_bits
+                                  else np.int32(row[c])))
+        for c in range(n):
+            if _key32(np.int32(np.uint32(row[c]) << 16) if bf16_bits
+                      else np.int32(row[c])) == top:
+                out[r] = c
+                break
+    return out
 
 
 @njit(cache=True)
@@ -469,14 +496,16 @@ def offer_rescored(scores, lo, q32, x_bits, heap_k, heap_i, heap_x):
 # symmetric_scan: every row's best lists, and list products offered to the list rows too
 @njit(cache=True, parallel=True)
 def top_lists(scores, bf16_bits, lists, values):
-    """Each row's best lists (scores (m, nlist), fp32 or bf16 as uint16 bits), best first, ties
+    """Each row's best lists (scores (m, nlist) as `_row_as_f32` takes them), best first, ties
     by smaller list number, into lists and values (m, most); the order probe_lists picks
     its lists in, so the first `count` of them are the lists it would probe."""
     m, nlist = scores.shape
     most = lists.shape[1]
     for r in prange(m):
         row = np.empty(nlist, np.float32)
-        _row_as_f32(scores, bf16_bits, r, row)
+        bits = row.view(np.int32)
+        for c in range(nlist):  # as _row_as_f32, without its first maximum's chain
+            bits[c] = np.int32(np.uint32(scores[r, c]) << 16) if bf16_bits else scores[r, c]
         top_v, top_c = np.empty(most, np.float32), np.empty(most, np.int64)
         best = _best_of(row, most, top_v, top_c)
         for t in range(len(best)):
