@@ -33,7 +33,7 @@ nearest-neighbour distance).
 
     python benchmarks/peers.py [--source /tmp/graphbuild-bench] [--workdir /tmp/gb-peers]
                                [--derived 1000000 --recall-sample 10000]
-                               [--only hnswlib,usearch] [--efc 40,100]
+                               [--only hnswlib,usearch] [--efc 40,100] [--turns 3]
 """
 
 from __future__ import annotations
@@ -321,6 +321,29 @@ def run_child(method: str, workdir: Path, params: dict | None = None) -> dict:
     return json.loads(p.stdout.strip().splitlines()[-1])
 
 
+def in_turns(workdir: Path, turns: int, chosen: dict) -> None:
+    """Run the chosen settings ({method: (params, sweep setting)}, graphbuild's first) again,
+    in turns, `turns` times each, and print the ratio of each turn and their median: this
+    shared host's speed swings within minutes, so a ratio of two runs minutes apart says as
+    much about the host as about the methods."""
+    (ours, _), (peer, _) = chosen.items()
+    ratios = []
+    for turn in range(turns):
+        took = {}
+        for method, (params, setting) in chosen.items():
+            out = run_child(method, workdir, params)
+            sweep = [s for s in out.get("sweep", []) if s["setting"] == setting]
+            if not sweep:
+                print(f"  turn {turn + 1}: {method} did not run {setting} again")
+                return
+            took[method] = out["build_s"] + sweep[0]["search_s"]
+        ratios.append(took[peer] / took[ours])
+        print(f"  turn {turn + 1}: {ours} {took[ours]:.1f}s, {peer} {took[peer]:.1f}s: "
+              f"{ratios[-1]:.2f}x", flush=True)
+    print(f"{ours} vs {peer} in {turns} turns: median {np.median(ratios):.2f}x "
+          f"({min(ratios):.2f}x to {max(ratios):.2f}x)")
+
+
 def prepare(source: Path, workdir: Path, derived: int | None, limit: int | None) -> int:
     """workdir/run: a copy of the source run's store (or a derived one); x32.npy beside it."""
     sys.path.insert(0, str(REPO / "benchmarks"))
@@ -418,6 +441,9 @@ def main() -> None:
     ap.add_argument("--recall-sample", type=int,
                     help="measure recall on this many seeded rows against their brute force "
                     "(graphbuild exact then runs only if --only names it)")
+    ap.add_argument("--turns", type=int, default=0,
+                    help="then graphbuild approximate and the fastest peer's best setting run "
+                    "again this many times each, in turns: each turn's ratio and the median")
     ap.add_argument("--efc", default=",".join(map(str, HNSW_EFC)),
                     help="HNSW ef_construction values, each a build of its own")
     args = ap.parse_args()
@@ -451,6 +477,7 @@ def main() -> None:
             or (args.recall_sample and "graphbuild exact" not in (args.only or "").split(","))):
         methods.remove("graphbuild exact")
     rows, moments = [], {}  # graphbuild's seconds of row moments, which no peer computes
+    chosen = {}  # each method's best row: (its params, its sweep setting)
     for method in methods:
         best, runs = None, []
         for params in settings(method, n):
@@ -473,6 +500,7 @@ def main() -> None:
                        s["search_s"], total, s["recall"], out["peak_gib"])
                 if s["recall"] >= TARGET and (best is None or total < best[4]):
                     best = row
+                    chosen[method] = (params, s["setting"])
             if "max_candidates" in params:
                 runs.append((params, out["build_s"],
                              any(s["recall"] >= TARGET for s in out["sweep"])))
@@ -496,6 +524,9 @@ def main() -> None:
         print(f"graphbuild approximate vs the fastest approximate peer ({fastest_peer[0]}): "
               f"{fastest_peer[4] / ours:.2f}x; the graph alone, without the row moments: "
               f"{fastest_peer[4] / (ours - moments.get('graphbuild approximate', 0.0)):.2f}x")
+        if args.turns:
+            in_turns(work, args.turns, {m: chosen[m] for m in ("graphbuild approximate",
+                                                                 fastest_peer[0])})
     if "faiss IndexFlatIP" in by and "graphbuild exact" in by:
         flat, ours = by["faiss IndexFlatIP"][4], by["graphbuild exact"][4]
         print(f"graphbuild exact vs faiss IndexFlatIP: {flat / ours:.2f}x; the graph alone, "
