@@ -20,6 +20,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Self
 
 DAEMONS = ("munged", "mungekey", "slurmctld", "slurmd", "sbatch", "scontrol", "sinfo")
 
@@ -99,11 +100,11 @@ PartitionName=debug Nodes={self.host} Default=YES MaxTime=INFINITE State=UP
 """)
 
     def _start(self, *cmd: str, log: str) -> None:
-        out = open(self.root / "log" / log, "ab")
-        self.procs.append(subprocess.Popen(list(cmd), stdout=out, stderr=subprocess.STDOUT,
-                                           env=self.env, start_new_session=True))
+        with open(self.root / "log" / log, "ab") as out:  # the process keeps its own copy
+            self.procs.append(subprocess.Popen(list(cmd), stdout=out, stderr=subprocess.STDOUT,
+                                               env=self.env, start_new_session=True))
 
-    def start(self, timeout: float = 60) -> "SlurmCluster":
+    def start(self, timeout: float = 60) -> Self:
         self._write_conf()
         m = self.root / "munge"
         key = m / "munge.key"
@@ -128,7 +129,7 @@ PartitionName=debug Nodes={self.host} Default=YES MaxTime=INFINITE State=UP
                 raise RuntimeError(f"{p.args[0]} exited with {p.returncode}; see "
                                    f"{self.root / 'log'}:\n{self.logs()}")
         r = subprocess.run(["sinfo", "-h", "-N", "-o", "%T"], env=self.env,
-                           capture_output=True, text=True)
+                           capture_output=True, text=True, check=False)  # read below
         return r.returncode == 0 and r.stdout.strip() in ("idle", "mixed", "allocated")
 
     def _wait(self, ready, timeout: float, what: str) -> None:
@@ -150,14 +151,14 @@ PartitionName=debug Nodes={self.host} Default=YES MaxTime=INFINITE State=UP
         """Until no job is pending or running."""
         def empty() -> bool:
             r = subprocess.run(["squeue", "-h", "-o", "%i"], env=self.env,
-                               capture_output=True, text=True)
+                               capture_output=True, text=True, check=False)  # read below
             return r.returncode == 0 and not r.stdout.strip()
         self._wait(empty, timeout, "the queue to drain")
 
     def stop(self) -> None:
         if any(p.poll() is None for p in self.procs[1:]):
             subprocess.run(["scontrol", "shutdown"], env=self.env, capture_output=True,
-                           timeout=30)
+                           timeout=30, check=False)  # the waits below see whether it stopped
         for p in reversed(self.procs):
             if p is self.procs[0]:  # munged does not stop with the cluster
                 p.terminate()
@@ -172,7 +173,7 @@ PartitionName=debug Nodes={self.host} Default=YES MaxTime=INFINITE State=UP
                     p.wait()
         self.procs.clear()
 
-    def __enter__(self) -> "SlurmCluster":
+    def __enter__(self) -> Self:
         return self.start()
 
     def __exit__(self, *exc) -> None:
