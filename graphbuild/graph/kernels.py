@@ -104,6 +104,13 @@ def threads_as_torch() -> None:
     numba.set_num_threads(min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS))
 
 
+@njit(cache=True, inline="always")
+def _bits32(v, bf16_bits):
+    """The int32 fp32 bits of a score given as ivf_scan.kernel_view gives it: bf16's uint16
+    bits (shifted into place, exactly) or fp32's int32 bits."""
+    return np.int32(np.uint32(v) << 16) if bf16_bits else np.int32(v)
+
+
 @njit(cache=True)
 def _row_as_f32(scores, bf16_bits, r, out) -> int:
     """Row r of the centroid scores (fp32 as its int32 bits, or bf16 as its uint16 bits:
@@ -113,7 +120,7 @@ def _row_as_f32(scores, bf16_bits, r, out) -> int:
     bits = out.view(np.int32)
     best = 0
     for c in range(len(row)):
-        bits[c] = np.int32(np.uint32(row[c]) << 16) if bf16_bits else np.int32(row[c])
+        bits[c] = _bits32(row[c], bf16_bits)
         if out[c] > out[best]:
             best = c
     return best
@@ -138,11 +145,9 @@ def first_max(scores, bf16_bits):
         row = scores[r]
         top = np.int32(-2**31)
         for c in range(n):
-            top = max(top, _key32(np.int32(np.uint32(row[c]) << 16) if bf16_bits
-                                  else np.int32(row[c])))
+            top = max(top, _key32(_bits32(row[c], bf16_bits)))
         for c in range(n):
-            if _key32(np.int32(np.uint32(row[c]) << 16) if bf16_bits
-                      else np.int32(row[c])) == top:
+            if _key32(_bits32(row[c], bf16_bits)) == top:
                 out[r] = c
                 break
     return out
@@ -505,7 +510,7 @@ def top_lists(scores, bf16_bits, lists, values):
         row = np.empty(nlist, np.float32)
         bits = row.view(np.int32)
         for c in range(nlist):  # as _row_as_f32, without its first maximum's chain
-            bits[c] = np.int32(np.uint32(scores[r, c]) << 16) if bf16_bits else scores[r, c]
+            bits[c] = _bits32(scores[r, c], bf16_bits)
         top_v, top_c = np.empty(most, np.float32), np.empty(most, np.int64)
         best = _best_of(row, most, top_v, top_c)
         for t in range(len(best)):

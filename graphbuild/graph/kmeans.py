@@ -20,15 +20,18 @@ def nearest(x: torch.Tensor, centres: torch.Tensor, step: int = STEP) -> torch.T
     equal ones. On a CPU by kernels.first_max: a k-means round at 1M took about a fifth less
     than with torch's `max` on the bf16 scores (graph_choices.txt)."""
     c = centres.to(x.dtype).T
-    if x.device.type != "cpu":
-        return torch.cat([(x[lo:lo + step] @ c).max(dim=1).indices
-                          for lo in range(0, len(x), step)])
-    from graphbuild.graph.ivf_scan import kernel_view
-    from graphbuild.graph.kernels import first_max, threads_as_torch
+    if x.device.type == "cpu":
+        from graphbuild.graph.ivf_scan import kernel_view
+        from graphbuild.graph.kernels import first_max, threads_as_torch
 
-    threads_as_torch()
-    return torch.cat([torch.from_numpy(first_max(*kernel_view(x[lo:lo + step] @ c)))
-                      for lo in range(0, len(x), step)])
+        threads_as_torch()
+
+        def best(scores):
+            return torch.from_numpy(first_max(*kernel_view(scores)))
+    else:
+        def best(scores):
+            return scores.max(dim=1).indices
+    return torch.cat([best(x[lo:lo + step] @ c) for lo in range(0, len(x), step)])
 
 
 def spherical_kmeans(x: torch.Tensor, n_clusters: int, iters: int, seed: int = 0,
