@@ -259,7 +259,6 @@ def child_graphbuild(run: Path, exact_path: Path, method: str):
     import logging
 
     sys.path.insert(0, str(REPO))
-    sys.path.insert(0, str(REPO / "benchmarks"))
     import torch
 
     torch.set_num_threads(THREADS)
@@ -275,18 +274,13 @@ def child_graphbuild(run: Path, exact_path: Path, method: str):
                 seen.append(sum(float(p.split()[-1].rstrip("s")) for p in parts))
 
     # The first run in a process loads the compiled kernels: warm up on a store of the first
-    # rows, untimed, as pynndescent does.
-    import knn as knn_bench
-    import zarr
-
+    # rows (written by the parent, `warm_store`), untimed, as pynndescent does.
     warm = run.parent / "warm-run"
-    attrs = json.loads((run / "embeddings.zarr" / "zarr.json").read_text())["attributes"]
-    first = zarr.open_array(str(run / "embeddings.zarr"), mode="r")[:WARM_ROWS]
-    knn_bench.write_store(warm, first, attrs)
+    shutil.rmtree(warm / "graph", ignore_errors=True)
+    shutil.rmtree(warm / "_state" / "knn", ignore_errors=True)
     t0 = time.perf_counter()
     knn_shard(warm, K, method=method, overwrite=True)
     warmup = time.perf_counter() - t0
-    shutil.rmtree(warm)
 
     logging.getLogger("graphbuild").addHandler(Builds())
     logging.getLogger("graphbuild").setLevel(logging.INFO)
@@ -393,6 +387,21 @@ def prepare(source: Path, workdir: Path, derived: int | None, limit: int | None)
     return len(x)
 
 
+def warm_store(workdir: Path) -> None:
+    """workdir/warm-run: a store of the run's first WARM_ROWS rows, for graphbuild's warm-up
+    (written here, so that the children's peak RSS holds none of the writing)."""
+    import zarr
+
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    sys.path.insert(0, str(REPO))
+    import knn as knn_bench
+
+    run = workdir / "run"
+    attrs = json.loads((run / "embeddings.zarr" / "zarr.json").read_text())["attributes"]
+    first = zarr.open_array(str(run / "embeddings.zarr"), mode="r")[:WARM_ROWS]
+    knn_bench.write_store(workdir / "warm-run", first, attrs)
+
+
 def settings(method: str, n: int) -> list[dict]:
     nlist = 1 << round(float(np.log2(4 * np.sqrt(n))))
     if method in ("hnswlib", "usearch", "faiss HNSW"):
@@ -487,6 +496,7 @@ def main() -> None:
             np.save(work / "exact_rows.npy", rows)
             np.save(work / "exact_ids.npy", ids)
             print(f"brute force of {len(rows):,} sampled rows: {time.perf_counter() - t0:.1f}s")
+    warm_store(work)
     what = (f"derived set (real rows + noise at half the nearest-neighbour distance), N={n:,}"
             if args.derived else f"real captions, N={n:,}")
     print(f"== {what}; k={K}, {THREADS} threads; load average {os.getloadavg()[0]:.1f} "
