@@ -527,6 +527,17 @@ def test_top_lists_and_first_max_against_numpy():
             assert np.array_equal(lists, order[:, :most])
             assert np.array_equal(values, np.take_along_axis(s, order[:, :most], 1))
             assert np.array_equal(first_max(*kernel_view(given)), order[:, 0])
+    # cosines of unit rows, as the lists' build scores them: most rows' 32nd best is positive
+    # and near their best (top_lists counts its way to it), some not (sorted insertion)
+    centres = torch.nn.functional.normalize(torch.from_numpy(rng.normal(size=(2000, 384))), dim=1)
+    x = torch.from_numpy(rng.normal(size=(300, 384)))
+    x[:150] += 30 * centres[0]  # on one centre: their 32nd best is far below it
+    given = torch.nn.functional.normalize(x, dim=1).bfloat16() @ centres.bfloat16().T
+    s = given.float().numpy() + np.float32(0)
+    lists, values = np.empty((300, 32), np.int32), np.empty((300, 32), np.float32)
+    top_lists(*kernel_view(given), lists, values)
+    order = np.lexsort((np.broadcast_to(np.arange(2000), s.shape), -s), axis=1)[:, :32]
+    assert np.array_equal(lists, order) and np.array_equal(values, np.take_along_axis(s, order, 1))
 
 
 def test_search_results_best_first_self_dropped_ties_by_id():
