@@ -519,6 +519,7 @@ def test_top_lists_and_first_max_against_numpy():
         scores[::3, ::2] = -0.0
         scores[1::3, 1::2] = 0.0
         scores[2::3] = 0.0  # rows of nothing but ties
+        scores[-1] = -scores[-1].abs() - 1 / 64  # a row of negative scores only
         for given in (scores, scores.bfloat16()):
             s = given.float().numpy() + np.float32(0)  # -0 reads as +0, as the kernels compare
             lists, values = np.empty((m, most), np.int32), np.empty((m, most), np.float32)
@@ -538,6 +539,7 @@ def test_top_lists_and_first_max_against_numpy():
     top_lists(*kernel_view(given), lists, values)
     order = np.lexsort((np.broadcast_to(np.arange(2000), s.shape), -s), axis=1)[:, :32]
     assert np.array_equal(lists, order) and np.array_equal(values, np.take_along_axis(s, order, 1))
+    assert np.array_equal(first_max(*kernel_view(given)), order[:, 0])
 
 
 def test_search_results_best_first_self_dropped_ties_by_id():
