@@ -473,7 +473,8 @@ def main() -> None:
                     "(graphbuild exact then runs only if --only names it)")
     ap.add_argument("--turns", type=int, default=0,
                     help="then graphbuild approximate and the fastest peer's best setting run "
-                    "again this many times each, in turns: each turn's ratio and the median")
+                    "again this many times each, in turns (and graphbuild exact and faiss "
+                    "IndexFlatIP, when both ran): each turn's ratio and the median")
     ap.add_argument("--efc", default=",".join(map(str, HNSW_EFC)),
                     help="HNSW ef_construction values, each a build of its own")
     args = ap.parse_args()
@@ -572,6 +573,9 @@ def main() -> None:
               f"without the row moments: "
               f"{flat / (ours[4] - moments.get('graphbuild exact', 0.0)):.2f}x; with "
               f"graphbuild's warm-up counted: {flat / (ours[4] + ours[7]):.2f}x")
+        if args.turns:
+            in_turns(work, args.turns, {m: chosen[m] for m in ("graphbuild exact",
+                                                                 "faiss IndexFlatIP")})
     print(f"load average {os.getloadavg()[0]:.1f} at the end")
 
 
