@@ -135,6 +135,15 @@ def _key32(bits):
     return key if key != -1 else np.int32(0)
 
 
+@njit(cache=True, inline="always")
+def _max_of(row):
+    """A row's largest element (a single pass that vectorises on int16 lanes)."""
+    top = row[0]
+    for c in range(1, len(row)):
+        top = max(top, row[c])
+    return top
+
+
 @njit(cache=True, parallel=True)
 def first_max(scores, bf16_bits):
     """The position of each row's first maximum (m,) int64, of scores as `_row_as_f32`
@@ -146,9 +155,7 @@ def first_max(scores, bf16_bits):
     for r in prange(m):
         if bf16_bits:
             row16 = scores[r].view(np.int16)
-            top16 = row16[0]
-            for c in range(1, n):
-                top16 = max(top16, row16[c])
+            top16 = _max_of(row16)
             if top16 > 0:
                 for c in range(n):
                     if row16[c] == top16:
@@ -363,9 +370,7 @@ def _kth_of_row(row, k):
     """The k-th largest key of a row of bf16 bits, by binary search among the positive
     keys within KTH_WINDOW of the largest (counting passes, fast on int16 lanes);
     EMPTY_KEY if fewer than k keys fall there."""
-    top = row[0]
-    for c in range(len(row)):
-        top = max(top, row[c])
+    top = _max_of(row)
     lo, hi = max(np.int32(top) - KTH_WINDOW + 1, 1), np.int32(top)
     if top < 1 or _count_from(row, lo) < k:
         return EMPTY_KEY
