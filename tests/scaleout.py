@@ -29,7 +29,7 @@ def manifest(tmp: Path) -> Path:
     return caption_manifest(tmp, coco_subset(tmp, ROWS))
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def reference() -> Path:
     """The local single-process run, built once per test session."""
     from graphbuild.embedding.stage import EmbedConfig, embed_shard
