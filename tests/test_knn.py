@@ -450,22 +450,25 @@ def test_nearest_list_is_the_fp32_nearest_up_to_bf16_rounding(embedded):
     assert (best - scores.gather(1, got[:, None])[:, 0]).max() < 2 * 2**-8
 
 
-def test_heaps_keep_each_querys_best_in_any_order():
+@pytest.mark.parametrize("blocks", [9, 1])
+def test_heaps_keep_each_querys_best_in_any_order(blocks):
     """kernels.offer and sort_heaps against numpy: each query's kk best (score, id),
     best first, equal scores by smaller id, empty slots -inf and -1, whatever the order and
-    grouping of the score blocks offered."""
+    grouping of the score blocks offered. A block's first offer to a heap skips the scores
+    below the row's floor (`_row_floor`): with one block every row goes that way."""
     from graphbuild.graph.kernels import empty_heaps, offer, sort_heaps
 
     rng = np.random.default_rng(5)
     m, n, kk = 40, 300, 10
     scores = rng.integers(0, 30, (m, n)).astype(np.float32) / 8  # many equal scores
     scores[:, ::7] *= -1e30  # very negative and positive magnitudes order too
+    scores[5] = 1.5  # every score ties
     ids = rng.permutation(n).astype(np.int32)
     offered = np.ones((m, n), bool)
     offered[3, :] = False  # query 3: nothing offered; query 4: fewer than kk
     offered[4, 5:] = False
     heap_s, heap_i = empty_heaps(m, kk, np.int32)
-    for cols in np.array_split(rng.permutation(n), 9):  # lists of rows, in random order
+    for cols in np.array_split(rng.permutation(n), blocks):  # lists of rows, random order
         q = rng.permutation(np.flatnonzero(offered[:, cols].any(axis=1))).astype(np.int32)
         block = np.where(offered[q][:, cols], scores[q][:, cols], -np.inf).astype(np.float32)
         offer(block, q, ids[cols], heap_s, heap_i)

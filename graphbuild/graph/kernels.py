@@ -66,18 +66,52 @@ def _replace_worst(hs, hi, v, i, n, hx=None, x=0.0):
 def offer(scores, queries, ids, heap_s, heap_i):
     """Offer scores (r, c) fp32, row j scored by query `queries[j]` against the rows `ids`,
     to the queries' heaps (heap_s, heap_i: (m, kk), worst at [:, 0]). A query appears at
-    most once in `queries`, so rows can go in parallel."""
+    most once in `queries`, so rows can go in parallel. A row offered to a heap with free
+    slots (a query's first list) skips the scores below its own floor (`_row_floor`): only
+    about kk of them go in, not every score that beats the heap as it fills."""
     kk = heap_s.shape[1]
     for j in prange(scores.shape[0]):
         q = queries[j]
         hs, hi = heap_s[q], heap_i[q]
-        bar = hs[0]
         row = scores[j]
+        floor = _row_floor(row, kk) if hs[0] == -np.inf else -np.inf
+        bar = max(hs[0], floor)
         for c in range(len(row)):
             v = row[c]
-            if v >= bar and (v > bar or ids[c] < hi[0]):
+            if v >= bar and _worse(hs[0], hi[0], v, ids[c]):
                 _replace_worst(hs, hi, v, ids[c], kk)
-                bar = hs[0]
+                bar = max(hs[0], floor)
+
+
+FLOOR_SLACK = 8  # scores a row's floor may let in beyond kk
+
+
+@njit(cache=True)
+def _row_floor(row, kk):
+    """A value that at least kk of the row's scores reach and at most kk + FLOOR_SLACK pass
+    (or, among ties, the largest value at least kk reach), by bisection with counting passes
+    that vectorise; -inf for a row of at most kk + FLOOR_SLACK scores. A score below it
+    ranks below kk others of the row (distinct ids), so it cannot be among the best kk."""
+    n = len(row)
+    if n <= kk + FLOOR_SLACK:
+        return np.float32(-np.inf)
+    lo, hi = row[0], row[0]
+    for c in range(1, n):
+        lo, hi = min(lo, row[c]), max(hi, row[c])
+    for _ in range(40):  # count(lo) >= kk holds; count(hi) < kk unless every score ties
+        mid = np.float32(lo + (hi - lo) * np.float32(0.5))
+        if mid <= lo or mid >= hi:
+            break
+        reach = np.int32(0)
+        for c in range(n):
+            reach += np.int32(row[c] >= mid)
+        if reach < kk:
+            hi = mid
+        else:
+            lo = mid
+            if reach <= kk + FLOOR_SLACK:
+                break
+    return lo
 
 
 @njit(cache=True, parallel=True)
@@ -594,7 +628,8 @@ def offer_to_list_rows(scores, sources, homes, cols, col_heaps, probed, counts, 
     `cols[c]`, heap `col_heaps[c]`, -1 for none) takes row j's score with its source
     `sources[j]`, unless the source's home list `homes[j]` is among the first `counts` of
     the row's `probed` lists (the row's own scan of that list scores the pair). Columns go in
-    tiles of COLUMN_TILE, each product row read once a tile."""
+    tiles of COLUMN_TILE, each product row read once a tile, and a tile's scores are first
+    compared with its bars all at once (one vector compare): most pass none."""
     kk = heap_s.shape[1]
     m, ncol = scores.shape
     for tile in prange((ncol + COLUMN_TILE - 1) // COLUMN_TILE):
@@ -606,6 +641,11 @@ def offer_to_list_rows(scores, sources, homes, cols, col_heaps, probed, counts, 
                 bars[c - c0] = heap_s[col_heaps[c], 0]
         for j in range(m):
             row = scores[j]
+            passes = False
+            for c in range(c0, c1):
+                passes |= row[c] >= bars[c - c0]
+            if not passes:
+                continue
             for c in range(c0, c1):
                 v = row[c]
                 if v < bars[c - c0]:
