@@ -262,8 +262,10 @@ def child_graphbuild(run: Path, exact_path: Path, method: str):
     import torch
 
     torch.set_num_threads(THREADS)
+    from graphbuild.graph.screened import own_process
     from graphbuild.graph.stage import knn_shard
 
+    own_process()  # as the command line's process (graph/screened.py)
     seen = []
 
     class Builds(logging.Handler):  # the index build's own log line: "(train Xs, add|assign Ys)"

@@ -669,6 +669,64 @@ def test_search_both_ways_does_not_depend_on_the_rows_searched(embedded):
         assert np.isfinite(sims).all()
 
 
+def test_screened_products_are_within_their_bound(embedded, monkeypatch):
+    """screened.screen_error bounds every screened score's distance to the pair's re-score
+    (kernels._dot32), on the fixture's rows, whether this CPU screens in bf16 or not."""
+    import torch
+
+    from graphbuild.graph.kernels import _dot32
+    from graphbuild.graph.screened import bf16_screens, fp32_rows, screen_error, screened_product
+
+    monkeypatch.setattr("graphbuild.graph.screened._OWN_PROCESS", True)
+    x32 = np.asarray(_symmetric_setup(embedded)[0][:700])
+    a, b = torch.from_numpy(x32[:300]), torch.from_numpy(x32[300:])
+    norm = float(np.linalg.norm(x32, axis=1).max()) * (1 + 1e-5)
+    for bf16 in {False, bf16_screens()}:
+        v = screened_product(fp32_rows(a, 256), fp32_rows(b, 64), 300, bf16)[:, :400]
+        r = np.array([[_dot32(x32, i, x32, 300 + j) for j in range(400)] for i in range(300)])
+        tol = screen_error(norm, x32.shape[1], bf16)
+        assert np.abs(v - r).max() <= tol
+        if bf16:  # the inputs were rounded: not the fp32 product
+            assert np.abs(v - r).max() > 10 * screen_error(norm, x32.shape[1], False)
+
+
+def test_screening_changes_no_neighbour(embedded, monkeypatch):
+    """search_both_ways with its list products screened in bf16 finds the same neighbours
+    and sims, bit for bit, as with fp32 products: every score that can reach a heap is
+    scored again the same way (graph/screened.py)."""
+    from graphbuild.graph import symmetric_scan
+    from graphbuild.graph.screened import bf16_screens
+
+    monkeypatch.setattr("graphbuild.graph.screened._OWN_PROCESS", True)
+    if not bf16_screens():
+        pytest.skip("this CPU does not screen in bf16")
+    x32, scan, row_lists, counts, _ = _symmetric_setup(embedded)
+    rows = np.arange(len(x32))
+    screened = symmetric_scan.search_both_ways(scan, row_lists, counts, rows, 11)
+    monkeypatch.setattr(symmetric_scan, "bf16_screens", lambda: False)
+    fp32 = symmetric_scan.search_both_ways(scan, row_lists, counts, rows, 11)
+    assert np.array_equal(screened[0], fp32[0]) and np.array_equal(screened[1], fp32[1])
+
+
+def test_screening_only_where_no_other_thread_runs_products(monkeypatch):
+    """The process-wide bf16 setting changes only in a process declared graphbuild's own or
+    in a Dask worker with one task thread; called as a library elsewhere, never."""
+    import types
+
+    import distributed
+
+    from graphbuild.graph import screened
+
+    monkeypatch.setattr(screened, "_OWN_PROCESS", False)
+    assert not screened._alone()
+    monkeypatch.setattr(screened, "_OWN_PROCESS", True)
+    assert screened._alone()
+    for threads, alone in ((1, True), (4, False)):
+        worker = types.SimpleNamespace(state=types.SimpleNamespace(nthreads=threads))
+        monkeypatch.setattr(distributed, "get_worker", lambda w=worker: w)
+        assert screened._alone() is alone
+
+
 def test_both_ways_recall_without_searching_is_the_searched_recall(embedded):
     """Tuning's recall of a both-ways search, found from candidate sets alone
     (BothWays.recall), equals the recall its search reaches against a numpy brute force, at

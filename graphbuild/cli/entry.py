@@ -12,6 +12,7 @@ import typer
 from graphbuild.cli import build, export, inspect, scale  # noqa: F401  (they register on `app`)
 from graphbuild.cli.app import app
 from graphbuild.errors import GraphbuildError
+from graphbuild.graph.screened import own_process
 
 # Usage errors: click's, and those of the click that typer >= 0.29 carries inside itself.
 CLICK_ERRORS = tuple({click.ClickException, getattr(typer, "TyperException", click.ClickException)})
@@ -20,6 +21,7 @@ STORAGE_ERRORS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.E
 
 
 def run() -> None:
+    own_process()  # the command line's process: graphbuild's own (graph/screened.py)
     try:
         # Typer turns Ctrl-C into a return value of 130 when not in standalone mode.
         code = app(standalone_mode=False)

@@ -174,6 +174,16 @@ class ListScan:
         # int32 ids: half the bytes of the lists and of the search's heaps
         self.ids = ids.astype(np.int32 if len(ids) < 2**31 else np.int64)
         self.rows = torch.from_numpy(rows)  # fp16, in list order
+        self._max_norm: float | None = None
+
+    def max_norm(self) -> float:
+        """The largest norm of a row (fp32 norms, rounded up), found once."""
+        if self._max_norm is None:
+            top = max((float(torch.linalg.vector_norm(self.rows[lo:lo + QUERY_STEP], dim=1,
+                                                      dtype=torch.float32).max())
+                       for lo in range(0, self.ntotal, QUERY_STEP)), default=0.0)
+            self._max_norm = top * (1 + 1e-5)  # covers the fp32 norm's own rounding
+        return self._max_norm
 
     @classmethod
     def from_lists(cls, centroids: np.ndarray, offsets: np.ndarray, ids: np.ndarray, arr,

@@ -83,6 +83,51 @@ def offer(scores, queries, ids, heap_s, heap_i):
                 bar = max(hs[0], floor)
 
 
+@njit(cache=True, fastmath={"reassoc", "nsz"})
+def _dot32(a, i, b, k):
+    """a[i] . b[k] of two fp32 rows, summed in fp32 in the one order this compiled loop takes
+    (it vectorises): the same value for b[k] . a[i] and for the pair in any product, within
+    d * 2**-24 |a[i]||b[k]| of the exact one (symmetric_scan's screened products). Not
+    inlined: inlined, it would compile with its caller's strict flags, one add after another
+    (about 13x slower). Indexed, not sliced: no row views."""
+    s = np.float32(0.0)
+    for j in range(a.shape[1]):
+        s += a[i, j] * b[k, j]
+    return s
+
+
+@njit(cache=True, parallel=True)
+def offer_rescored_rows(scores, ncol, queries, q32, ids, c32, tol, heap_s, heap_i):
+    """`offer` for screened scores (r, >= ncol; columns from ncol on are padding), each
+    within `tol` of the exact one: a score within tol of reaching its query's heap is scored
+    again (`_dot32` of the query's row q32[j] and the candidate's c32[c]) and that score is
+    offered, so the heaps hold only scores that do not depend on the product."""
+    kk = heap_s.shape[1]
+    for j in prange(scores.shape[0]):
+        q = queries[j]
+        hs, hi = heap_s[q], heap_i[q]
+        row = scores[j, :ncol]
+        floor = _row_floor(row, kk) - 2 * tol if hs[0] == -np.inf else -np.inf
+        bar = max(hs[0] - tol, floor)
+        for start in range(0, ncol, RESCORE_CHUNK):
+            stop = min(start + RESCORE_CHUNK, ncol)
+            top = row[start]
+            for c in range(start + 1, stop):  # vectorises: most chunks end here
+                top = max(top, row[c])
+            if top < bar:
+                continue
+            for c in range(start, stop):
+                if row[c] < bar:
+                    continue
+                v = _dot32(q32, j, c32, c)
+                if _worse(hs[0], hi[0], v, ids[c]):
+                    _replace_worst(hs, hi, v, ids[c], kk)
+                    bar = max(hs[0] - tol, floor)
+
+
+RESCORE_CHUNK = 16  # screened scores whose maximum is checked before any is read alone
+
+
 FLOOR_SLACK = 8  # scores a row's floor may let in beyond kk
 
 
@@ -623,22 +668,25 @@ COLUMN_TILE = 16  # columns whose heaps a thread updates together: one cache lin
 
 
 @njit(cache=True, parallel=True)
-def offer_to_list_rows(scores, sources, homes, cols, col_heaps, probed, counts, heap_s, heap_i):
-    """Offer a list product's columns to the heaps of the list's rows: column c (the row
-    `cols[c]`, heap `col_heaps[c]`, -1 for none) takes row j's score with its source
-    `sources[j]`, unless the source's home list `homes[j]` is among the first `counts` of
-    the row's `probed` lists (the row's own scan of that list scores the pair). Columns go in
-    tiles of COLUMN_TILE, each product row read once a tile, and a tile's scores are first
-    compared with its bars all at once (one vector compare): most pass none."""
+def offer_to_list_rows(scores, ncol, tol, sources, s32, homes, cols, c32, col_heaps, probed,
+                       counts, heap_s, heap_i):
+    """Offer a list product's columns to the heaps of the list's rows: column c < ncol (the
+    row `cols[c]`, fp32 c32[c], heap `col_heaps[c]`, -1 for none) takes row j's score with
+    its source `sources[j]` (fp32 s32[j]), unless the source's home list `homes[j]` is among
+    the first `counts` of the row's `probed` lists (the row's own scan of that list scores
+    the pair). The scores are screened, as offer_rescored_rows takes them: one within tol of
+    a heap's bar is scored again (`_dot32`) and that score is offered. Columns go in tiles
+    of COLUMN_TILE, each product row read once a tile, and a tile's scores are first compared
+    with its bars all at once (one vector compare): most pass none."""
     kk = heap_s.shape[1]
-    m, ncol = scores.shape
+    m = scores.shape[0]
     for tile in prange((ncol + COLUMN_TILE - 1) // COLUMN_TILE):
         c0 = tile * COLUMN_TILE
         c1 = min(c0 + COLUMN_TILE, ncol)
         bars = np.full(COLUMN_TILE, np.inf, np.float32)
         for c in range(c0, c1):
             if col_heaps[c] >= 0:
-                bars[c - c0] = heap_s[col_heaps[c], 0]
+                bars[c - c0] = heap_s[col_heaps[c], 0] - tol
         for j in range(m):
             row = scores[j]
             passes = False
@@ -647,17 +695,14 @@ def offer_to_list_rows(scores, sources, homes, cols, col_heaps, probed, counts, 
             if not passes:
                 continue
             for c in range(c0, c1):
-                v = row[c]
-                if v < bars[c - c0]:
+                if row[c] < bars[c - c0] or _probes(probed, counts, cols[c], homes[j]):
                     continue
                 h = col_heaps[c]
                 hs, hi = heap_s[h], heap_i[h]
-                q = sources[j]
-                if v == hs[0] and q >= hi[0]:
-                    continue
-                if not _probes(probed, counts, cols[c], homes[j]):
-                    _replace_worst(hs, hi, v, q, kk)
-                    bars[c - c0] = hs[0]
+                v = _dot32(s32, j, c32, c)
+                if _worse(hs[0], hi[0], v, sources[j]):
+                    _replace_worst(hs, hi, v, sources[j], kk)
+                    bars[c - c0] = hs[0] - tol
 
 
 @njit(cache=True)

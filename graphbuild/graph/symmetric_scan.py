@@ -21,6 +21,11 @@ exact neighbours: it finds a true neighbour exactly when that neighbour is a can
 nprobe's tuning counts that (`BothWays.recall`) instead of searching its sample. A fresh
 build takes every row's probes from the centroid products that assign the rows to lists
 (`build_lists_and_probes`); a process that loads saved lists finds them again (`row_probes`).
+
+Each row's own list comes first, in exact fp32 products: its heap fills from empty. The other
+lists' products are screened (screened.py): in bf16 where the CPU multiplies it natively, and
+every score that could reach a heap is scored again before it is offered, so the neighbours
+and sims are those of fp32 products either way (tests check it bit for bit).
 """
 
 from __future__ import annotations
@@ -44,11 +49,20 @@ from graphbuild.graph.kernels import (
     candidates_reached,
     empty_heaps,
     offer,
+    offer_rescored_rows,
     offer_to_list_rows,
     probers_by_list,
     sort_heaps,
     threads_as_torch,
     top_lists,
+)
+from graphbuild.graph.screened import (
+    COLUMN_PAD,
+    ROW_PAD,
+    bf16_screens,
+    fp32_rows,
+    screen_error,
+    screened_product,
 )
 
 log = logging.getLogger(__name__)
@@ -160,24 +174,40 @@ def search_both_ways(scan: ListScan, probes: RowProbes, counts: np.ndarray, rows
     home = np.ascontiguousarray(probes.lists[:, 0])
     best_s, best_i = empty_heaps(m, kk, scan.ids.dtype)
     threads_as_torch()
+    bf16 = bf16_screens()
+    tol = screen_error(scan.max_norm(), scan.rows.shape[1], bf16)
 
-    def vectors(ids: np.ndarray) -> torch.Tensor:
-        return scan.rows.index_select(0, torch.from_numpy(position[ids])).float()
+    pad = (ROW_PAD, COLUMN_PAD) if bf16 else (1, 1)  # screened products' shapes
 
-    def members_of(lst: int) -> tuple[np.ndarray, torch.Tensor]:
-        """A list's candidate rows: (ids, fp32 vectors)."""
+    def vectors(ids: np.ndarray, multiple: int = 1) -> torch.Tensor:
+        return fp32_rows(scan.rows.index_select(0, torch.from_numpy(position[ids])), multiple)
+
+    def members_of(lst: int, multiple: int = 1) -> tuple[np.ndarray, torch.Tensor]:
+        """A list's candidate rows: (ids, fp32 vectors, zero rows after them up to a multiple
+        of `multiple`)."""
         lo, hi = scan.offsets[lst], scan.offsets[lst + 1]
         ids = scan.ids[lo:hi].astype(np.int64)
         if not first_candidate:
-            return ids, scan.rows[lo:hi].float()
+            return ids, fp32_rows(scan.rows[lo:hi], multiple)
         ids = ids[ids >= first_candidate]
-        return ids, vectors(ids)
+        return ids, vectors(ids, multiple)
 
-    def forward(queries: np.ndarray, lst: int) -> None:
-        members, x = members_of(lst)
+    def forward(queries: np.ndarray, lst: int, home_pass: bool = False) -> None:
+        """The queries' scores against a list's rows, offered to their heaps: exact fp32
+        products in the home pass (its heaps fill from empty: most of its scores would be
+        scored again), screened ones after it."""
+        if home_pass:
+            members, x = members_of(lst)
+            if len(queries) and len(members):
+                offer((vectors(queries) @ x.T).numpy(), heap_of[queries],
+                      members.astype(scan.ids.dtype), best_s, best_i)
+            return
+        members, x = members_of(lst, pad[1])
         if len(queries) and len(members):
-            scores = (vectors(queries) @ x.T).numpy()
-            offer(scores, heap_of[queries], members.astype(scan.ids.dtype), best_s, best_i)
+            q = vectors(queries, pad[0])
+            offer_rescored_rows(screened_product(q, x, len(queries), bf16), len(members),
+                                heap_of[queries], q.numpy(), members.astype(scan.ids.dtype),
+                                x.numpy(), tol, best_s, best_i)
 
     # the other probed lists: each searched row's, and those holding searched rows (their
     # probers' scores go to the rows), every prober of the store in one product
@@ -193,7 +223,7 @@ def search_both_ways(scan: ListScan, probes: RowProbes, counts: np.ndarray, rows
     # each searched row against its own list first: its heap fills with good candidates
     by_home = rows[np.argsort(home[rows], kind="stable")]
     for lst, queries in _groups(home[by_home], by_home, scan.nlist):
-        forward(queries, lst)
+        forward(queries, lst, home_pass=True)
         progress.add(len(queries) * sizes[lst])
 
     # then the other probed lists
@@ -204,20 +234,24 @@ def search_both_ways(scan: ListScan, probes: RowProbes, counts: np.ndarray, rows
         searched = heap_of[sources] >= 0
         taking = heap_of[members] >= 0
         if not first_candidate and taking.all():  # one product both ways (one shard)
-            scores = (vectors(sources) @ members_of(lst)[1].T).numpy()
-            mine = scores if searched.all() else np.ascontiguousarray(scores[searched])
-            if len(mine):
-                offer(mine, heap_of[sources[searched]], members.astype(scan.ids.dtype),
-                      best_s, best_i)
+            g, c = vectors(sources, pad[0]), members_of(lst, pad[1])[1]
+            scores = screened_product(g, c, len(sources), bf16)
+            mine, g32 = scores, g.numpy()
+            if not searched.all():
+                mine, g32 = np.ascontiguousarray(scores[searched]), g32[searched]
+            offer_rescored_rows(mine, len(members), heap_of[sources[searched]], g32,
+                                members.astype(scan.ids.dtype), c.numpy(), tol, best_s, best_i)
             cols, givers = members, sources
         else:
             forward(sources[searched], lst)
             cols, givers = members[taking], sources[sources >= first_candidate]
             if not len(cols) or not len(givers):
                 continue
-            scores = (vectors(givers) @ vectors(cols).T).numpy()
-        offer_to_list_rows(scores, givers.astype(scan.ids.dtype), home[givers], cols,
-                           heap_of[cols], probes.lists, counts, best_s, best_i)
+            g, c = vectors(givers, pad[0]), vectors(cols, pad[1])
+            scores = screened_product(g, c, len(givers), bf16)
+        offer_to_list_rows(scores, len(cols), tol, givers.astype(scan.ids.dtype), g.numpy(),
+                           home[givers], cols, c.numpy(), heap_of[cols], probes.lists, counts,
+                           best_s, best_i)
     sort_heaps(best_s, best_i)
     return best_s, best_i
 
