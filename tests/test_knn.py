@@ -654,15 +654,19 @@ def test_search_both_ways_is_the_top_k_of_both_candidate_sets(embedded):
     assert exact_ties <= 3  # BLAS rounding apart, the same rows
 
 
-def test_search_both_ways_does_not_depend_on_the_rows_searched(embedded):
+@pytest.mark.parametrize("screened", [False, True])
+def test_search_both_ways_does_not_depend_on_the_rows_searched(embedded, monkeypatch, screened):
     """A shard's rows get the same neighbours as in a search of every row: their candidates
-    come from the whole store's probes, whichever rows a shard searches."""
+    come from the whole store's probes, whichever rows a shard searches. With the list
+    products screened (graph/screened.py, where this CPU screens in bf16) and without."""
     from graphbuild.graph.symmetric_scan import search_both_ways
 
+    monkeypatch.setattr("graphbuild.graph.screened._OWN_PROCESS", screened)
     x32, scan, row_lists, counts, _ = _symmetric_setup(embedded)
     n = len(x32)
     _, every = search_both_ways(scan, row_lists, counts, np.arange(n), 11)
-    for part in (np.arange(1000, 2000), np.arange(0, n, 7)):
+    all_but_list_0 = np.flatnonzero(row_lists.lists[:, 0] != 0)  # other lists: whole
+    for part in (np.arange(1000, 2000), np.arange(0, n, 7), all_but_list_0):
         sims, ids = search_both_ways(scan, row_lists, counts, part, 11)
         same = (ids == every[part]).all(axis=1).mean()
         assert same > 0.99, same  # the rest: near-ties that other products round otherwise

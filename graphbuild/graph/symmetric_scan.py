@@ -236,7 +236,7 @@ def search_both_ways(scan: ListScan, probes: RowProbes, counts: np.ndarray, rows
         if not first_candidate and taking.all():  # one product both ways (one shard)
             g, c = vectors(sources, pad[0]), members_of(lst, pad[1])[1]
             scores = screened_product(g, c, len(sources), bf16)
-            mine, g32 = scores, g.numpy()
+            mine, g32 = scores, g.numpy()[:len(sources)]
             if not searched.all():
                 mine, g32 = np.ascontiguousarray(scores[searched]), g32[searched]
             offer_rescored_rows(mine, len(members), heap_of[sources[searched]], g32,
