@@ -682,9 +682,11 @@ def test_screened_products_are_within_their_bound(embedded, monkeypatch):
     from graphbuild.graph.screened import bf16_screens, fp32_rows, screen_error, screened_product
 
     monkeypatch.setattr("graphbuild.graph.screened._OWN_PROCESS", True)
-    x32 = np.asarray(_symmetric_setup(embedded)[0][:700])
+    every, scan = _symmetric_setup(embedded)[:2]
+    norm = scan.max_norm()  # what search_both_ways bounds with
+    assert np.linalg.norm(every, axis=1).max() <= norm <= np.linalg.norm(every, axis=1).max() + 1e-4
+    x32 = np.asarray(every[:700])
     a, b = torch.from_numpy(x32[:300]), torch.from_numpy(x32[300:])
-    norm = float(np.linalg.norm(x32, axis=1).max()) * (1 + 1e-5)
     for bf16 in {False, bf16_screens()}:
         v = screened_product(fp32_rows(a, 256), fp32_rows(b, 64), 300, bf16)[:, :400]
         r = np.array([[_dot32(x32, i, x32, 300 + j) for j in range(400)] for i in range(300)])
