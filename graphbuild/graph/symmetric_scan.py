@@ -59,6 +59,7 @@ from graphbuild.graph.kernels import (
 from graphbuild.graph.screened import (
     COLUMN_PAD,
     ROW_PAD,
+    Buffers,
     bf16_screens,
     fp32_rows,
     screen_error,
@@ -178,19 +179,32 @@ def search_both_ways(scan: ListScan, probes: RowProbes, counts: np.ndarray, rows
     tol = screen_error(scan.max_norm(), scan.rows.shape[1], bf16)
 
     pad = (ROW_PAD, COLUMN_PAD) if bf16 else (1, 1)  # screened products' shapes
+    buffers = Buffers()
+    d = scan.rows.shape[1]
 
-    def vectors(ids: np.ndarray, multiple: int = 1) -> torch.Tensor:
-        return fp32_rows(scan.rows.index_select(0, torch.from_numpy(position[ids])), multiple)
+    def padded(n: int, multiple: int, name: str | None) -> torch.Tensor | None:
+        return None if name is None else buffers.take(name, (n + -n % multiple, d))
 
-    def members_of(lst: int, multiple: int = 1) -> tuple[np.ndarray, torch.Tensor]:
-        """A list's candidate rows: (ids, fp32 vectors, zero rows after them up to a multiple
-        of `multiple`)."""
+    def vectors(ids: np.ndarray, multiple: int = 1, name: str | None = None) -> torch.Tensor:
+        """The rows `ids` as fp32, zero rows after them up to a multiple of `multiple`, in
+        the buffer `name` if given."""
+        at = torch.from_numpy(position[ids])
+        gathered = (scan.rows.index_select(0, at) if name is None else torch.index_select(
+            scan.rows, 0, at, out=buffers.take(name + " fp16", (len(ids), d), scan.rows.dtype)))
+        return fp32_rows(gathered, multiple, padded(len(ids), multiple, name))
+
+    def members_of(lst: int, multiple: int = 1, name: str | None = None,
+                   ) -> tuple[np.ndarray, torch.Tensor]:
+        """A list's candidate rows: (ids, their vectors as `vectors` gives them)."""
         lo, hi = scan.offsets[lst], scan.offsets[lst + 1]
         ids = scan.ids[lo:hi].astype(np.int64)
         if not first_candidate:
-            return ids, fp32_rows(scan.rows[lo:hi], multiple)
+            return ids, fp32_rows(scan.rows[lo:hi], multiple, padded(hi - lo, multiple, name))
         ids = ids[ids >= first_candidate]
-        return ids, vectors(ids, multiple)
+        return ids, vectors(ids, multiple, name)
+
+    def product(g: torch.Tensor, c: torch.Tensor, m: int) -> np.ndarray:
+        return screened_product(g, c, m, bf16, buffers.take("scores", (len(g), len(c))))
 
     def forward(queries: np.ndarray, lst: int, home_pass: bool = False) -> None:
         """The queries' scores against a list's rows, offered to their heaps: exact fp32
@@ -202,12 +216,12 @@ def search_both_ways(scan: ListScan, probes: RowProbes, counts: np.ndarray, rows
                 offer((vectors(queries) @ x.T).numpy(), heap_of[queries],
                       members.astype(scan.ids.dtype), best_s, best_i)
             return
-        members, x = members_of(lst, pad[1])
+        members, x = members_of(lst, pad[1], "columns")
         if len(queries) and len(members):
-            q = vectors(queries, pad[0])
-            offer_rescored_rows(screened_product(q, x, len(queries), bf16), len(members),
-                                heap_of[queries], q.numpy(), members.astype(scan.ids.dtype),
-                                x.numpy(), tol, best_s, best_i)
+            q = vectors(queries, pad[0], "rows")
+            offer_rescored_rows(product(q, x, len(queries)), len(members), heap_of[queries],
+                                q.numpy(), members.astype(scan.ids.dtype), x.numpy(), tol,
+                                best_s, best_i)
 
     # the other probed lists: each searched row's, and those holding searched rows (their
     # probers' scores go to the rows), every prober of the store in one product
@@ -234,8 +248,8 @@ def search_both_ways(scan: ListScan, probes: RowProbes, counts: np.ndarray, rows
         searched = heap_of[sources] >= 0
         taking = heap_of[members] >= 0
         if not first_candidate and taking.all():  # one product both ways (one shard)
-            g, c = vectors(sources, pad[0]), members_of(lst, pad[1])[1]
-            scores = screened_product(g, c, len(sources), bf16)
+            g, c = vectors(sources, pad[0], "rows"), members_of(lst, pad[1], "columns")[1]
+            scores = product(g, c, len(sources))
             mine, g32 = scores, g.numpy()[:len(sources)]
             if not searched.all():
                 mine, g32 = np.ascontiguousarray(scores[searched]), g32[searched]
@@ -247,8 +261,8 @@ def search_both_ways(scan: ListScan, probes: RowProbes, counts: np.ndarray, rows
             cols, givers = members[taking], sources[sources >= first_candidate]
             if not len(cols) or not len(givers):
                 continue
-            g, c = vectors(givers, pad[0]), vectors(cols, pad[1])
-            scores = screened_product(g, c, len(givers), bf16)
+            g, c = vectors(givers, pad[0], "rows"), vectors(cols, pad[1], "columns")
+            scores = product(g, c, len(givers))
         offer_to_list_rows(scores, len(cols), tol, givers.astype(scan.ids.dtype), g.numpy(),
                            home[givers], cols, c.numpy(), heap_of[cols], probes.lists, counts,
                            best_s, best_i)
