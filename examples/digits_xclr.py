@@ -217,6 +217,7 @@ def ddp_rank(rank: int, world: int, args: argparse.Namespace, rendezvous: str) -
     results = run_all(args, x, y, train_idx, test_idx, targets)
     if rank == 0:
         Path(rendezvous + ".json").write_text(json.dumps(results))
+    dist.barrier()  # leave together: a rank gone first closes gloo's connections under the rest
     dist.destroy_process_group()
 
 

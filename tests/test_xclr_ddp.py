@@ -101,6 +101,7 @@ def rank_main(rank: int, world: int, run: str, out: str) -> None:
         results[mode, diagonal, views] = (t, loss.detach(), z.grad)
     results["ddp"] = ddp_gradients(rank, world, run, idx)
     torch.save(results, f"{out}/rank{rank}.pt")
+    dist.barrier()  # leave together: a rank gone first closes gloo's connections under the rest
     dist.destroy_process_group()
 
 
