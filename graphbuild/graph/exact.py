@@ -51,6 +51,8 @@ import numpy as np
 
 from graphbuild import options
 from graphbuild.graph.hits import padded_bands
+from graphbuild.graph.screened import BF16_UNIT_ROUNDOFF, F32_UNIT_ROUNDOFF
+from graphbuild.graph.screened import SLACK as THRESHOLD_SLACK
 from graphbuild.memory import return_freed_memory
 
 log = logging.getLogger(__name__)
@@ -61,7 +63,6 @@ log = logging.getLogger(__name__)
 # carry no real id); the first column's id and the stop.
 PlainBlockObserver = Callable[[Any, Any, Any, int, int], None]
 
-F32_UNIT_ROUNDOFF = 2.0 ** -24
 # The accumulation's unit roundoff in the bound, by device type. cuBLAS promises only "at
 # least 32-bit" accumulation for half-precision products with fp32 compute, not round to
 # nearest in fp32 (tensor cores may truncate), so on CUDA the bound takes twice fp32's unit
@@ -69,8 +70,7 @@ F32_UNIT_ROUNDOFF = 2.0 ** -24
 # 2.3e-5 at d=384, too little to change what passes the filters measurably.
 ACCUMULATION_ROUNDOFF = {"cpu": F32_UNIT_ROUNDOFF, "cuda": 2.0 ** -23}
 # Unit roundoff (half the spacing just above 1.0) of the half-precision compute types.
-HALF_UNIT_ROUNDOFF = {"bf16": 2.0 ** -8, "fp16": 2.0 ** -11}
-THRESHOLD_SLACK = 2e-6     # covers fp32 rounding of the threshold and of the stored sims
+HALF_UNIT_ROUNDOFF = {"bf16": BF16_UNIT_ROUNDOFF, "fp16": 2.0 ** -11}
 GROUP = 16  # rows per max-pooled group when filtering a block of scores
 MERGE_BANDS = (16, 64)  # hit counts per row that bound one padded merge (hits.py)
 SCORE_FLOOR = -1e30  # below every finite score; filtering thresholds never go lower

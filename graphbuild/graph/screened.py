@@ -30,9 +30,9 @@ import numpy as np
 if TYPE_CHECKING:
     import torch
 
-F32_UNIT_ROUNDOFF = 2.0 ** -24
+F32_UNIT_ROUNDOFF = 2.0 ** -24  # exact.py's bounds take these three too
 BF16_UNIT_ROUNDOFF = 2.0 ** -8  # round to nearest even: |bf16(x) - x| <= u |x|
-SLACK = 2e-6  # covers the fp32 roundings of a bar minus the bound and of an exact score
+SLACK = 2e-6  # covers the fp32 roundings of a threshold and of a stored or re-scored score
 
 
 def screen_error(max_norm: float, d: int, bf16: bool) -> float:
